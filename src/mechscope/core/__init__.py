@@ -1,0 +1,1 @@
+"""Foundations shared by every stage: hook-name vocabulary, shapes, errors. Imports nothing of ours."""

@@ -1,0 +1,1 @@
+"""Hook points, interventions as data, the hook context, and the activation cache."""

@@ -1,0 +1,71 @@
+"""ActivationCache: the values (and optionally gradients) recorded at hook sites during one run."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from mechscope.core.errors import HookNameError, InputError
+
+
+class ActivationCache(Mapping[str, Tensor]):
+    """A read-only mapping hook name -> tensor, in forward order, plus gradients when requested.
+
+    Tensors have the axes listed in :data:`mechscope.core.names.SITES`, sliced along ``pos`` when the
+    run asked for ``cache_positions`` (then :attr:`positions` records the selector).
+    """
+
+    def __init__(self, positions=None):
+        self._values: dict[str, Tensor] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.positions = positions
+
+    def _set(self, name: str, value: Tensor) -> None:
+        self._values[name] = value
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._values[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._values), n=3, cutoff=0.5)
+            raise HookNameError(
+                f"{name!r} was not cached in this run. Cached: {len(self._values)} names"
+                + (f"; closest: {close}" if close else "")
+                + f". Ask for it with run(..., cache=[{name!r}])."
+            ) from None
+
+    def grad(self, name: str) -> Tensor:
+        """Gradient of the run's backward metric w.r.t. the activation at ``name``."""
+        if name not in self.grads:
+            raise HookNameError(
+                f"no gradient for {name!r}: pass backward=<metric fn> to run() and cache {name!r}."
+            )
+        return self.grads[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} names, grads for {len(self.grads)})"
+
+    def stack(self, pattern: str) -> Tensor:
+        """Stack every cached value whose name matches a glob into a new leading axis (forward order).
+
+        Raises:
+            HookNameError: if nothing cached matches.
+            InputError: if the matches have different shapes.
+        """
+        names = [n for n in self._values if fnmatch.fnmatch(n, pattern)]
+        if not names:
+            raise HookNameError(f"no cached name matches {pattern!r}; cached: {list(self._values)[:8]}...")
+        shapes = {tuple(self._values[n].shape) for n in names}
+        if len(shapes) > 1:
+            raise InputError(f"cannot stack {pattern!r}: shapes differ {sorted(shapes)}.")
+        return torch.stack([self._values[n] for n in names])

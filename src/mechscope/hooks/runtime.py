@@ -1,0 +1,375 @@
+"""The hook runtime: places canonical sites on a real `transformers` forward and removes them after.
+
+Placement of each site (all on the model's own forward path, nothing recomputed unless asked):
+
+- module outputs (forward hooks): embed, pos_embed, ln1/ln2/ln_final, attention and MLP branches,
+  MLP projections, decoder-layer output (resid_post);
+- module inputs (forward pre-hooks): decoder-layer input (resid_pre), output projection (hook_z),
+  MLP down projection (mlp.hook_post);
+- the attention function: transformers 5 dispatches attention through a registry; mechscope
+  registers ``mechscope_<impl>`` which calls the original ``<impl>`` unchanged unless q/k/v or the
+  pattern are requested. The pattern is only materialised when ``hook_attn_scores`` or
+  ``hook_pattern`` is asked for; when it is only cached, the output still comes from the original
+  kernel, so logits stay bit-identical;
+- derived sites: ``hook_resid_mid`` = resid_pre + attn_out (an edit is written back through the
+  attention branch), ``hook_result`` = z_h @ W_O[h] per head (an edit replaces the projection output
+  with the sum over heads plus b_O).
+
+Every handle is removed when the context exits, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.core.errors import HookDidNotFireError, InputError
+from mechscope.core.names import axes as site_axes
+from mechscope.core.names import parse
+from mechscope.hooks.cache import ActivationCache
+
+# attention module -> (session, layer) while a session is active
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, tuple[_Session, int]]" = weakref.WeakKeyDictionary()
+PREFIX = "mechscope_"
+
+
+class StopForward(Exception):
+    """Raised inside the forward to stop at a layer (stop_at_layer); caught by run()."""
+
+
+@dataclass
+class SiteSpec:
+    interventions: list = field(default_factory=list)
+    cache: bool = False
+    grad: bool = False
+    hooks: list[Callable[[Tensor], Tensor | None]] = field(default_factory=list)
+
+
+def _original_attention(impl: str, module: nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _make_wrapper(impl: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        entry = _ACTIVE.get(module)
+        orig = _original_attention(impl, module)
+        if entry is None:
+            return orig(module, query, key, value, attention_mask, **kwargs)
+        session, layer = entry
+        return session.attention(layer, orig, module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{impl}"
+    return attention
+
+
+def install_attention_wrapper(hf_model: nn.Module) -> str:
+    """Switch a model to mechscope's pass-through attention function; returns the original name.
+
+    The registered function calls the original implementation with the same arguments when no
+    hook is active, so outputs are bit-identical (tested per family).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    impl = hf_model.config._attn_implementation or "eager"
+    if impl.startswith(PREFIX):
+        return impl[len(PREFIX):]
+    name = PREFIX + impl
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_wrapper(impl))
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+        if mask_fn is not None:
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn)
+    hf_model.set_attn_implementation(name)
+    return impl
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, new):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+class _Session:
+    """One activation of hooks on one model: which sites, what to do there, what was seen."""
+
+    def __init__(self, model, specs: dict[str, SiteSpec], cache: ActivationCache | None,
+                 cache_positions=None, cache_dtype=None, cache_device=None, stop_at_layer=None,
+                 grad_leaf: bool = False):
+        self.model = model
+        self.specs = specs
+        self.cache = cache
+        self.cache_positions = cache_positions
+        self.cache_dtype = cache_dtype
+        self.cache_device = cache_device
+        self.stop_at_layer = stop_at_layer
+        self.grad_leaf = grad_leaf
+        self.fired: dict[str, int] = defaultdict(int)
+        self.resid_pre: dict[int, Tensor] = {}
+        self.handles: list = []
+
+    # -- the one place where a value meets the user's requests -------------------------------
+    def wants(self, name: str) -> bool:
+        return name in self.specs
+
+    def site(self, name: str, value: Tensor) -> Tensor:
+        spec = self.specs.get(name)
+        if spec is None:
+            return value
+        self.fired[name] += 1
+        for iv in spec.interventions:
+            value = iv.apply(value)
+        for fn in spec.hooks:
+            out = fn(value)
+            if out is not None:
+                if not isinstance(out, Tensor) or out.shape != value.shape:
+                    raise InputError(f"hook function at {name} must return None or a tensor of shape {tuple(value.shape)}.")
+                value = out
+        if spec.cache and self.cache is not None:
+            if name in self.cache:
+                raise InputError(
+                    f"{name} fired twice while caching (several forward passes in one hooks() context, "
+                    "e.g. generate()). Cache one forward at a time with run()."
+                )
+            stored = value
+            if self.cache_positions is not None and "pos" in site_axes(name):
+                d = site_axes(name).index("pos")
+                idx = [slice(None)] * value.dim()
+                idx[d] = self.cache_positions
+                stored = stored[tuple(idx)]
+            if spec.grad and stored.requires_grad:
+                cache, sliced = self.cache, self.cache_positions is not None
+                def record(g, name=name, d=site_axes(name).index("pos") if "pos" in site_axes(name) else None):
+                    if sliced and d is not None:
+                        idx = [slice(None)] * g.dim()
+                        idx[d] = self.cache_positions
+                        g = g[tuple(idx)]
+                    cache.grads[name] = g.detach().to(dtype=self.cache_dtype or g.dtype, device=self.cache_device or g.device)
+                value.register_hook(record)
+            self.cache._set(name, stored.detach().to(dtype=self.cache_dtype or stored.dtype,
+                                                     device=self.cache_device or stored.device))
+        return value
+
+    # -- attention internals ----------------------------------------------------------------
+    def attention(self, layer, orig, module, query, key, value, attention_mask, **kwargs):
+        pre = f"blocks.{layer}.attn."
+        # transformers layout [batch, heads, pos, d_head]; canonical [batch, pos, heads, d_head]
+        for nm in ("q", "k", "v"):
+            name = pre + "hook_" + nm
+            if name in self.specs:
+                t = {"q": query, "k": key, "v": value}[nm]
+                new = self.site(name, t.transpose(1, 2)).transpose(1, 2)
+                if nm == "q":
+                    query = new
+                elif nm == "k":
+                    key = new
+                else:
+                    value = new
+        s_name, p_name = pre + "hook_attn_scores", pre + "hook_pattern"
+        if s_name not in self.specs and p_name not in self.specs:
+            return orig(module, query, key, value, attention_mask, **kwargs)
+        groups = query.shape[1] // key.shape[1]
+        k_rep = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        v_rep = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling
+        softcap = kwargs.get("softcap")
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is None:
+            allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :kv_len], float("-inf"))
+        else:
+            mask = attention_mask[..., :kv_len]
+            scores = (scores + mask).masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+        before = scores
+        scores = self.site(s_name, scores)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        pattern = torch.nan_to_num(pattern)  # fully masked rows (padding) -> 0
+        before_p = pattern
+        pattern = self.site(p_name, pattern)
+        if scores is before and pattern is before_p:
+            # only cached: the output comes from the model's own kernel, bit-identical
+            return orig(module, query, key, value, attention_mask, **kwargs)
+        z = torch.matmul(pattern, v_rep).transpose(1, 2).contiguous()
+        return z, pattern
+
+    # -- installing module hooks -------------------------------------------------------------
+    def install(self):
+        m = self.model
+        a = m.adapter
+        names = set(self.specs)
+        by_layer: dict[int | None, set[str]] = defaultdict(set)
+        for n in names:
+            t, layer = parse(n)
+            by_layer[layer].add(t)
+
+        def out_hook(site_name, view=None, unview=None):
+            def hook(mod, args, out):
+                t = _first(out)
+                v = view(t) if view else t
+                nv = self.site(site_name, v)
+                if nv is v:
+                    return None
+                return _replace_first(out, unview(nv, t) if unview else nv)
+            return hook
+
+        def add_fwd(module, fn):
+            self.handles.append(module.register_forward_hook(fn))
+
+        def add_pre(module, fn):
+            self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+        # global sites
+        embed = m.module(a.embed)
+        if self.grad_leaf:
+            def leaf(mod, args, out):
+                if not out.requires_grad:
+                    out = out.detach().requires_grad_(True)
+                return self.site("hook_embed", out) if "hook_embed" in names else out
+            add_fwd(embed, leaf)
+        elif "hook_embed" in names:
+            add_fwd(embed, out_hook("hook_embed"))
+        if "hook_pos_embed" in names:
+            add_fwd(m.module(a.pos_embed), out_hook("hook_pos_embed"))
+        if "ln_final.hook_normalized" in names:
+            add_fwd(m.module(a.final_norm), out_hook("ln_final.hook_normalized"))
+
+        heads, d_head = m.cfg.n_heads, m.cfg.d_head
+
+        def to_heads(t):
+            return t.view(*t.shape[:-1], heads, d_head)
+
+        def from_heads(nv, t):
+            return nv.reshape(t.shape)
+
+        for layer in range(m.cfg.n_layers):
+            L = f"blocks.{layer}."
+            want = by_layer.get(layer, set())
+            block = m.layers[layer]
+            if self.stop_at_layer is not None and layer == self.stop_at_layer:
+                def stop(mod, args, kwargs):
+                    raise StopForward
+                add_pre(block, stop)
+                break
+            if not want:
+                continue
+            attn = m.layer_module(layer, a.attn)
+            if want & {"blocks.{L}.attn.hook_q", "blocks.{L}.attn.hook_k", "blocks.{L}.attn.hook_v",
+                       "blocks.{L}.attn.hook_attn_scores", "blocks.{L}.attn.hook_pattern"}:
+                _ACTIVE[attn] = (self, layer)
+                self.handles.append(_AttnHandle(attn))
+            need_pre = "blocks.{L}.hook_resid_pre" in want or "blocks.{L}.hook_resid_mid" in want
+            if need_pre:
+                def pre_hook(mod, args, kwargs, layer=layer, L=L):
+                    if args:
+                        t = args[0]
+                        nt = self.site(L + "hook_resid_pre", t)
+                        self.resid_pre[layer] = nt
+                        return ((nt, *args[1:]), kwargs) if nt is not t else None
+                    t = kwargs["hidden_states"]
+                    nt = self.site(L + "hook_resid_pre", t)
+                    self.resid_pre[layer] = nt
+                    return (args, {**kwargs, "hidden_states": nt}) if nt is not t else None
+                add_pre(block, pre_hook)
+            if "blocks.{L}.ln1.hook_normalized" in want:
+                add_fwd(m.layer_module(layer, a.ln1), out_hook(L + "ln1.hook_normalized"))
+            if "blocks.{L}.attn.hook_z" in want:
+                def z_hook(mod, args, kwargs, L=L):
+                    t = args[0]
+                    v = to_heads(t)
+                    nv = self.site(L + "attn.hook_z", v)
+                    return ((nv.reshape(t.shape), *args[1:]), kwargs) if nv is not v else None
+                add_pre(m.layer_module(layer, a.o_proj), z_hook)
+            if "blocks.{L}.attn.hook_result" in want:
+                def result_hook(mod, args, out, L=L, layer=layer):
+                    z = to_heads(args[0])
+                    W_O = m.W_O(layer)  # [n_heads, d_head, d_model]
+                    res = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype))
+                    nres = self.site(L + "attn.hook_result", res)
+                    if nres is res:
+                        return None
+                    b = m.b_O(layer)
+                    new = nres.sum(dim=2)
+                    return new + b.to(new.dtype) if b is not None else new
+                add_fwd(m.layer_module(layer, a.o_proj), result_hook)
+            if "blocks.{L}.hook_attn_out" in want or "blocks.{L}.hook_resid_mid" in want:
+                def branch_hook(mod, args, out, L=L, layer=layer):
+                    t = _first(out)
+                    nt = self.site(L + "hook_attn_out", t)
+                    if L + "hook_resid_mid" in self.specs:
+                        mid = self.resid_pre[layer] + nt
+                        nmid = self.site(L + "hook_resid_mid", mid)
+                        if nmid is not mid:
+                            nt = nmid - self.resid_pre[layer]
+                    return None if nt is t else _replace_first(out, nt)
+                add_fwd(m.layer_module(layer, a.attn_branch), branch_hook)
+            if "blocks.{L}.ln2.hook_normalized" in want:
+                add_fwd(m.layer_module(layer, a.ln2), out_hook(L + "ln2.hook_normalized"))
+            if "blocks.{L}.mlp.hook_pre" in want:
+                add_fwd(m.layer_module(layer, a.mlp_in), out_hook(L + "mlp.hook_pre"))
+            if "blocks.{L}.mlp.hook_pre_linear" in want:
+                add_fwd(m.layer_module(layer, a.mlp_in_linear), out_hook(L + "mlp.hook_pre_linear"))
+            if "blocks.{L}.mlp.hook_post" in want:
+                def post_hook(mod, args, kwargs, L=L):
+                    t = args[0]
+                    nt = self.site(L + "mlp.hook_post", t)
+                    return ((nt, *args[1:]), kwargs) if nt is not t else None
+                add_pre(m.layer_module(layer, a.mlp_out_proj), post_hook)
+            if "blocks.{L}.hook_mlp_out" in want:
+                add_fwd(m.layer_module(layer, a.mlp_branch), out_hook(L + "hook_mlp_out"))
+            if "blocks.{L}.hook_resid_post" in want:
+                add_fwd(block, out_hook(L + "hook_resid_post"))
+
+    def remove(self):
+        for h in reversed(self.handles):
+            h.remove()
+        self.handles.clear()
+        self.resid_pre.clear()
+
+    def check_fired(self):
+        missing = [n for n in self.specs if self.fired[n] == 0]
+        if missing:
+            raise HookDidNotFireError(
+                f"requested hook sites never ran: {missing[:6]}{'...' if len(missing) > 6 else ''}. "
+                "Was the forward stopped early (stop_at_layer), or did the model skip this module?"
+            )
+
+
+class _AttnHandle:
+    """Removes an attention module from the active registry (same interface as a hook handle)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def remove(self):
+        _ACTIVE.pop(self.module, None)
+
+
+@contextlib.contextmanager
+def session(model, specs, cache=None, **kwargs):
+    """Install hooks for ``specs`` on ``model``; always remove them on exit (also on error)."""
+    s = _Session(model, specs, cache, **kwargs)
+    try:
+        s.install()
+        yield s
+    finally:
+        s.remove()

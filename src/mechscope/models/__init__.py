@@ -1,0 +1,1 @@
+"""Loading models and wrapping them: adapters, loaders, the HookedModel."""
