@@ -133,7 +133,14 @@ ADAPTERS: tuple[Adapter, ...] = (
         logit_softcap_config="final_logit_softcapping",
         **_GEMMA,
     ),
-    Adapter(family="gemma3", model_types=("gemma3_text",), examples=("Gemma 3 (text)",), **_GEMMA),
+    Adapter(family="gemma3", model_types=("gemma3_text",), examples=("Gemma 3 1B",), **_GEMMA),
+    Adapter(
+        family="gemma3",
+        model_types=("gemma3",),
+        examples=("Gemma 3 4B+ (text tower of the multimodal model)",),
+        **dict(_GEMMA, layers="model.language_model.layers", embed="model.language_model.embed_tokens",
+               final_norm="model.language_model.norm"),
+    ),
     Adapter(
         family="gpt2",
         model_types=("gpt2",),

@@ -82,7 +82,7 @@ class HookedModel:
         self.tokenizer = tokenizer
         impl = install_attention_wrapper(hf_model)
         self.layers = self.module(self.adapter.layers)
-        c = hf_model.config
+        c = hf_model.config.get_text_config()
         n_heads = c.num_attention_heads
         d_model = c.hidden_size
         d_head = getattr(c, "head_dim", None) or d_model // n_heads
@@ -102,6 +102,7 @@ class HookedModel:
             dtype=str(next(hf_model.parameters()).dtype).replace("torch.", ""),
         )
         self._missing = self.adapter.missing_sites(c)
+        self.text_config = c
         self._names = expand([t for t in SITES if t not in self._missing], self.cfg.n_layers)
 
     # -- modules and weights ---------------------------------------------------------------

@@ -7,9 +7,11 @@ mechscope cache (``$MECHSCOPE_CACHE``, default ``~/.cache/mechscope``); later lo
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -106,6 +108,34 @@ def _from_folder(path: Path, dtype, device, gguf_file: str | None = None):
     return model.to(device), tok
 
 
+def _from_hub(name: str, dtype, device):
+    """A hub id from the local HuggingFace cache, else from the network (where there is one)."""
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    close = difflib.get_close_matches(name, [DEFAULT_MODEL], n=1, cutoff=0.75)
+    if close or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelLoadError(
+            f"unknown model {name!r}: not the built-in {DEFAULT_MODEL!r}, not an existing file or folder, and not a "
+            f"hub id (owner/name).{hint}"
+        )
+    errors = []
+    for local_only in (True, False):
+        if not local_only and constants.HF_HUB_OFFLINE:
+            break
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            return model.to(device), tok
+        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+            errors.append(f"{'local cache' if local_only else 'hub'}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    raise ModelLoadError(
+        f"could not load {name!r} ({'; '.join(errors)}). Download it where there is network "
+        f"(`hf download {name}`), or pass a local folder or .gguf file. The built-in model is {DEFAULT_MODEL!r}."
+    )
+
+
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", device: str = "cpu") -> HookedModel:
     """Load a causal LM and wrap it as a :class:`HookedModel`.
 
@@ -142,24 +172,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float
             raise ModelLoadError(f"{path} has no config.json; point at a transformers model folder (save_pretrained output).")
         model, tok = _from_folder(path, dt, device)
         name = path.name
-    elif "/" in str(name_or_path) and not str(name_or_path).startswith((".", "/", "~")):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt).to(device)
-            tok = AutoTokenizer.from_pretrained(str(name_or_path))
-        except Exception as e:
-            raise ModelLoadError(
-                f"{name_or_path!r} is not in the local HuggingFace cache and could not be downloaded ({type(e).__name__}: "
-                f"{str(e)[:200]}). Download it where there is network (huggingface-cli download {name_or_path}) "
-                f"or pass a local folder or .gguf file. The built-in model is {DEFAULT_MODEL!r}."
-            ) from e
-        name = str(name_or_path)
     else:
-        raise ModelLoadError(
-            f"unknown model {name_or_path!r}: not the built-in {DEFAULT_MODEL!r}, not an existing file or folder, "
-            "and not a hub id of the form owner/name."
-        )
+        model, tok = _from_hub(str(name_or_path), dt, device)
+        name = str(name_or_path)
     for p in model.parameters():
         p.requires_grad_(False)
     return HookedModel(model, tok, name=name)
