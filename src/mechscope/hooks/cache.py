@@ -46,6 +46,9 @@ class ActivationCache(Mapping[str, Tensor]):
             )
         return self.grads[name]
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default goes through __getitem__'s fuzzy error
+        return name in self._values
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 

@@ -35,8 +35,8 @@ def _axis_mask(sel: Selector, size: int, what: str, site: str, device) -> Tensor
     if sel is None:
         return None
     mask = torch.zeros(size, dtype=torch.bool, device=device)
-    if isinstance(sel, slice):
-        mask[sel] = True
+    if isinstance(sel, slice):  # through range(): negative steps work as in Python
+        mask[torch.as_tensor(range(size)[sel], dtype=torch.long, device=device)] = True
         return mask
     idx = [sel] if isinstance(sel, int) else list(sel)
     for i in idx:
@@ -62,6 +62,8 @@ class _Intervention:
         picks = {"batch": self.batch, "pos": self.positions}
         for axis_name, sel in picks.items():
             if sel is not None:
+                if axis_name == "pos" and "pos" not in names:
+                    axis_name = "kv_pos"  # keys and values: positions select the key positions
                 d = names.index(axis_name)
                 m = _axis_mask(sel, value.shape[d], axis_name, self.site, value.device)
                 shape = [1] * value.dim()

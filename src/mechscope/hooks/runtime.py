@@ -13,8 +13,10 @@ Placement of each site (all on the model's own forward path, nothing recomputed 
   kernel, so logits stay bit-identical;
 - derived sites: ``hook_resid_mid`` = resid_pre + attn_out (an edit is written back through the
   attention branch), ``hook_result`` = z_h @ W_O[h] per head (an edit replaces the projection output
-  with the sum over heads plus b_O).
+  with the sum over heads plus b_O). When only cached with ``backward=``, their gradient is routed
+  through them with the forward values left bit-identical (:func:`_through`).
 
+Sessions nest (a ``run()`` inside a ``hooks()`` context): each acts in the order it was entered.
 Every handle is removed when the context exits, also when the forward raises.
 """
 
@@ -35,8 +37,8 @@ from mechscope.core.names import axes as site_axes
 from mechscope.core.names import parse
 from mechscope.hooks.cache import ActivationCache
 
-# attention module -> (session, layer) while a session is active
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, tuple[_Session, int]]" = weakref.WeakKeyDictionary()
+# attention module -> [(session, layer), ...] of the active sessions, outermost first (they nest)
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, list[tuple[_Session, int]]]" = weakref.WeakKeyDictionary()
 PREFIX = "mechscope_"
 
 
@@ -62,12 +64,11 @@ def _original_attention(impl: str, module: nn.Module) -> Callable:
 
 def _make_wrapper(impl: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        entry = _ACTIVE.get(module)
+        entries = _ACTIVE.get(module)
         orig = _original_attention(impl, module)
-        if entry is None:
+        if not entries:
             return orig(module, query, key, value, attention_mask, **kwargs)
-        session, layer = entry
-        return session.attention(layer, orig, module, query, key, value, attention_mask, **kwargs)
+        return _attention(entries, orig, module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{impl}"
     return attention
@@ -95,12 +96,82 @@ def install_attention_wrapper(hf_model: nn.Module) -> str:
     return impl
 
 
+def _through(actual: Tensor, derived: Tensor) -> Tensor:
+    """``actual``'s values (bit-identical) with the gradient routed through ``derived`` instead.
+
+    ``derived`` must equal ``actual`` mathematically (e.g. the sum of per-head results plus b_O equals
+    the output projection). A derived site that is only cached is otherwise off the autograd path, so
+    ``run(backward=...)`` would record no gradient for it.
+    """
+    return actual.detach() + (derived - derived.detach())
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
 def _replace_first(out, new):
     return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def _attention(entries, orig, module, query, key, value, attention_mask, **kwargs):
+    """Attention with the q/k/v/scores/pattern sites of every session active on ``module``.
+
+    Sessions act in the order they were entered (outer first, as PyTorch runs module hooks), so a
+    ``run()`` inside a ``hooks()`` context sees the outer context's edits and adds its own.
+    """
+    # transformers layout [batch, heads, pos, d_head]; canonical [batch, pos, heads, d_head]
+    qkv = {"q": query, "k": key, "v": value}
+    for session, layer in entries:
+        for nm in ("q", "k", "v"):
+            name = f"blocks.{layer}.attn.hook_{nm}"
+            if name in session.specs:
+                qkv[nm] = session.site(name, qkv[nm].transpose(1, 2)).transpose(1, 2)
+    query, key, value = qkv["q"], qkv["k"], qkv["v"]
+    wanted = [(session, f"blocks.{layer}.attn.") for session, layer in entries
+              if {f"blocks.{layer}.attn.hook_attn_scores", f"blocks.{layer}.attn.hook_pattern"} & session.specs.keys()]
+    if not wanted:
+        return orig(module, query, key, value, attention_mask, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    k_rep = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    # in-place steps below act on fresh tensors no autograd node saved (same values, fewer allocations)
+    scores = torch.matmul(query, k_rep.transpose(2, 3)).mul_(scaling)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        scores = scores.masked_fill_(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~attention_mask[..., :kv_len], float("-inf"))
+    else:
+        mask = attention_mask[..., :kv_len]
+        scores = (scores + mask).masked_fill_(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    before = scores
+    for session, pre in wanted:
+        scores = session.site(pre + "hook_attn_scores", scores)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # fully masked rows (padding) -> 0; in place unless autograd saved the softmax output
+    pattern = torch.nan_to_num(pattern) if pattern.requires_grad else pattern.nan_to_num_()
+    before_p = pattern
+    for session, pre in wanted:
+        pattern = session.site(pre + "hook_pattern", pattern)
+
+    def mix():  # pattern @ values, [batch, pos, n_heads, d_head] like the attention functions return
+        v_rep = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        return torch.matmul(pattern, v_rep).transpose(1, 2).contiguous()
+
+    if scores is before and pattern is before_p:
+        # only cached: the output comes from the model's own kernel, bit-identical
+        out = orig(module, query, key, value, attention_mask, **kwargs)
+        if any(s.wants_grad(pre + "hook_attn_scores") or s.wants_grad(pre + "hook_pattern") for s, pre in wanted):
+            out = (_through(out[0], mix()), *out[1:])
+        return out
+    return mix(), pattern
 
 
 class _Session:
@@ -125,11 +196,17 @@ class _Session:
     def wants(self, name: str) -> bool:
         return name in self.specs
 
+    def wants_grad(self, name: str) -> bool:
+        spec = self.specs.get(name)
+        return spec is not None and spec.grad and torch.is_grad_enabled()
+
     def site(self, name: str, value: Tensor) -> Tensor:
         spec = self.specs.get(name)
         if spec is None:
             return value
         self.fired[name] += 1
+        if spec.grad and torch.is_grad_enabled() and not value.requires_grad:
+            value = value.detach().requires_grad_(True)  # a leaf (e.g. GPT-2's position embedding)
         for iv in spec.interventions:
             value = iv.apply(value)
         for fn in spec.hooks:
@@ -162,55 +239,6 @@ class _Session:
             self.cache._set(name, stored.detach().to(dtype=self.cache_dtype or stored.dtype,
                                                      device=self.cache_device or stored.device))
         return value
-
-    # -- attention internals ----------------------------------------------------------------
-    def attention(self, layer, orig, module, query, key, value, attention_mask, **kwargs):
-        pre = f"blocks.{layer}.attn."
-        # transformers layout [batch, heads, pos, d_head]; canonical [batch, pos, heads, d_head]
-        for nm in ("q", "k", "v"):
-            name = pre + "hook_" + nm
-            if name in self.specs:
-                t = {"q": query, "k": key, "v": value}[nm]
-                new = self.site(name, t.transpose(1, 2)).transpose(1, 2)
-                if nm == "q":
-                    query = new
-                elif nm == "k":
-                    key = new
-                else:
-                    value = new
-        s_name, p_name = pre + "hook_attn_scores", pre + "hook_pattern"
-        if s_name not in self.specs and p_name not in self.specs:
-            return orig(module, query, key, value, attention_mask, **kwargs)
-        groups = query.shape[1] // key.shape[1]
-        k_rep = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        v_rep = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling
-        softcap = kwargs.get("softcap")
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if attention_mask is None:
-            allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., :kv_len], float("-inf"))
-        else:
-            mask = attention_mask[..., :kv_len]
-            scores = (scores + mask).masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
-        before = scores
-        scores = self.site(s_name, scores)
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        pattern = torch.nan_to_num(pattern)  # fully masked rows (padding) -> 0
-        before_p = pattern
-        pattern = self.site(p_name, pattern)
-        if scores is before and pattern is before_p:
-            # only cached: the output comes from the model's own kernel, bit-identical
-            return orig(module, query, key, value, attention_mask, **kwargs)
-        z = torch.matmul(pattern, v_rep).transpose(1, 2).contiguous()
-        return z, pattern
 
     # -- installing module hooks -------------------------------------------------------------
     def install(self):
@@ -249,7 +277,11 @@ class _Session:
         elif "hook_embed" in names:
             add_fwd(embed, out_hook("hook_embed"))
         if "hook_pos_embed" in names:
-            add_fwd(m.module(a.pos_embed), out_hook("hook_pos_embed"))
+            # GPT-2 looks positions up once, [1, pos, d_model]; the site shows it per row (a broadcast view)
+            rows = {}
+            add_fwd(embed, lambda mod, args, out: rows.__setitem__("batch", _first(out).shape[0]))
+            add_fwd(m.module(a.pos_embed), out_hook(
+                "hook_pos_embed", view=lambda t: t.expand(rows.get("batch", t.shape[0]), *t.shape[1:])))
         if "ln_final.hook_normalized" in names:
             add_fwd(m.module(a.final_norm), out_hook("ln_final.hook_normalized"))
 
@@ -275,8 +307,9 @@ class _Session:
             attn = m.layer_module(layer, a.attn)
             if want & {"blocks.{L}.attn.hook_q", "blocks.{L}.attn.hook_k", "blocks.{L}.attn.hook_v",
                        "blocks.{L}.attn.hook_attn_scores", "blocks.{L}.attn.hook_pattern"}:
-                _ACTIVE[attn] = (self, layer)
-                self.handles.append(_AttnHandle(attn))
+                entry = (self, layer)
+                _ACTIVE.setdefault(attn, []).append(entry)
+                self.handles.append(_AttnHandle(attn, entry))
             need_pre = "blocks.{L}.hook_resid_pre" in want or "blocks.{L}.hook_resid_mid" in want
             if need_pre:
                 def pre_hook(mod, args, kwargs, layer=layer, L=L):
@@ -297,7 +330,9 @@ class _Session:
                     t = args[0]
                     v = to_heads(t)
                     nv = self.site(L + "attn.hook_z", v)
-                    return ((nv.reshape(t.shape), *args[1:]), kwargs) if nv is not v else None
+                    if nv is v and not self.wants_grad(L + "attn.hook_z"):
+                        return None
+                    return ((nv.reshape(t.shape), *args[1:]), kwargs)  # a view: values unchanged
                 add_pre(m.layer_module(layer, a.o_proj), z_hook)
             if "blocks.{L}.attn.hook_result" in want:
                 def result_hook(mod, args, out, L=L, layer=layer):
@@ -305,11 +340,12 @@ class _Session:
                     W_O = m.W_O(layer)  # [n_heads, d_head, d_model]
                     res = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype))
                     nres = self.site(L + "attn.hook_result", res)
-                    if nres is res:
+                    if nres is res and not self.wants_grad(L + "attn.hook_result"):
                         return None
                     b = m.b_O(layer)
                     new = nres.sum(dim=2)
-                    return new + b.to(new.dtype) if b is not None else new
+                    new = new + b.to(new.dtype) if b is not None else new
+                    return _through(out, new) if nres is res else new
                 add_fwd(m.layer_module(layer, a.o_proj), result_hook)
             if "blocks.{L}.hook_attn_out" in want or "blocks.{L}.hook_resid_mid" in want:
                 def branch_hook(mod, args, out, L=L, layer=layer):
@@ -320,6 +356,8 @@ class _Session:
                         nmid = self.site(L + "hook_resid_mid", mid)
                         if nmid is not mid:
                             nt = nmid - self.resid_pre[layer]
+                        elif self.wants_grad(L + "hook_resid_mid"):
+                            nt = _through(nt, mid - self.resid_pre[layer])
                     return None if nt is t else _replace_first(out, nt)
                 add_fwd(m.layer_module(layer, a.attn_branch), branch_hook)
             if "blocks.{L}.ln2.hook_normalized" in want:
@@ -338,6 +376,10 @@ class _Session:
                 add_fwd(m.layer_module(layer, a.mlp_branch), out_hook(L + "hook_mlp_out"))
             if "blocks.{L}.hook_resid_post" in want:
                 add_fwd(block, out_hook(L + "hook_resid_post"))
+        if self.stop_at_layer is not None and self.stop_at_layer >= m.cfg.n_layers:
+            def stop_final(mod, args, kwargs):  # after the last block: no final norm, no logits
+                raise StopForward
+            add_pre(m.module(a.final_norm), stop_final)
 
     def remove(self):
         for h in reversed(self.handles):
@@ -357,11 +399,16 @@ class _Session:
 class _AttnHandle:
     """Removes an attention module from the active registry (same interface as a hook handle)."""
 
-    def __init__(self, module):
+    def __init__(self, module, entry):
         self.module = module
+        self.entry = entry
 
     def remove(self):
-        _ACTIVE.pop(self.module, None)
+        entries = _ACTIVE.get(self.module, [])
+        if any(e is self.entry for e in entries):
+            entries[:] = [e for e in entries if e is not self.entry]
+        if not entries:
+            _ACTIVE.pop(self.module, None)
 
 
 @contextlib.contextmanager

@@ -133,7 +133,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         logit_softcap_config="final_logit_softcapping",
         **_GEMMA,
     ),
-    Adapter(family="gemma3", model_types=("gemma3_text",), examples=("Gemma 3 1B",), **_GEMMA),
+    Adapter(family="gemma3", model_types=("gemma3_text",), examples=("Gemma 3 1B",),
+            logit_softcap_config="final_logit_softcapping", **_GEMMA),
     Adapter(
         family="gemma3",
         model_types=("gemma3",),

@@ -269,7 +269,7 @@ class HookedModel:
 
     def run(
         self,
-        inputs: str | Sequence[str] | Int[Tensor, "batch pos"],
+        inputs: str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"],  # 1-D: one row
         *,
         cache: Iterable[str] | str | None = None,
         interventions: Sequence[Intervention] = (),

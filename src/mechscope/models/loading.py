@@ -89,13 +89,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _from_folder(path: Path, dtype, device, gguf_file: str | None = None):
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         if gguf_file is None:
             AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, gguf_file=gguf_file)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # SafetensorError: truncated file
         raise ModelLoadError(
             f"could not load a model from {path / gguf_file if gguf_file else path}: {e}. "
             "Check that the folder holds config.json and complete *.safetensors files (re-download them if a "
