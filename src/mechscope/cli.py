@@ -1,0 +1,168 @@
+"""The ``mechscope`` command line: ``report``, ``hooks``, ``lens``, ``version``.
+
+Errors that mechscope raises on purpose (:class:`~mechscope.core.errors.MechscopeError`) are printed
+as one red line on stderr and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mechscope.core.errors import MechscopeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mechanistic interpretability on real HuggingFace models.",
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf file or hub id")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 or bfloat16 (bfloat16 is ~4x faster on CPU)")
+
+
+def _clean_errors(fn):
+    """Turn a MechscopeError into one red line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MechscopeError as e:
+            msg = " ".join(str(e).split())  # one line, whatever the message holds
+            err.print(Text(f"error: {msg}", style="bold red"), soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _print_table(table: Table) -> None:
+    """Print a table without wrapping cells, even when stdout is a pipe (rich then assumes 80 columns)."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(highlight=False, width=max(out.width, need)).print(table)
+
+
+def auto_threads() -> tuple[int, str]:
+    """Torch threads for a long CPU job: the cores that other processes leave idle (1-minute load average).
+
+    On an oversubscribed CPU, OpenMP threads that wait for each other make every op slower; measured
+    on a 2-core machine at load ~4: 2 threads were 8x slower than 1 on small forwards, and no faster on
+    large ones. Returns (threads, reason).
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return n, "torch default"
+    cores = os.cpu_count() or n
+    return max(1, min(n, cores - int(load))), f"auto: load {load:.1f} on {cores} cores"
+
+
+def _shape(axes: str, cfg) -> str:
+    sizes = {"d_model": cfg.d_model, "d_vocab": cfg.d_vocab, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+             "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "n_layers": cfg.n_layers}
+    return "[" + ", ".join(str(sizes.get(a, a)) for a in axes.split()) + "]"
+
+
+@app.command()
+@_clean_errors
+def version() -> None:
+    """Print the versions of mechscope, torch and transformers."""
+    import torch
+    import transformers
+
+    import mechscope
+
+    out.print(f"mechscope {mechscope.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
+
+
+@app.command()
+@_clean_errors
+def hooks(model: str = ModelOpt, dtype: str = DtypeOpt) -> None:
+    """Print every hook point of a model: name, axes and shape."""
+    import mechscope
+
+    m = mechscope.load(model, dtype=dtype)
+    table = Table(title=f"{m.cfg.name}: {len(m.hook_names())} hook points", title_justify="left")
+    for col in ("name", "axes", "shape"):
+        table.add_column(col, no_wrap=True)
+    for name, axes in m.hook_names().items():
+        table.add_row(Text(name), Text(axes), Text(_shape(axes, m.cfg)))
+    _print_table(table)
+
+
+@app.command()
+@_clean_errors
+def lens(
+    text: str = typer.Argument(..., help="prompt to read the residual stream of"),
+    target: str | None = typer.Option(None, "--target", "-t", help="token to track, e.g. ' Paris' (mind the space)"),
+    k: int = typer.Option(5, "--k", help="top tokens per layer"),
+    position: int = typer.Option(-1, "--position", help="position to read (default: last)"),
+    model: str = ModelOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Print a logit lens of TEXT: the top tokens that each layer's residual stream predicts."""
+    import mechscope
+    from mechscope.analysis import logit_lens
+
+    m = mechscope.load(model, dtype=dtype)
+    r = logit_lens(m, text, position=position, target=target, k=k)
+    table = Table(title=f"logit lens of {text!r} at position {position} ({m.cfg.name})", title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    table.add_column(f"top {k} (probability)", no_wrap=True)
+    if r.target_prob is not None:
+        table.add_column(f"p({r.target_token!r})", justify="right")
+        table.add_column("rank", justify="right")
+    for i, label in enumerate(r.labels):
+        tops = "  ".join(f"{t!r} {float(p):.2f}" for t, p in zip(r.top_tokens[i], r.top_probs[i]))
+        row = [Text(label), Text(tops)]
+        if r.target_prob is not None:
+            row += [Text(f"{float(r.target_prob[i]):.3f}"), Text(str(int(r.target_rank[i])))]
+        table.add_row(*row)
+    _print_table(table)
+
+
+@app.command()
+@_clean_errors
+def report(
+    model: str = ModelOpt,
+    out_dir: Path = typer.Option(Path("mechscope-report"), "--out", "-o", help="folder for report.html and results.json"),
+    dtype: str = DtypeOpt,
+    n_prompts: int = typer.Option(60, "--n-prompts", help="IOI prompts for logit difference and accuracy"),
+    patch_prompts: int | None = typer.Option(None, "--patch-prompts", help="IOI prompts used in the patching sweeps (default: chosen to keep the run short)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random-token and IOI datasets"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
+) -> None:
+    """Run the standard analyses on a model and write a self-contained HTML report plus results.json."""
+    import torch
+
+    from mechscope.report import ReportConfig, build_report
+
+    cfg = ReportConfig(model=model, out=out_dir, dtype=dtype, n_prompts=n_prompts, patch_prompts=patch_prompts, seed=seed)
+    n, why = (threads, "--threads") if threads else auto_threads()
+    torch.set_num_threads(n)
+    out.print(Text(f"torch threads: {n} ({why})"))
+    paths = build_report(cfg, console=out)
+    out.print(Text(f"report:  {paths.html.resolve()}", style="bold green"), soft_wrap=True)
+    out.print(Text(f"results: {paths.json.resolve()}", style="bold green"), soft_wrap=True)
+
+
+def main() -> None:  # pragma: no cover - `python -m mechscope.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
