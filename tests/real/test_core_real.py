@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mechscope
+
 pytestmark = pytest.mark.real
 
 PROMPT = "The capital of France is"
@@ -68,3 +70,12 @@ def test_ablating_the_answer_direction_changes_the_answer(real_model, france):
     last = f"blocks.{m.cfg.n_layers - 1}.hook_resid_post"
     logits, _ = m.run(france, interventions=[mechscope.Add(last, direction=-m.W_U[:, paris] * 20, positions=-1)])
     assert int(logits[0, -1].argmax()) != paris
+
+
+def test_loading_the_gguf_file_directly_gives_the_converted_models_logits(real_model, france):
+    """A .gguf path loads through transformers' GGUF reader; it must equal the cached safetensors conversion."""
+    from mechscope.models.loading import smollm2_gguf
+
+    direct = mechscope.load(str(smollm2_gguf()))
+    assert direct.cfg.n_layers == real_model.cfg.n_layers and direct.cfg.n_kv_heads == 3
+    assert torch.equal(direct.run(france).logits, real_model.run(france).logits)
