@@ -221,24 +221,20 @@ class _Session:
                     f"{name} fired twice while caching (several forward passes in one hooks() context, "
                     "e.g. generate()). Cache one forward at a time with run()."
                 )
-            stored = value
-            if self.cache_positions is not None and "pos" in site_axes(name):
-                d = site_axes(name).index("pos")
-                idx = [slice(None)] * value.dim()
-                idx[d] = self.cache_positions
-                stored = stored[tuple(idx)]
-            if spec.grad and stored.requires_grad:
-                cache, sliced = self.cache, self.cache_positions is not None
-                def record(g, name=name, d=site_axes(name).index("pos") if "pos" in site_axes(name) else None):
-                    if sliced and d is not None:
-                        idx = [slice(None)] * g.dim()
-                        idx[d] = self.cache_positions
-                        g = g[tuple(idx)]
-                    cache.grads[name] = g.detach().to(dtype=self.cache_dtype or g.dtype, device=self.cache_device or g.device)
-                value.register_hook(record)
-            self.cache._set(name, stored.detach().to(dtype=self.cache_dtype or stored.dtype,
-                                                     device=self.cache_device or stored.device))
+            if spec.grad and value.requires_grad:
+                grads = self.cache.grads
+                value.register_hook(lambda g, name=name: grads.__setitem__(name, self._stored(name, g)))
+            self.cache._set(name, self._stored(name, value))
         return value
+
+    def _stored(self, name: str, t: Tensor) -> Tensor:
+        """What the cache keeps of a value or its gradient: cache_positions along pos, then dtype/device."""
+        names = site_axes(name)
+        if self.cache_positions is not None and "pos" in names:
+            idx = [slice(None)] * t.dim()
+            idx[names.index("pos")] = self.cache_positions
+            t = t[tuple(idx)]
+        return t.detach().to(dtype=self.cache_dtype or t.dtype, device=self.cache_device or t.device)
 
     # -- installing module hooks -------------------------------------------------------------
     def install(self):
