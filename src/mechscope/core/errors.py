@@ -36,3 +36,23 @@ class UnsupportedArchitectureError(ModelLoadError):
 
 class HookDidNotFireError(MechscopeError):
     """A requested hook site never ran during the forward pass (nothing fails silently)."""
+
+
+class DiskFullError(MechscopeError, OSError):
+    """The disk filled up while writing; the previous version of the file is intact."""
+
+
+class CorruptFileError(MechscopeError, ValueError):
+    """A file that exists but cannot be read: truncated, corrupted, or of another format."""
+
+
+class MemoryBudgetError(InputError):
+    """A planned activation stream or harvest needs more memory than ``memory_budget_bytes`` allows.
+
+    Raised before any forward pass; the message lists each term of the plan in MiB and what lowers it.
+    """
+
+
+class CorpusUnavailableError(InputError):
+    """A built-in corpus that cannot be fetched here: says which corpus, the failing command and its error,
+    and the fix (another corpus, your own files, or what to install)."""

@@ -42,6 +42,26 @@ SITES: dict[str, tuple[str, str]] = {
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
+#: Sites of a dictionary spliced in at a hook ``S`` (named ``S.sae.<sub>``), with their axes. They exist
+#: only while a dictionary is spliced there (``run(..., saes=[...])``). ``d_in`` is the site's feature
+#: width (hook_z flattened to n_heads*d_head); ``d_out`` the reconstructed site's.
+SAE_SITES: dict[str, tuple[str, str]] = {
+    "hook_sae_input": ("batch pos d_in", "the activation the dictionary reads"),
+    "hook_sae_acts_pre": ("batch pos d_sae", "latent pre-activations"),
+    "hook_sae_acts_post": ("batch pos d_sae", "latent activations (the features)"),
+    "hook_sae_recons": ("batch pos d_out", "the reconstruction"),
+    "hook_sae_error": ("batch pos d_out", "activation minus reconstruction (only with error_term=True)"),
+    "hook_sae_output": ("batch pos d_out", "what is written back: reconstruction (+ error)"),
+}
+
+
+def split_sae(name: str) -> tuple[str, str] | None:
+    """``(base site, sub-site)`` for a spliced-dictionary site name ``<base>.sae.<sub>``, else None."""
+    base, sep, sub = name.rpartition(".sae.")
+    if sep and sub in SAE_SITES:
+        return base, sub
+    return None
+
 
 def parse(name: str) -> tuple[str, int | None]:
     """Split a concrete hook name into (template, layer).
@@ -49,6 +69,10 @@ def parse(name: str) -> tuple[str, int | None]:
     Raises:
         HookNameError: if the name matches no template (message lists the closest templates).
     """
+    sae = split_sae(name)
+    if sae is not None:
+        template, layer = parse(sae[0])
+        return f"{template}.sae.{sae[1]}", layer
     m = _LAYER_RE.match(name)
     if m:
         template = "blocks.{L}." + m.group(2)
@@ -62,6 +86,9 @@ def parse(name: str) -> tuple[str, int | None]:
 
 def axes(name: str) -> tuple[str, ...]:
     """Axis names of the tensor at a hook (concrete name or template)."""
+    sae = split_sae(name)
+    if sae is not None:
+        return tuple(SAE_SITES[sae[1]][0].split())
     template = name if name in SITES else parse(name)[0]
     return tuple(SITES[template][0].split())
 

@@ -208,7 +208,8 @@ class _Session:
         if spec.grad and torch.is_grad_enabled() and not value.requires_grad:
             value = value.detach().requires_grad_(True)  # a leaf (e.g. GPT-2's position embedding)
         for iv in spec.interventions:
-            value = iv.apply(value)
+            # an intervention with sub-sites (a spliced dictionary) routes its inner values through site()
+            value = iv.apply(value, emit=self.site) if getattr(iv, "emits", False) else iv.apply(value)
         for fn in spec.hooks:
             out = fn(value)
             if out is not None:

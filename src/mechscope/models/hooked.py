@@ -147,8 +147,11 @@ class HookedModel:
         """Every hook point of this model -> its axes, in forward order."""
         return {n: SITES[parse(n)[0]][0] for n in self._names}
 
-    def resolve(self, patterns: str | Iterable[str]) -> list[str]:
+    def resolve(self, patterns: str | Iterable[str], extra: Sequence[str] = ()) -> list[str]:
         """Resolve names and globs to concrete hook names of this model.
+
+        Args:
+            extra: further valid names for this call, e.g. the ``<site>.sae.*`` sites of spliced dictionaries.
 
         Raises:
             SiteUnavailableError: for a site this architecture lacks (says why and what to use).
@@ -167,7 +170,7 @@ class HookedModel:
             _, layer = parse(p)
             if layer is not None and layer >= self.cfg.n_layers:
                 raise InputError(f"{p}: layer {layer} does not exist; this model has layers 0..{self.cfg.n_layers - 1}.")
-        return resolve(patterns, self._names)
+        return resolve(patterns, self._names + [n for n in extra if n not in self._names])
 
     # -- tokens ----------------------------------------------------------------------------
     def _need_tokenizer(self):
@@ -231,27 +234,38 @@ class HookedModel:
         return self.to_tokens(inputs, prepend_bos=prepend_bos)
 
     # -- hooks -------------------------------------------------------------------------------
-    def _specs(self, cache, interventions, grad, hooks=None) -> dict[str, SiteSpec]:
+    def _specs(self, cache, interventions, grad, hooks=None, saes=()) -> dict[str, SiteSpec]:
+        interventions = list(interventions or ())
+        for d in saes or ():  # dictionaries (anything with as_intervention()) or ready-made splices
+            interventions.append(d.as_intervention() if hasattr(d, "as_intervention") else d)
         specs: dict[str, SiteSpec] = {}
-        for name in self.resolve(cache) if cache else []:
+        extra: list[str] = []  # sites that exist only in this call: the spliced dictionaries' latents
+        for iv in interventions:
+            if getattr(iv, "emits", False):
+                iv.check_model(self)
+                extra += iv.sub_sites()
+        for name in self.resolve(cache, extra) if cache else []:
             specs.setdefault(name, SiteSpec()).cache = True
             specs[name].grad = grad
-        for iv in interventions or ():
+        for iv in interventions:
             if not hasattr(iv, "apply") or not hasattr(iv, "site"):
-                raise InputError(f"interventions must be Patch/Ablate/Add/Replace objects, got {type(iv).__name__}.")
-            (name,) = self.resolve([iv.site]) if not any(c in iv.site for c in "*?[") else (None,)
+                raise InputError(f"interventions must be Patch/Ablate/Add/Replace/Splice objects, got {type(iv).__name__}.")
+            (name,) = self.resolve([iv.site], extra) if not any(c in iv.site for c in "*?[") else (None,)
             if name is None:
                 raise InputError(f"an intervention needs one concrete site, not the pattern {iv.site!r}.")
             specs.setdefault(name, SiteSpec()).interventions.append(iv)
+            for site, fn in (iv.captures().items() if getattr(iv, "emits", False) else ()):
+                specs.setdefault(self.resolve([site])[0], SiteSpec()).hooks.append(fn)
         for name, fn in (hooks or {}).items():
-            for n in self.resolve([name]):
+            for n in self.resolve([name], extra):
                 specs.setdefault(n, SiteSpec()).hooks.append(fn)
         return specs
 
     @contextlib.contextmanager
     def hooks(self, *, cache: Iterable[str] | str | None = None, interventions: Sequence[Intervention] = (),
               functions: dict[str, Callable[[Tensor], Tensor | None]] | None = None,
-              cache_positions=None, cache_dtype: torch.dtype | None = None, cache_device=None):
+              saes: Sequence = (), cache_positions=None, cache_dtype: torch.dtype | None = None,
+              cache_device=None):
         """Context manager: every forward of ``model.hf`` inside it runs with the given hooks.
 
         Yields the ActivationCache being filled. Every hook is removed on exit, also on error.
@@ -260,9 +274,10 @@ class HookedModel:
             cache: hook names or glob patterns to record.
             interventions: Patch / Ablate / Add / Replace objects, applied in order per site.
             functions: raw hook functions ``name -> fn(value) -> Tensor | None`` (None keeps the value).
+            saes: dictionaries to splice in (see :meth:`run`).
         """
         c = ActivationCache(positions=cache_positions)
-        specs = self._specs(cache, interventions, grad=False, hooks=functions)
+        specs = self._specs(cache, interventions, grad=False, hooks=functions, saes=saes)
         with session(self, specs, c, cache_positions=cache_positions, cache_dtype=cache_dtype,
                      cache_device=cache_device):
             yield c
@@ -274,6 +289,7 @@ class HookedModel:
         cache: Iterable[str] | str | None = None,
         interventions: Sequence[Intervention] = (),
         functions: dict[str, Callable[[Tensor], Tensor | None]] | None = None,
+        saes: Sequence = (),
         cache_positions: int | slice | Sequence[int] | None = None,
         cache_dtype: torch.dtype | None = None,
         cache_device: str | torch.device | None = None,
@@ -290,6 +306,11 @@ class HookedModel:
             cache: hook names or globs to record, e.g. ``["blocks.*.hook_resid_post"]``.
             interventions: Patch / Ablate / Add / Replace objects.
             functions: raw hook functions by site name.
+            saes: sparse dictionaries (SAEs, transcoders) to splice in, each replacing its ``hook_out``
+                with its reconstruction; pass ``Splice(d, error_term=True)`` to keep the model's output
+                exact while exposing the latents. Their sites ``<hook>.sae.hook_sae_acts_post`` (and
+                ``hook_sae_input|acts_pre|recons|error|output``) can be cached, patched and ablated in
+                the same call.
             cache_positions: keep only these positions of cached values (pos axis; query pos for patterns).
             cache_dtype / cache_device: where and how cached values are stored.
             stop_at_layer: run blocks 0..L-1 only (no logits); cache what those blocks produce.
@@ -312,7 +333,7 @@ class HookedModel:
             raise InputError(f"stop_at_layer must be in 0..{self.cfg.n_layers}, got {stop_at_layer}.")
         if stop_at_layer is not None and backward is not None:
             raise InputError("backward needs logits; it cannot be combined with stop_at_layer.")
-        specs = self._specs(cache, interventions, grad=backward is not None, hooks=functions)
+        specs = self._specs(cache, interventions, grad=backward is not None, hooks=functions, saes=saes)
         if stop_at_layer is not None:
             late = [n for n in specs if (parse(n)[1] is not None and parse(n)[1] >= stop_at_layer)
                     or n == "ln_final.hook_normalized"]

@@ -1,0 +1,136 @@
+"""Files written so that a kill at any moment leaves the old file or the new one, never half of one.
+
+Every artefact mechscope writes (JSON, text, safetensors) goes through a temporary file in the same
+folder, is fsync'd, then renamed over the target. A full disk raises :class:`DiskFullError` with the
+numbers, and the previous file stays intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechscope.core.errors import DiskFullError
+
+
+def jsonable(x: Any, digits: int = 6) -> Any:
+    """Tensors, numpy values, dataclasses and paths to plain JSON types; floats to ``digits`` significant
+    digits; NaN and infinities to None (JSON has no such numbers)."""
+    if isinstance(x, torch.Tensor):
+        return jsonable(x.detach().float().cpu().tolist() if x.is_floating_point() else x.cpu().tolist(), digits)
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy
+        return jsonable(x.tolist(), digits)
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): jsonable(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v, digits) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "__dataclass_fields__"):
+        return jsonable(asdict(x), digits)
+    return str(x)
+
+
+def write_atomic(path: Path, write, *, mode: str = "text") -> None:
+    """Write through a temporary file in the same folder, then rename: readers see the old or the new file.
+
+    Args:
+        write: ``fn(file)`` that writes the content, or ``fn(tmp_path)`` when ``mode`` is ``"path"``
+            (for writers that take a file name, e.g. safetensors).
+        mode: ``"text"`` (UTF-8), ``"binary"`` or ``"path"``.
+
+    Raises:
+        DiskFullError: the disk filled up (ENOSPC/EDQUOT); says how much is free. The old file is intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        if mode == "path":
+            os.close(fd)
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            binary = mode == "binary"
+            with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(
+                f"the disk filled up while writing {path} ({free / 2**20:.1f} MiB free now); nothing was "
+                "replaced and earlier files are intact. Free some space (or choose another folder) and re-run."
+            ) from e
+        raise
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write strict JSON (no NaN) to ``path`` atomically (temporary file + rename).
+
+    Raises:
+        ValueError: a NaN or infinity in ``obj`` (pass it through :func:`jsonable` first); the old
+            file, if any, is left as it was.
+        DiskFullError: the disk filled up.
+    """
+    text = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write text to ``path`` atomically. Raises DiskFullError if the disk fills up."""
+    write_atomic(path, lambda f: f.write(text))
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors atomically (contiguous CPU copies). Raises DiskFullError if the disk fills up."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), mode="path")
+
+
+def load_safetensors(path: Path, what: str = "file") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a truncated or corrupted file into a clear error.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CorruptFileError: the header or data cannot be read (truncated download, disk error, not safetensors).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mechscope.core.errors import CorruptFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(
+            f"{what} {path} ({path.stat().st_size} bytes) is not a readable safetensors file: {e}. It may be "
+            "truncated or corrupted; restore it from a checkpoint or re-create it."
+        ) from e
