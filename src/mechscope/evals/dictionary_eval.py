@@ -1,0 +1,164 @@
+"""Evaluating a sparse dictionary on held-out text: reconstruction, sparsity, and the model's loss with the
+dictionary spliced in.
+
+Definitions (../shared/REFERENCE.md, "Metric definitions"):
+
+- **L0**: mean number of non-zero latents per token.
+- **FVU**: sum of squared reconstruction error / sum of squared deviation of the target from its mean,
+  per batch over tokens and features, averaged over batches. Explained variance = 1 - FVU. (Relative
+  to the mean, not to zero: measuring against zero inflates explained variance.)
+- **MSE**: mean squared error per element (activation units squared).
+- **cosine similarity**: mean over tokens of cos(target, reconstruction).
+- **CE loss recovered**: (CE_zero_ablation - CE_with_dictionary) / (CE_zero_ablation - CE_clean), where
+  the dictionary's output (or zeros) replaces ``hook_out``; **delta LM loss** = CE_with_dictionary - CE_clean.
+- **KL to clean**: mean over tokens of KL(p_clean || p_with_dictionary), nats.
+- **dead / dense latents**: fraction of latents that never fire on the evaluation tokens / that fire on
+  more than ``dense_threshold`` of them.
+
+The first ``skip_positions`` positions of each context (BOS, whose residual norm is huge) are not
+spliced and not counted, as in training.
+
+References:
+    Bricken et al. 2023, "Towards Monosemanticity" (loss recovered); Gao et al. 2024, "Scaling and evaluating
+    sparse autoencoders" (delta LM loss, FVU); Karvonen et al. 2025, "SAEBench".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from mechscope.core.errors import InputError
+from mechscope.dictionaries.model import SparseDictionary
+from mechscope.dictionaries.splice import Splice
+from mechscope.hooks.interventions import Ablate
+
+
+@dataclass(frozen=True)
+class DictionaryEval:
+    """Metrics of one dictionary on ``n_tokens`` evaluation tokens (see the module docstring).
+
+    Attributes (units): l0 (latents per token); fvu, explained_variance, cosine_similarity
+    (dimensionless); mse (activation units squared); ce_* and delta_lm_loss, kl_to_clean (nats per token);
+    ce_loss_recovered (dimensionless, 1 is perfect); dead_fraction, dense_fraction (of latents);
+    density (fraction of tokens each latent fires on, one per latent); density_histogram (counts of
+    log10 density of the live latents in ``histogram_edges`` bins).
+    """
+
+    n_tokens: int
+    l0: float
+    fvu: float
+    explained_variance: float
+    mse: float
+    cosine_similarity: float
+    ce_clean: float
+    ce_with_dictionary: float
+    ce_zero_ablation: float
+    ce_loss_recovered: float
+    delta_lm_loss: float
+    kl_to_clean: float
+    dead_fraction: float
+    dense_fraction: float
+    dense_threshold: float
+    density: list[float] = field(repr=False)
+    density_histogram: list[int] = field(repr=False)
+    histogram_edges: list[float] = field(repr=False)
+
+    def summary(self) -> dict[str, float]:
+        """The scalar metrics (no per-latent lists)."""
+        return {k: v for k, v in asdict(self).items() if not isinstance(v, list)}
+
+
+def _ce(logits: Tensor, tokens: Tensor, skip: int) -> Tensor:
+    """Per-token next-token CE [batch, pos - 1 - skip] over predictions made at positions >= skip."""
+    lp = logits[:, skip:-1].float().log_softmax(-1)
+    return -lp.gather(-1, tokens[:, skip + 1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tensor, "n_contexts context_len"], *,
+                        batch_contexts: int = 8, skip_positions: int = 1, dense_threshold: float = 0.1,
+                        progress: bool = True) -> DictionaryEval:
+    """Evaluate a dictionary spliced into ``model`` on token contexts it was not trained on.
+
+    Args:
+        model: the :class:`HookedModel` the dictionary belongs to.
+        dictionary: an SAE or transcoder (eval mode is set).
+        contexts: held-out token ids [n_contexts, context_len] (e.g. ``pack(..., split="eval")``).
+        batch_contexts: contexts per forward pass.
+        skip_positions: leading positions neither spliced nor counted (1 = the BOS position).
+        dense_threshold: a latent firing on more than this fraction of tokens counts as dense.
+
+    Returns:
+        :class:`DictionaryEval`.
+
+    Raises:
+        InputError: contexts too short for ``skip_positions``, or a dictionary that does not fit the model.
+    """
+    if contexts.dim() != 2 or contexts.shape[1] < skip_positions + 2:
+        raise InputError(f"contexts must be [n_contexts, context_len] with context_len >= skip_positions + 2, got "
+                         f"{tuple(contexts.shape)}.")
+    d = dictionary.eval()
+    c = d.cfg
+    Splice(d).check_model(model)
+    sites = [c.hook_in] if c.is_sae else [c.hook_in, c.hook_out]
+    pos = slice(skip_positions, None)
+    fired = torch.zeros(c.d_sae, dtype=torch.long)
+    sums = dict(l0=0.0, sse=0.0, cos=0.0, ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0)
+    fvus: list[float] = []
+    n_tok = n_pred = 0
+    from tqdm.auto import tqdm
+
+    starts = range(0, contexts.shape[0], batch_contexts)
+    for s in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+        toks = contexts[s:s + batch_contexts].to(model.device)
+        logits, cache = model.run(toks, cache=sites)
+        x = cache[c.hook_in][:, skip_positions:]
+        y = cache[c.hook_out][:, skip_positions:]
+        x = x.reshape(-1, c.d_in).float()
+        y = y.reshape(-1, c.d_out).float()
+        acts = d.encode(x)
+        recons = d.decode(acts, x).float()
+        fired += (acts > 0).sum(0).cpu()
+        sums["l0"] += float((acts > 0).sum())
+        err = (recons - y).pow(2)
+        sums["sse"] += float(err.sum())
+        dev = float((y - y.mean(0)).pow(2).sum())
+        fvus.append(float(err.sum()) / dev if dev > 0 else float("nan"))
+        sums["cos"] += float(F.cosine_similarity(recons, y, dim=-1).sum())
+        n_tok += x.shape[0]
+
+        logits_sae, _ = model.run(toks, saes=[Splice(d, positions=pos)])
+        logits_zero, _ = model.run(toks, interventions=[Ablate(site=c.hook_out, positions=pos)])
+        ce_clean = _ce(logits, toks, skip_positions)
+        sums["ce_clean"] += float(ce_clean.sum())
+        sums["ce_sae"] += float(_ce(logits_sae, toks, skip_positions).sum())
+        sums["ce_zero"] += float(_ce(logits_zero, toks, skip_positions).sum())
+        lp_clean = logits[:, skip_positions:-1].float().log_softmax(-1)
+        lp_sae = logits_sae[:, skip_positions:-1].float().log_softmax(-1)
+        sums["kl"] += float((lp_clean.exp() * (lp_clean - lp_sae)).sum())
+        n_pred += ce_clean.numel()
+
+    density = fired.double() / n_tok
+    ce_clean, ce_sae, ce_zero = sums["ce_clean"] / n_pred, sums["ce_sae"] / n_pred, sums["ce_zero"] / n_pred
+    denom = ce_zero - ce_clean
+    live = density[density > 0]
+    edges = [float(e) for e in torch.linspace(-math.log10(max(n_tok, 10)) - 0.5, 0.0, 41)]
+    hist = torch.histogram(live.log10().float(), bins=torch.tensor(edges)).hist if live.numel() else torch.zeros(40)
+    fvu = sum(fvus) / len(fvus)
+    return DictionaryEval(
+        n_tokens=n_tok, l0=sums["l0"] / n_tok, fvu=fvu, explained_variance=1 - fvu,
+        mse=sums["sse"] / (n_tok * c.d_out), cosine_similarity=sums["cos"] / n_tok,
+        ce_clean=ce_clean, ce_with_dictionary=ce_sae, ce_zero_ablation=ce_zero,
+        ce_loss_recovered=(ce_zero - ce_sae) / denom if denom != 0 else float("nan"),
+        delta_lm_loss=ce_sae - ce_clean, kl_to_clean=sums["kl"] / n_pred,
+        dead_fraction=float((density == 0).double().mean()),
+        dense_fraction=float((density > dense_threshold).double().mean()), dense_threshold=dense_threshold,
+        density=[float(v) for v in density], density_histogram=[int(v) for v in hist.tolist()],
+        histogram_edges=edges,
+    )

@@ -1,0 +1,7 @@
+"""Training sparse dictionaries: losses, schedules, the trainer with checkpoints and exact resume."""
+
+from mechscope.training.config import DictionarySpec, TrainConfig
+from mechscope.training.losses import LossOutput, compute_loss
+from mechscope.training.trainer import Trainer, TrainingDivergedError, train
+
+__all__ = ["DictionarySpec", "TrainConfig", "LossOutput", "compute_loss", "Trainer", "TrainingDivergedError", "train"]

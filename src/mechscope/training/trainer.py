@@ -1,0 +1,419 @@
+"""Training sparse dictionaries from an activation source, with checkpoints and exact resume.
+
+One pass over the source trains every :class:`DictionarySpec` of a run (different widths, k, layers,
+architectures): each batch is read once and given to each dictionary.
+
+A run folder holds:
+
+- ``<name>/`` the trained dictionary (mechscope format, input normalisation folded into the weights);
+- ``metrics.jsonl`` one line per dictionary every ``log_every_steps``;
+- ``checkpoints/step_XXXXXXXX/`` weights, Adam state, dead-latent counters, scales (safetensors + JSON);
+- ``run.json`` the configuration, and ``training_curves.html``.
+
+Resume (``resume=True``) reloads the newest checkpoint and continues from its step with the same
+batches, so the resumed metrics equal an uninterrupted run's (with the same number of threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mechscope.core.errors import CorruptFileError, InputError, MechscopeError
+from mechscope.core.io import load_safetensors, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from mechscope.dictionaries.io import _write_folder, save_dictionary, state_tensors
+from mechscope.dictionaries.model import SparseDictionary
+from mechscope.training.config import DictionarySpec, TrainConfig
+from mechscope.training.losses import compute_loss
+
+
+class TrainingDivergedError(MechscopeError, FloatingPointError):
+    """The loss or an input batch became NaN/inf; the last checkpoint is intact."""
+
+
+@dataclass
+class _Member:
+    """One dictionary under training and everything its exact resume needs."""
+
+    spec: DictionarySpec
+    dictionary: SparseDictionary
+    optimizer: torch.optim.Adam
+    tokens_since_fired: Tensor  # int64 [d_sae]
+    scale_in: float = 1.0
+    scale_out: float = 1.0
+    threshold_ema: float | None = None  # batchtopk
+
+
+def _batches(source, cfg: TrainConfig, start_step: int) -> Iterator[dict[str, Tensor]]:
+    """Batches of ``cfg.batch_tokens`` rows from step ``start_step`` on (batch t is a pure function of t)."""
+    if callable(source) and not hasattr(source, "batches"):
+        return iter(source(start_step))
+    import inspect
+
+    params = inspect.signature(source.batches).parameters
+    if "batch_tokens" in params:  # ShardedActivations
+        return iter(source.batches(cfg.batch_tokens, seed=cfg.seed, start_step=start_step))
+    bt = getattr(source, "batch_tokens", cfg.batch_tokens)
+    if bt != cfg.batch_tokens:
+        raise InputError(f"the activation stream yields {bt} tokens a batch but TrainConfig.batch_tokens is "
+                         f"{cfg.batch_tokens}; make them equal.")
+    return iter(source.batches(start_step=start_step))
+
+
+def plan_training_memory(specs: Sequence[DictionarySpec], cfg: TrainConfig) -> dict[str, int]:
+    """Bytes a run needs, by term: parameters, gradients and Adam state (fp32), and per-batch activations.
+
+    Every dictionary holds 4 copies of its parameters (weights, gradient, Adam's two moments); a batch
+    holds about 6 tensors of [batch_tokens, d_sae] (pre-activations, activations, their gradients, AuxK).
+    """
+    terms: dict[str, int] = {}
+    for s in specs:
+        c = s.dictionary
+        n = c.d_in * c.d_sae + c.d_sae * c.d_out + c.d_sae * 2 + c.d_out + (c.d_in * c.d_out if c.skip else 0)
+        terms[f"{s.name}: weights, grads, Adam (fp32)"] = 4 * 4 * n
+        terms[f"{s.name}: batch activations"] = 6 * 4 * cfg.batch_tokens * c.d_sae
+    return terms
+
+
+class Trainer:
+    """Trains one or more dictionaries from one activation source.
+
+    Args:
+        specs: the dictionaries and their objectives; names must be unique.
+        cfg: the shared schedule.
+        out_dir: the run folder.
+        on_step: optional ``fn(step)`` called after each step (progress hooks, fault injection in tests).
+
+    Raises:
+        InputError: duplicate names, a spec whose hooks the source lacks, a memory plan over budget,
+            an existing run in ``out_dir`` without ``resume=True``, ``resume=True`` with nothing to resume,
+            or a resume whose configuration differs.
+    """
+
+    def __init__(self, specs: Sequence[DictionarySpec], cfg: TrainConfig, out_dir: str | Path, *,
+                 on_step: Callable[[int], None] | None = None, progress: bool = True):
+        specs = list(specs)
+        if not specs:
+            raise InputError("no dictionaries to train; pass at least one DictionarySpec.")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise InputError(f"dictionary names must be unique, got {names}.")
+        self.specs, self.cfg, self.out = specs, cfg, Path(out_dir)
+        self.on_step, self.progress = on_step, progress
+        plan = plan_training_memory(specs, cfg)
+        total = sum(plan.values())
+        if cfg.memory_budget_bytes is not None and total > cfg.memory_budget_bytes:
+            lines = "\n".join(f"  {k}: {v / 2**20:.1f} MiB" for k, v in plan.items())
+            raise InputError(
+                f"this training run needs about {total / 2**20:.1f} MiB but memory_budget_bytes is "
+                f"{cfg.memory_budget_bytes / 2**20:.1f} MiB:\n{lines}\nLower batch_tokens or d_sae, train fewer "
+                "dictionaries at once, or raise the budget."
+            )
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _run_record(self) -> dict:
+        return {"train": self.cfg.to_dict(), "dictionaries": [s.to_dict() for s in self.specs]}
+
+    def _new_member(self, spec: DictionarySpec) -> _Member:
+        d = SparseDictionary(spec.dictionary).initialize(
+            self.cfg.seed, decoder_norm=spec.decoder_init_norm, jumprelu_init_threshold=spec.jumprelu_init_threshold)
+        d.train()
+        opt = torch.optim.Adam(d.parameters(), lr=spec.learning_rate, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
+        return _Member(spec, d, opt, torch.zeros(spec.dictionary.d_sae, dtype=torch.long))
+
+    def _estimate_scales(self, source, members: list[_Member]) -> None:
+        """Normalisation scales (mean norm -> sqrt(d)) and b_dec's initial value from the first batches."""
+        it = _batches(source, self.cfg, 0)
+        sums: dict[str, Tensor] = {}
+        norms: dict[str, float] = {}
+        n = n_batches = 0
+        for _ in range(self.cfg.norm_estimation_batches):
+            try:
+                b = next(it)
+            except StopIteration:
+                break
+            self._check_batch(b, n_batches)
+            n_batches += 1
+            for hook, x in b.items():
+                if hook.startswith("__"):
+                    continue
+                x = x.float()
+                sums[hook] = sums.get(hook, 0) + x.sum(0)
+                norms[hook] = norms.get(hook, 0.0) + float(x.norm(dim=-1).sum())
+            n += next(iter(v for k, v in b.items() if not k.startswith("__"))).shape[0]
+        if n == 0:
+            raise InputError("the activation source yielded no batch; is it empty?")
+        for m in members:
+            c = m.spec.dictionary
+            for hook in (c.hook_in, c.hook_out):
+                if hook not in norms:
+                    raise InputError(f"the activation source has no {hook} (it has {sorted(norms)}); harvest or "
+                                     f"stream that hook for dictionary {m.spec.name!r}.")
+            if self.cfg.normalize_inputs:
+                m.scale_in = math.sqrt(c.d_in) / (norms[c.hook_in] / n)
+                m.scale_out = math.sqrt(c.d_out) / (norms[c.hook_out] / n)
+            if c.is_sae:
+                m.scale_out = m.scale_in
+            with torch.no_grad():  # b_dec starts at the mean, so the first latents explain deviations
+                m.dictionary.b_dec.copy_(sums[c.hook_out] / n * m.scale_out)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _save_checkpoint(self, members: list[_Member], step: int) -> Path:
+        folder = self.ckpt_dir / f"step_{step:08d}"
+
+        def write(tmp: Path):
+            state = {"step": step, "tokens": step * self.cfg.batch_tokens, "run": self._run_record(), "members": {}}
+            for m in members:
+                tensors = {f"dict.{k}": v for k, v in state_tensors(m.dictionary).items()}
+                opt_state = m.optimizer.state_dict()
+                for idx, st in opt_state["state"].items():
+                    for k, v in st.items():
+                        tensors[f"adam.{idx}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+                tensors["tokens_since_fired"] = m.tokens_since_fired
+                save_safetensors_atomic(tensors, tmp / f"{m.spec.name}.safetensors")
+                state["members"][m.spec.name] = {"scale_in": m.scale_in, "scale_out": m.scale_out,
+                                                 "threshold_ema": m.threshold_ema}
+            write_json_atomic(state, tmp / "state.json")
+
+        _write_folder(folder, write)
+        old = sorted(self.ckpt_dir.glob("step_*[0-9]"))[:-self.cfg.keep_checkpoints]
+        for o in old:
+            shutil.rmtree(o, ignore_errors=True)
+        return folder
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint folder, or None."""
+        done = [p for p in sorted(self.ckpt_dir.glob("step_*[0-9]")) if (p / "state.json").is_file()]
+        return done[-1] if done else None
+
+    def _load_checkpoint(self, folder: Path, members: list[_Member]) -> int:
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CorruptFileError(f"checkpoint {folder} has an unreadable state.json ({e}); delete that folder "
+                                   "to resume from the one before.") from e
+        if state["run"] != json.loads(json.dumps(self._run_record())):
+            raise InputError(
+                f"the checkpoint in {folder} was made with another configuration; resume with the same dictionaries "
+                "and TrainConfig (checkpointing and logging options may differ), or use a new out_dir."
+            )
+        for m in members:
+            t = load_safetensors(folder / f"{m.spec.name}.safetensors", what="checkpoint")
+            with torch.no_grad():
+                for k, v in state_tensors(m.dictionary).items():
+                    getattr(m.dictionary, k).copy_(t[f"dict.{k}"])
+            opt_state = m.optimizer.state_dict()
+            new_state = {}
+            for key, v in t.items():
+                if key.startswith("adam."):
+                    _, idx, k = key.split(".", 2)
+                    new_state.setdefault(int(idx), {})[k] = v
+            opt_state["state"] = new_state
+            m.optimizer.load_state_dict(opt_state)
+            m.tokens_since_fired = t["tokens_since_fired"].clone()
+            ms = state["members"][m.spec.name]
+            m.scale_in, m.scale_out, m.threshold_ema = ms["scale_in"], ms["scale_out"], ms["threshold_ema"]
+        return int(state["step"])
+
+    # -- one step ----------------------------------------------------------------------------
+    def _step(self, m: _Member, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+        spec, d, cfg = m.spec, m.dictionary, self.cfg
+        c = spec.dictionary
+        x = batch[c.hook_in].float() * m.scale_in
+        y = x if c.is_sae else batch[c.hook_out].float() * m.scale_out
+        dead = m.tokens_since_fired >= cfg.dead_tokens
+        l1 = spec.l1_coefficient
+        if c.architecture == "relu":
+            warm = spec.l1_warmup_steps if spec.l1_warmup_steps is not None else max(1, cfg.n_steps // 20)
+            l1 = l1 * min(1.0, (step + 1) / warm)
+        lr = spec.learning_rate * cfg.lr_factor(step)
+        for g in m.optimizer.param_groups:
+            g["lr"] = lr
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else contextlib.nullcontext()
+        with ctx:
+            out = compute_loss(d, x, y, l1_coefficient=l1, l0_coefficient=spec.l0_coefficient,
+                               aux_coefficient=spec.aux_coefficient, dead=dead, k_aux=spec.k_aux)
+        if not torch.isfinite(out.total):
+            raise TrainingDivergedError(
+                f"dictionary {spec.name!r}: the loss is {float(out.total)} at step {step} (terms "
+                f"{ {k: float(v) for k, v in out.terms.items()} }). Lower its lr, use dtype='float32', or check the "
+                f"activations; the last checkpoint ({self.latest_checkpoint()}) is intact."
+            )
+        m.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        unit_decoder = c.architecture != "relu"
+        if unit_decoder:
+            d.remove_parallel_decoder_grad()
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip_norm)
+        m.optimizer.step()
+        with torch.no_grad():
+            if unit_decoder:
+                d.normalize_decoder()
+            if c.architecture == "jumprelu":
+                d.threshold.clamp_(min=1e-6)
+            acts = out.acts.detach()
+            fired = (acts > 0).any(0)
+            m.tokens_since_fired += acts.shape[0]
+            m.tokens_since_fired[fired] = 0
+            if c.architecture == "batchtopk":  # threshold for inference: EMA of the smallest kept activation
+                pos = acts[acts > 0]
+                if pos.numel():
+                    mn = float(pos.min())
+                    m.threshold_ema = mn if m.threshold_ema is None else 0.99 * m.threshold_ema + 0.01 * mn
+                    d.threshold.fill_(m.threshold_ema)
+            var = (y - y.mean(0)).pow(2).sum()
+            fvu = float((out.recons.float() - y).pow(2).sum() / var) if var > 0 else float("nan")
+            l0 = float((acts > 0).float().sum(-1).mean())
+        row = {k: float(v.detach()) for k, v in out.terms.items()}
+        row.update(loss=float(out.total.detach()), fvu=fvu, l0=l0, dead_fraction=float(dead.float().mean()), lr=lr)
+        return row
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, source, *, resume: bool = False) -> dict[str, SparseDictionary]:
+        """Train to ``cfg.n_tokens`` and save each dictionary to ``out_dir/<name>``.
+
+        Args:
+            source: :class:`~mechscope.data.ShardedActivations` (harvested shards),
+                :class:`~mechscope.data.ActivationStream`, or a callable ``start_step -> iterator`` of
+                ``{hook: Tensor[batch_tokens, d]}`` dicts.
+            resume: continue from the newest checkpoint in ``out_dir`` (an error if there is none).
+
+        Returns:
+            name -> trained dictionary (eval mode, normalisation folded in, as saved).
+
+        Raises:
+            InputError: see the class; also a source that runs out before ``n_tokens``.
+            TrainingDivergedError: NaN/inf in an input batch or in the loss.
+            DiskFullError: the disk filled up while checkpointing (earlier checkpoints intact).
+        """
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        members = [self._new_member(s) for s in self.specs]
+        metrics_path = self.out / "metrics.jsonl"
+        latest = self.latest_checkpoint()
+        if resume:
+            if latest is None:
+                raise InputError(f"resume=True but {self.ckpt_dir} has no checkpoint; nothing would be resumed. "
+                                 "Start without resume (and set checkpoint_every_steps to make checkpoints).")
+            start = self._load_checkpoint(latest, members)
+            self._truncate_metrics(metrics_path, start)
+        else:
+            if latest is not None or metrics_path.exists():
+                raise InputError(f"{self.out} already holds a training run; pass resume=True (CLI: --resume) to "
+                                 "continue it, or choose a new folder.")
+            self._estimate_scales(source, members)
+            start = 0
+        write_json_atomic(self._run_record(), self.out / "run.json")
+        wandb_run = self._wandb()
+        t0 = time.perf_counter()
+        it = _batches(source, cfg, start)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.n_steps, initial=start, unit="step", desc="training", disable=not self.progress)
+        step = start
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as log:
+                while step < cfg.n_steps:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        raise InputError(
+                            f"the activation source ran out after {step} steps ({step * cfg.batch_tokens} tokens); "
+                            f"n_tokens={cfg.n_tokens} needs {cfg.n_steps} steps. Harvest more tokens or lower n_tokens."
+                        ) from None
+                    self._check_batch(batch, step)
+                    rows = [self._step(m, batch, step) for m in members]
+                    step += 1
+                    if step % cfg.log_every_steps == 0 or step == cfg.n_steps:
+                        for m, r in zip(members, rows):
+                            line = {"step": step, "tokens": step * cfg.batch_tokens, "name": m.spec.name, **r}
+                            log.write(json.dumps(line) + "\n")
+                            if wandb_run is not None:
+                                wandb_run.log({f"{m.spec.name}/{k}": v for k, v in r.items()}, step=step)
+                        log.flush()
+                        r = rows[0]
+                        bar.set_postfix(fvu=f"{r['fvu']:.3f}", l0=f"{r['l0']:.1f}", dead=f"{r['dead_fraction']:.2f}")
+                    bar.update(1)
+                    if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < cfg.n_steps:
+                        self._save_checkpoint(members, step)
+                    if self.on_step is not None:
+                        self.on_step(step)
+        finally:
+            bar.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+        elapsed = time.perf_counter() - t0
+        if start < step:
+            self._save_checkpoint(members, step)  # the final state, before folding (a later resume is a no-op)
+        results = {}
+        for m in members:
+            d = m.dictionary
+            d.eval()
+            d.fold_scaling(m.scale_in, m.scale_out)
+            if d.cfg.architecture == "batchtopk":
+                d.batchtopk_use_threshold = True
+            meta = dict(d.cfg.metadata, training_tokens=cfg.n_steps * cfg.batch_tokens, seed=cfg.seed,
+                        train_seconds=round(elapsed, 1), resumed_from_step=start or None)
+            d.cfg = d.cfg.replace(metadata=meta)
+            save_dictionary(d, self.out / m.spec.name)
+            results[m.spec.name] = d
+        try:
+            from mechscope.training.curves import write_training_curves
+
+            write_text_atomic(write_training_curves(metrics_path), self.out / "training_curves.html")
+        except ImportError:  # pragma: no cover - plotly is a dependency
+            pass
+        return results
+
+    @staticmethod
+    def _check_batch(batch: dict[str, Tensor], step: int) -> None:
+        for hook, x in batch.items():
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).any(-1).sum())
+                raise TrainingDivergedError(
+                    f"the activations of {hook} in batch {step} contain NaN/inf ({bad} rows). The model overflowed "
+                    "in its dtype (use bfloat16 or float32, not float16) or the harvested shards are damaged "
+                    "(re-harvest them)."
+                )
+
+    @staticmethod
+    def _truncate_metrics(path: Path, step: int) -> None:
+        """Drop metric lines written after the checkpoint being resumed (they will be written again)."""
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
+                and json.loads(ln)["step"] <= step]
+        write_text_atomic("".join(ln + "\n" for ln in keep), path)
+
+    def _wandb(self):
+        if not self.cfg.wandb_project:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            raise InputError("wandb_project is set but wandb is not installed: pip install wandb, or drop it.") from None
+        return wandb.init(project=self.cfg.wandb_project, config=self._run_record(), dir=str(self.out),
+                          mode=os.environ.get("WANDB_MODE", "online"))
+
+
+def train(specs: DictionarySpec | Sequence[DictionarySpec], cfg: TrainConfig, source, out_dir: str | Path, *,
+          resume: bool = False, progress: bool = True) -> dict[str, SparseDictionary]:
+    """Train dictionaries from an activation source; see :class:`Trainer` and :meth:`Trainer.fit`."""
+    if isinstance(specs, DictionarySpec):
+        specs = [specs]
+    return Trainer(specs, cfg, out_dir, progress=progress).fit(source, resume=resume)
