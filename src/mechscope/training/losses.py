@@ -71,7 +71,8 @@ def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tenso
     pre = d.encode_pre(x)
     acts = d.activate(pre)
     recons = d.decode(acts, x)
-    mse = (recons.float() - y.float()).pow(2).sum(-1).mean()  # fp32 even under bf16 autocast
+    acc = torch.promote_types(recons.dtype, torch.float32)  # fp32 under bf16 autocast; fp64 stays fp64
+    mse = (recons.to(acc) - y.to(acc)).pow(2).sum(-1).mean()
     terms = {"mse": mse}
     arch = d.cfg.architecture
     if arch == "relu":
@@ -80,7 +81,7 @@ def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tenso
         steps = StepFunction.apply(pre, d.threshold, d.cfg.jumprelu_bandwidth)
         terms["l0"] = l0_coefficient * steps.sum(-1).mean()
     elif dead is not None and aux_coefficient:
-        residual = (y.float() - recons.float()).detach()
+        residual = (y.to(acc) - recons.to(acc)).detach()
         terms["aux"] = aux_coefficient * topk_aux_loss(d, pre, residual, dead, k_aux)
     total = sum(terms.values())
     return LossOutput(total, terms, recons, acts, pre)
