@@ -1,4 +1,4 @@
-"""The ``mechscope`` command line: ``report``, ``hooks``, ``lens``, ``version``.
+"""The ``mechscope`` command line: ``report``, ``hooks``, ``lens``, ``version``, ``sae train|eval``.
 
 Errors that mechscope raises on purpose (:class:`~mechscope.core.errors.MechscopeError`) are printed
 as one red line on stderr and exit with status 2; anything else is a bug and keeps its traceback.
@@ -145,19 +145,26 @@ def report(
     patch_prompts: int | None = typer.Option(None, "--patch-prompts", help="IOI prompts used in the patching sweeps (default: chosen to keep the run short)"),
     seed: int = typer.Option(0, "--seed", help="seed of the random-token and IOI datasets"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
+    sae: list[Path] = typer.Option([], "--sae", help="dictionary folder to add a sparse-dictionary section for (repeatable)"),
 ) -> None:
     """Run the standard analyses on a model and write a self-contained HTML report plus results.json."""
     import torch
 
     from mechscope.report import ReportConfig, build_report
 
-    cfg = ReportConfig(model=model, out=out_dir, dtype=dtype, n_prompts=n_prompts, patch_prompts=patch_prompts, seed=seed)
+    cfg = ReportConfig(model=model, out=out_dir, dtype=dtype, n_prompts=n_prompts, patch_prompts=patch_prompts, seed=seed,
+                       sae=tuple(sae))
     n, why = (threads, "--threads") if threads else auto_threads()
     torch.set_num_threads(n)
     out.print(Text(f"torch threads: {n} ({why})"))
     paths = build_report(cfg, console=out)
     out.print(Text(f"report:  {paths.html.resolve()}", style="bold green"), soft_wrap=True)
     out.print(Text(f"results: {paths.json.resolve()}", style="bold green"), soft_wrap=True)
+
+
+from mechscope.cli_sae import sae_app  # noqa: E402 (after _clean_errors, which it uses)
+
+app.add_typer(sae_app, name="sae")
 
 
 def main() -> None:  # pragma: no cover - `python -m mechscope.cli`

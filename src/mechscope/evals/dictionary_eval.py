@@ -69,7 +69,7 @@ class DictionaryEval:
     density_histogram: list[int] = field(repr=False)
     histogram_edges: list[float] = field(repr=False)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | int]:
         """The scalar metrics (no per-latent lists)."""
         return {k: v for k, v in asdict(self).items() if not isinstance(v, list)}
 

@@ -87,6 +87,8 @@ class ReportConfig:
         lens_prompt / lens_target: logit-lens prompt and the token whose probability is tracked.
         head_seq_len: length of each random half of the repeated sequences (tokens).
         head_batch: number of repeated sequences (count).
+        sae: dictionary folders to add a sparse-dictionary section for (training curves, evaluation,
+            latent density); empty for none.
     """
 
     #: Measured on the 2-core CPU with other jobs running (fp32): 12 prompts -> patching ~6 min of a
@@ -103,8 +105,10 @@ class ReportConfig:
     lens_target: str = " Paris"
     head_seq_len: int = 50
     head_batch: int = 4
+    sae: tuple[Path, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "sae", tuple(Path(p) for p in self.sae))
         if self.n_prompts < 2:
             raise InputError(f"n_prompts must be at least 2, got {self.n_prompts}.")
         if self.patch_prompts is not None and not 1 <= self.patch_prompts <= self.n_prompts:
@@ -414,7 +418,7 @@ def compute_results(cfg: ReportConfig, *, console: Console | None = None, progre
     import mechscope
     from mechscope.data.ioi import make_ioi_dataset
 
-    steps = _Steps(console, total=6)
+    steps = _Steps(console, total=7 if cfg.sae else 6)
     started = _dt.datetime.now(_dt.timezone.utc)
     results: dict[str, Any] = {"schema": "mechscope.report/1"}
 
@@ -457,13 +461,22 @@ def compute_results(cfg: ReportConfig, *, console: Console | None = None, progre
         top = results["patching"]["top_heads"][0]
         note["summary"] = f"top head {top['head']} ({top['score']:.2f}); attribution vs activation (heads) r = {c if c is None else round(c, 3)}"
 
+    if cfg.sae:
+        from mechscope.report.sae import sae_section
+
+        with steps.step("sae", f"sparse dictionaries: {len(cfg.sae)} folder(s)") as note:
+            results["sae"] = sae_section(cfg.sae, model, progress=progress)
+            note["summary"] = "; ".join(f"{e['name']}: FVU {e['eval']['fvu']:.3f}, CE recovered "
+                                        f"{e['eval']['ce_loss_recovered']:.3f}" for e in results["sae"]["dictionaries"])
+
     total = time.perf_counter() - steps.t0
     results["model"] = {**asdict(model.cfg), "n_params": n_params}
     results["run"] = {
         "date": started.isoformat(timespec="seconds"),
         "settings": {"model": cfg.model, "dtype": cfg.dtype, "n_prompts": cfg.n_prompts, "patch_prompts": n,
                      "seed": cfg.seed, "lens_prompt": cfg.lens_prompt, "lens_target": cfg.lens_target,
-                     "head_seq_len": cfg.head_seq_len, "head_batch": cfg.head_batch},
+                     "head_seq_len": cfg.head_seq_len, "head_batch": cfg.head_batch,
+                     "sae": [str(p) for p in cfg.sae]},
         "versions": _versions(),
         "torch_threads": torch.get_num_threads(),
         "timings_s": {**steps.timings},

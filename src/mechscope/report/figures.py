@@ -217,4 +217,8 @@ def build_figures(results: dict) -> dict[str, Fig]:
             if attr:
                 figs["fig-attr-scatter"] = attribution_scatter_figure(
                     act["heads"]["values"], attr["values"], pt.get("correlation", {}).get("heads"))
+    if results.get("sae"):
+        from mechscope.report.sae import sae_figures
+
+        figs.update(sae_figures(results["sae"]))
     return figs

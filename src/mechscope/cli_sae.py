@@ -1,0 +1,143 @@
+"""``mechscope sae ...``: train and evaluate sparse dictionaries from the command line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from mechscope.cli import _clean_errors
+
+sae_app = typer.Typer(no_args_is_help=True, help="Train and evaluate sparse autoencoders and transcoders.")
+
+CorpusOpt = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
+                         help="corpus name, text/JSONL/Parquet file, folder, or hf:DATASET (repeatable)")
+
+
+def _site_tag(hook: str) -> str:
+    return hook.replace("blocks.", "L").replace(".hook_", "_").replace("hook_", "").replace(".", "_")
+
+
+def _eval_table(rows: dict) -> Table:
+    keys = ("l0", "fvu", "explained_variance", "cosine_similarity", "ce_loss_recovered", "delta_lm_loss",
+            "kl_to_clean", "dead_fraction", "dense_fraction", "n_tokens")
+    table = Table(title="evaluation on held-out text", title_justify="left")
+    table.add_column("dictionary", no_wrap=True)
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, s in rows.items():
+        table.add_row(Text(name), *[Text(f"{s[k]:.4g}" if isinstance(s[k], float) else str(s[k])) for k in keys])
+    return table
+
+
+def _write_eval(folder: Path, e) -> None:
+    from mechscope.core.io import jsonable, write_json_atomic
+
+    write_json_atomic(jsonable(e), folder / "eval.json")
+
+
+@sae_app.command("train")
+@_clean_errors
+def train_cmd(
+    hook: list[str] = typer.Option(..., "--hook", help="input hook, e.g. blocks.15.hook_resid_post (repeatable)"),
+    arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk or jumprelu"),
+    k: list[int] = typer.Option([32], "--k", help="latents per token for topk/batchtopk (repeatable)"),
+    width: list[int] = typer.Option([4608], "--width", help="number of latents d_sae (repeatable)"),
+    tokens: int = typer.Option(2_000_000, "--tokens", help="training tokens"),
+    hook_out: str | None = typer.Option(None, "--hook-out", help="output hook: trains a transcoder (e.g. blocks.N.hook_mlp_out)"),
+    skip: bool = typer.Option(False, "--skip", help="transcoder with a linear skip connection"),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="tokens per optimizer step"),
+    lr: float | None = typer.Option(None, "--lr", help="learning rate (default 2e-4 / sqrt(d_sae / 2^14))"),
+    l1: float = typer.Option(5.0, "--l1", help="relu: L1 coefficient"),
+    l0: float = typer.Option(1.0, "--l0", help="jumprelu: L0 coefficient"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf or hub id"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype for harvesting activations"),
+    compute_dtype: str = typer.Option("bfloat16", "--compute-dtype", help="dictionary compute: float32 or bfloat16 (autocast)"),
+    corpus: list[str] = CorpusOpt,
+    context_len: int = typer.Option(128, "--context-len", help="tokens per context (BOS included)"),
+    out_dir: Path = typer.Option(Path("mechscope-sae"), "--out", "-o", help="run folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="steps between checkpoints (0: end only)"),
+    eval_tokens: int = typer.Option(25_000, "--eval-tokens", help="held-out tokens to evaluate on afterwards (0: skip)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
+    wandb_project: str | None = typer.Option(None, "--wandb-project", help="log to Weights & Biases (if installed)"),
+) -> None:
+    """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass)."""
+    import torch
+
+    import mechscope
+    from mechscope.cli import auto_threads, out
+    from mechscope.dictionaries import DictionaryConfig
+    from mechscope.dictionaries.splice import site_width
+    from mechscope.training import DictionarySpec, TrainConfig
+    from mechscope.training.pipeline import CorpusConfig, evaluate_on_corpus, train_on_corpus
+
+    n, why = (threads, "--threads") if threads else auto_threads()
+    torch.set_num_threads(n)
+    out.print(Text(f"torch threads: {n} ({why})"))
+    m = mechscope.load(model, dtype=dtype)
+    ks = k if arch in ("topk", "batchtopk") else [None]
+    specs = []
+    for h, w, kk in itertools.product(hook, width, ks):
+        h_out = hook_out or h
+        cfg = DictionaryConfig(arch, site_width(m, h), w, h, hook_out=h_out, d_out=site_width(m, h_out), k=kk,
+                               skip=skip, model_name=m.cfg.name)
+        name = f"{arch}_{_site_tag(h)}" + (f"_to_{_site_tag(h_out)}" if h_out != h else "") + f"_w{w}" + (f"_k{kk}" if kk else "")
+        specs.append(DictionarySpec(name, cfg, lr=lr, l1_coefficient=l1, l0_coefficient=l0))
+    tcfg = TrainConfig(n_tokens=tokens, batch_tokens=batch_tokens, dtype=compute_dtype, seed=seed,
+                       checkpoint_every_steps=checkpoint_every, wandb_project=wandb_project)
+    corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed)
+    results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume)
+    out.print(Text(f"trained {len(results)} dictionar{'y' if len(results) == 1 else 'ies'} in {out_dir.resolve()}",
+                   style="bold green"), soft_wrap=True)
+    if eval_tokens:
+        rows = {}
+        for name, d in results.items():
+            e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=eval_tokens)
+            _write_eval(out_dir / name, e)
+            rows[name] = e.summary()
+        from mechscope.cli import _print_table
+
+        _print_table(_eval_table(rows))
+
+
+@sae_app.command("eval")
+@_clean_errors
+def eval_cmd(
+    dictionary: list[Path] = typer.Argument(..., help="dictionary folder(s): mechscope, SAELens or sparsify"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="the model the dictionary belongs to"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
+    hook: str | None = typer.Option(None, "--hook", help="hook for files that do not record one (sparsify)"),
+    corpus: list[str] = CorpusOpt,
+    context_len: int = typer.Option(128, "--context-len"),
+    tokens: int = typer.Option(25_000, "--tokens", help="held-out tokens to evaluate on"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/eval split (use the training run's)"),
+    threads: int | None = typer.Option(None, "--threads", min=1),
+) -> None:
+    """Evaluate dictionaries on held-out text: L0, FVU, CE loss recovered, KL, dead/dense latents.
+
+    Writes eval.json into each dictionary folder."""
+    import torch
+
+    import mechscope
+    from mechscope.cli import _print_table, auto_threads, out
+    from mechscope.dictionaries import load_dictionary
+    from mechscope.training.pipeline import CorpusConfig, evaluate_on_corpus
+
+    n, why = (threads, "--threads") if threads else auto_threads()
+    torch.set_num_threads(n)
+    m = mechscope.load(model, dtype=dtype)
+    corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed)
+    rows = {}
+    for folder in dictionary:
+        d = load_dictionary(folder, hook=hook)
+        e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=tokens)
+        _write_eval(folder, e)
+        rows[folder.name] = e.summary()
+    _print_table(_eval_table(rows))
+    out.print(json.dumps(rows, indent=1))
