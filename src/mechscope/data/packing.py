@@ -50,7 +50,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.core.errors import InputError
-from mechscope.data.corpora import CORPORA, load_documents, source_files
+from mechscope.data.corpora import CORPORA
+from mechscope.data.sources import load_documents, source_files
 
 #: Target size of the chunks of the fallback split (characters, about 1,000 tokens of English).
 CHUNK_CHARS = 4000
@@ -341,7 +342,7 @@ def pack(documents: Iterable[str], tokenizer, *, context_len: int, bos: Literal[
     """Tokenize documents and pack them into shuffled rows of ``context_len`` tokens.
 
     Args:
-        documents: the texts (e.g. from :func:`~mechscope.data.corpora.load_documents`), used in this order.
+        documents: the texts (e.g. from :func:`~mechscope.data.sources.load_documents`), used in this order.
         tokenizer: a ``transformers`` tokenizer (a fast one tokenizes in batches on all cores).
         context_len: positions per row, BOS included.
         bos: ``"auto"`` prepends the tokenizer's BOS id to every row if it has one (also when BOS == EOS,
@@ -418,7 +419,7 @@ def corpus_tokens(sources: str | os.PathLike | Sequence[str | os.PathLike], toke
                   cache: bool = True) -> PackedTokens:
     """Packed tokens of one or several sources, mixed deterministically, cached on disk.
 
-    Each source is loaded with :func:`~mechscope.data.corpora.load_documents` and split into train/eval
+    Each source is loaded with :func:`~mechscope.data.sources.load_documents` and split into train/eval
     on its own (so a small corpus gets its fallback split without affecting the others). The selected
     documents of all sources are then ordered by a seeded hash of their text, which interleaves the
     sources (with ``max_tokens``, the rows hold a mixture rather than the first source), and packed as by
