@@ -66,6 +66,8 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="log to Weights & Biases (if installed)"),
+    stream: bool = typer.Option(False, "--stream", help="stream activations through a shuffle buffer instead of harvesting them to disk"),
+    memory_budget_gib: float | None = typer.Option(None, "--memory-budget-gib", help="refuse a plan that needs more memory than this (GiB)"),
 ) -> None:
     """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass)."""
     import torch
@@ -90,9 +92,10 @@ def train_cmd(
         name = f"{arch}_{_site_tag(h)}" + (f"_to_{_site_tag(h_out)}" if h_out != h else "") + f"_w{w}" + (f"_k{kk}" if kk else "")
         specs.append(DictionarySpec(name, cfg, lr=lr, l1_coefficient=l1, l0_coefficient=l0))
     tcfg = TrainConfig(n_tokens=tokens, batch_tokens=batch_tokens, dtype=compute_dtype, seed=seed,
-                       checkpoint_every_steps=checkpoint_every, wandb_project=wandb_project)
+                       checkpoint_every_steps=checkpoint_every, wandb_project=wandb_project,
+                       memory_budget_bytes=None if memory_budget_gib is None else int(memory_budget_gib * 2**30))
     corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed)
-    results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume)
+    results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume, stream=stream)
     out.print(Text(f"trained {len(results)} dictionar{'y' if len(results) == 1 else 'ies'} in {out_dir.resolve()}",
                    style="bold green"), soft_wrap=True)
     if eval_tokens:

@@ -118,3 +118,15 @@ def test_report_sae_section_renders_curves_density_and_escapes(trained, tiny_mod
     figs = json.loads(re.findall(r"<script[^>]*>(.*?)</script>", html, flags=re.S)[1])
     assert {"fig-sae-curves-0", "fig-sae-density-0", "fig-sae-curves-1"} <= set(figs)
     assert "<script>alert(1)" not in html and "Sparse dictionaries" in html
+
+
+def test_sae_train_streaming_and_memory_budget(tmp_path, tiny_model_dir, corpus_files, monkeypatch_module):  # noqa: F811
+    base = ["sae", "train", "--model", str(tiny_model_dir), "--dtype", "float32", "--hook", "blocks.0.hook_mlp_out",
+            "--width", "32", "--k", "4", "--tokens", "1024", "--batch-tokens", "128", "--corpus", str(corpus_files),
+            "--context-len", "16", "--compute-dtype", "float32", "--eval-tokens", "0", "--threads", "1"]
+    r = runner.invoke(app, base + ["--stream", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "data.json").read_text())["activations"] == "streamed"
+    assert (tmp_path / "s" / "topk_L0_mlp_out_w32_k4" / "cfg.json").exists()
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "b"), "--memory-budget-gib", "0.00001"])
+    assert r.exit_code == 2 and "MiB" in r.output and not (tmp_path / "b" / "metrics.jsonl").exists()

@@ -18,6 +18,7 @@ from mechscope.core.errors import InputError
 from mechscope.core.io import jsonable, write_json_atomic
 from mechscope.data.packing import PackedTokens, corpus_tokens
 from mechscope.data.shards import harvest
+from mechscope.data.store import ActivationStream
 from mechscope.dictionaries.model import SparseDictionary
 from mechscope.evals.dictionary_eval import DictionaryEval, evaluate_dictionary
 from mechscope.models.loading import cache_dir
@@ -77,11 +78,17 @@ def activations_dir(model, hooks: Sequence[str], packed: PackedTokens, n_ctx: in
 def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, out_dir: str | Path, *,
                     corpus: CorpusConfig = CorpusConfig(), activation_dtype: str = "bfloat16",
                     forward_batch_contexts: int = 8, resume: bool = False, progress: bool = True,
-                    harvest_dir: str | Path | None = None) -> dict[str, SparseDictionary]:
+                    harvest_dir: str | Path | None = None, stream: bool = False,
+                    buffer_tokens: int = 2**18) -> dict[str, SparseDictionary]:
     """Harvest the hooks the dictionaries need over the train split, then train them all in one pass.
 
     If the train split has fewer tokens than ``cfg.n_tokens``, training runs several epochs over it
-    (recorded in ``run.json`` as ``unique_tokens``).
+    (``data.json`` records ``unique_tokens``).
+
+    Args:
+        stream: read activations from the model while training, through a shuffle buffer of
+            ``buffer_tokens`` rows, instead of harvesting them to disk first (no disk needed; a resume
+            replays the stream up to the checkpoint, costing forward passes).
 
     Raises:
         InputError: bad hooks, a corpus that cannot be loaded (says which and why), bad configs.
@@ -94,17 +101,28 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
     for s in specs:
         Splice(SparseDictionary(s.dictionary)).check_model(model)
     packed, n_ctx = contexts_for(model, corpus, "train", cfg.n_tokens)
-    folder = Path(harvest_dir) if harvest_dir else activations_dir(model, hooks, packed, n_ctx, activation_dtype)
     import torch
 
-    store = harvest(model, hooks, packed.tokens[:n_ctx], folder, dtype=getattr(torch, activation_dtype),
-                    forward_batch_contexts=forward_batch_contexts, memory_budget_bytes=cfg.memory_budget_bytes,
-                    progress=progress)
+    if stream:
+        folder, per_row = None, corpus.context_len - 1
+        store = ActivationStream(model, hooks, packed.tokens[:n_ctx], batch_tokens=cfg.batch_tokens,
+                                 # no larger than the text itself (a bigger buffer would cycle to fill)
+                                 buffer_tokens=max(2 * cfg.batch_tokens, min(buffer_tokens, n_ctx * per_row)),
+                                 forward_batch_contexts=forward_batch_contexts, dtype=getattr(torch, activation_dtype),
+                                 seed=cfg.seed, epochs=None, memory_budget_bytes=cfg.memory_budget_bytes)
+        unique = store.n_tokens_total
+    else:
+        folder = Path(harvest_dir) if harvest_dir else activations_dir(model, hooks, packed, n_ctx, activation_dtype)
+        store = harvest(model, hooks, packed.tokens[:n_ctx], folder, dtype=getattr(torch, activation_dtype),
+                        forward_batch_contexts=forward_batch_contexts, memory_budget_bytes=cfg.memory_budget_bytes,
+                        progress=progress)
+        unique = store.n_tokens
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(jsonable({"model": model.cfg.name, "model_dtype": model.cfg.dtype, "hooks": hooks,
-                                "corpus": corpus, "unique_tokens": store.n_tokens, "train_tokens": cfg.n_tokens,
-                                "activations": str(folder), "tokens_fingerprint": packed.fingerprint}),
+                                "corpus": corpus, "unique_tokens": unique, "train_tokens": cfg.n_tokens,
+                                "activations": str(folder) if folder else "streamed",
+                                "tokens_fingerprint": packed.fingerprint}),
                       out / "data.json")
     specs = [s if s.dictionary.model_name else
              DictionarySpec(**{**{f: getattr(s, f) for f in s.__dataclass_fields__},
