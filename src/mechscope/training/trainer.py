@@ -266,11 +266,10 @@ class Trainer:
                 d.normalize_decoder()
             if c.architecture == "jumprelu":
                 d.threshold.clamp_(min=1e-6)
-            acts = out.acts.detach()
-            fired = (acts > 0).any(0)
-            m.tokens_since_fired += acts.shape[0]
-            m.tokens_since_fired[fired] = 0
+            m.tokens_since_fired += x.shape[0]
+            m.tokens_since_fired[out.fired()] = 0
             if c.architecture == "batchtopk":  # threshold for inference: EMA of the smallest kept activation
+                acts = out.acts.detach()
                 pos = acts[acts > 0]
                 if pos.numel():
                     mn = float(pos.min())
@@ -278,7 +277,7 @@ class Trainer:
                     d.threshold.fill_(m.threshold_ema)
             var = (y - y.mean(0)).pow(2).sum()
             fvu = float((out.recons.float() - y).pow(2).sum() / var) if var > 0 else float("nan")
-            l0 = float((acts > 0).float().sum(-1).mean())
+            l0 = out.l0()
         row = {k: float(v.detach()) for k, v in out.terms.items()}
         row.update(loss=float(out.total.detach()), fvu=fvu, l0=l0, dead_fraction=float(dead.float().mean()), lr=lr)
         return row
