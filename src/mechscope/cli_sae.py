@@ -23,7 +23,7 @@ def _site_tag(hook: str) -> str:
 
 
 def _eval_table(rows: dict) -> Table:
-    keys = ("l0", "fvu", "explained_variance", "cosine_similarity", "ce_loss_recovered", "delta_lm_loss",
+    keys = ("l0", "fvu", "fvu_without_outliers", "cosine_similarity", "ce_loss_recovered", "delta_lm_loss",
             "kl_to_clean", "dead_fraction", "dense_fraction", "n_tokens")
     table = Table(title="evaluation on held-out text", title_justify="left")
     table.add_column("dictionary", no_wrap=True)

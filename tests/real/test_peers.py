@@ -4,7 +4,7 @@ The same weights are wrapped three ways and fed identical token ids (BOS id 1 wr
 hand, so nobody adds or drops one):
 
 - mechscope: ``mechscope.load()`` as a user gets it (sdpa attention, through mechscope's pass-through);
-- TransformerLens 4.3 ``TransformerBridge.boot_transformers(..., hf_model=copy)`` on a separate copy
+- TransformerLens 3.9 (SAELens 6.54 needs TL < 4; 3.9 has the same bridge) ``TransformerBridge.boot_transformers(..., hf_model=copy)`` on a separate copy
   (the bridge switches the model it is given to eager attention, and its compatibility mode would
   edit the weights in place, so it never sees mechscope's model);
 - nnsight 0.8.1 ``TransformersModel(copy, tokenizer=tok)`` (``LanguageModel`` is its deprecated

@@ -5,8 +5,13 @@ Definitions (../shared/REFERENCE.md, "Metric definitions"):
 
 - **L0**: mean number of non-zero latents per token.
 - **FVU**: sum of squared reconstruction error / sum of squared deviation of the target from its mean,
-  per batch over tokens and features, averaged over batches. Explained variance = 1 - FVU. (Relative
-  to the mean, not to zero: measuring against zero inflates explained variance.)
+  over tokens and features, with the whole evaluation set as the batch. Explained variance = 1 - FVU.
+  (Relative to the mean, not to zero: measuring against zero inflates explained variance.) Also given:
+  ``fvu_batch_mean``, the mean of the same ratio over forward batches; and ``fvu_without_outliers``,
+  pooled over the tokens whose target norm is at most ``outlier_factor`` x the batch's median norm.
+  Some models have rare "massive activations" (on SmolLM2's residual stream, ~0.03% of tokens with
+  norms ~100x the median hold ~80% of the variance): they dominate FVU, and a dictionary that
+  reconstructs them gets a low FVU whatever it does elsewhere, so read both.
 - **MSE**: mean squared error per element (activation units squared).
 - **cosine similarity**: mean over tokens of cos(target, reconstruction).
 - **CE loss recovered**: (CE_zero_ablation - CE_with_dictionary) / (CE_zero_ablation - CE_clean), where
@@ -54,6 +59,10 @@ class DictionaryEval:
     l0: float
     fvu: float
     explained_variance: float
+    fvu_batch_mean: float
+    fvu_without_outliers: float
+    outlier_fraction: float
+    outlier_variance_share: float
     mse: float
     cosine_similarity: float
     ce_clean: float
@@ -74,6 +83,29 @@ class DictionaryEval:
         return {k: v for k, v in asdict(self).items() if not isinstance(v, list)}
 
 
+class _Pool:
+    """Running sums for a pooled FVU: squared error, and the target's sum and sum of squares (float64)."""
+
+    def __init__(self, d: int):
+        self.n, self.sse, self.sum_sq = 0, 0.0, 0.0
+        self.sum = torch.zeros(d, dtype=torch.float64)
+
+    def add(self, y: Tensor, sq_err: Tensor) -> None:
+        y = y.double().cpu()
+        self.n += y.shape[0]
+        self.sse += float(sq_err.double().sum())
+        self.sum += y.sum(0)
+        self.sum_sq += float(y.pow(2).sum())
+
+    def dev(self) -> float:
+        """Sum of squared deviations from the pooled mean."""
+        return self.sum_sq - float(self.sum.pow(2).sum()) / self.n if self.n else 0.0
+
+    def fvu(self) -> float:
+        dev = self.dev()
+        return self.sse / dev if dev > 0 else float("nan")
+
+
 def _ce(logits: Tensor, tokens: Tensor, skip: int) -> Tensor:
     """Per-token next-token CE [batch, pos - 1 - skip] over predictions made at positions >= skip."""
     lp = logits[:, skip:-1].float().log_softmax(-1)
@@ -83,7 +115,7 @@ def _ce(logits: Tensor, tokens: Tensor, skip: int) -> Tensor:
 @torch.no_grad()
 def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tensor, "n_contexts context_len"], *,
                         batch_contexts: int = 8, skip_positions: int = 1, dense_threshold: float = 0.1,
-                        progress: bool = True) -> DictionaryEval:
+                        outlier_factor: float = 10.0, progress: bool = True) -> DictionaryEval:
     """Evaluate a dictionary spliced into ``model`` on token contexts it was not trained on.
 
     Args:
@@ -93,6 +125,8 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
         batch_contexts: contexts per forward pass.
         skip_positions: leading positions neither spliced nor counted (1 = the BOS position).
         dense_threshold: a latent firing on more than this fraction of tokens counts as dense.
+        outlier_factor: tokens whose target norm exceeds this multiple of their batch's median norm are
+            left out of ``fvu_without_outliers`` (and counted in ``outlier_fraction``).
 
     Returns:
         :class:`DictionaryEval`.
@@ -112,6 +146,8 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
     sums = dict(l0=0.0, sse=0.0, cos=0.0, ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0)
     fvus: list[float] = []
     n_tok = n_pred = 0
+    pooled = {k: _Pool(c.d_out) for k in ("all", "typical")}
+    n_out = 0
     from tqdm.auto import tqdm
 
     starts = range(0, contexts.shape[0], batch_contexts)
@@ -132,6 +168,12 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
         fvus.append(float(err.sum()) / dev if dev > 0 else float("nan"))
         sums["cos"] += float(F.cosine_similarity(recons, y, dim=-1).sum())
         n_tok += x.shape[0]
+        sq = err.sum(-1)
+        norms = y.norm(dim=-1)
+        typical = norms <= outlier_factor * norms.median()
+        n_out += int((~typical).sum())
+        pooled["all"].add(y, sq)
+        pooled["typical"].add(y[typical], sq[typical])
 
         logits_sae, _ = model.run(toks, saes=[Splice(d, positions=pos)])
         logits_zero, _ = model.run(toks, interventions=[Ablate(site=c.hook_out, positions=pos)])
@@ -150,9 +192,12 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
     live = density[density > 0]
     edges = [float(e) for e in torch.linspace(-math.log10(max(n_tok, 10)) - 0.5, 0.0, 41)]
     hist = torch.histogram(live.log10().float(), bins=torch.tensor(edges)).hist if live.numel() else torch.zeros(40)
-    fvu = sum(fvus) / len(fvus)
+    fvu = pooled["all"].fvu()
     return DictionaryEval(
         n_tokens=n_tok, l0=sums["l0"] / n_tok, fvu=fvu, explained_variance=1 - fvu,
+        fvu_batch_mean=sum(fvus) / len(fvus), fvu_without_outliers=pooled["typical"].fvu(),
+        outlier_fraction=n_out / n_tok,
+        outlier_variance_share=1 - pooled["typical"].dev() / pooled["all"].dev() if pooled["all"].dev() > 0 else 0.0,
         mse=sums["sse"] / (n_tok * c.d_out), cosine_similarity=sums["cos"] / n_tok,
         ce_clean=ce_clean, ce_with_dictionary=ce_sae, ce_zero_ablation=ce_zero,
         ce_loss_recovered=(ce_zero - ce_sae) / denom if denom != 0 else float("nan"),

@@ -14,7 +14,8 @@ from mechscope.core.errors import InputError
 from mechscope.core.io import jsonable
 from mechscope.training.curves import read_metrics
 
-EVAL_KEYS = ("n_tokens", "l0", "fvu", "explained_variance", "mse", "cosine_similarity", "ce_clean",
+EVAL_KEYS = ("n_tokens", "l0", "fvu", "explained_variance", "fvu_batch_mean", "fvu_without_outliers",
+             "outlier_fraction", "outlier_variance_share", "mse", "cosine_similarity", "ce_clean",
              "ce_with_dictionary", "ce_zero_ablation", "ce_loss_recovered", "delta_lm_loss", "kl_to_clean",
              "dead_fraction", "dense_fraction")
 
