@@ -466,8 +466,9 @@ def compute_results(cfg: ReportConfig, *, console: Console | None = None, progre
 
         with steps.step("sae", f"sparse dictionaries: {len(cfg.sae)} folder(s)") as note:
             results["sae"] = sae_section(cfg.sae, model, progress=progress)
-            note["summary"] = "; ".join(f"{e['name']}: FVU {e['eval']['fvu']:.3f}, CE recovered "
-                                        f"{e['eval']['ce_loss_recovered']:.3f}" for e in results["sae"]["dictionaries"])
+            note["summary"] = "; ".join(
+                f"{e['name']}: FVU {e['eval']['fvu']:.3f} ({e['eval']['fvu_without_outliers']:.3f} without outliers), "
+                f"CE recovered {e['eval']['ce_loss_recovered']:.3f}" for e in results["sae"]["dictionaries"])
 
     total = time.perf_counter() - steps.t0
     results["model"] = {**asdict(model.cfg), "n_params": n_params}

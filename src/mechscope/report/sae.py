@@ -74,7 +74,8 @@ def sae_figures(section: dict) -> dict:
                 data.append({"type": "scatter", "mode": "lines", "name": label, "yaxis": axis,
                              "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
             figs[f"fig-sae-curves-{i}"] = {"data": data, "layout": _layout(
-                f"Training: {e['name']}", height=360, xaxis={"title": {"text": "training tokens"}},
+                f"Training: {e['name']}", height=360, margin={"l": 60, "r": 60, "t": 48, "b": 50},
+                xaxis={"title": {"text": "training tokens"}},
                 yaxis={"title": {"text": "FVU, dead fraction"}, "rangemode": "tozero"},
                 yaxis2={"title": {"text": "L0"}, "overlaying": "y", "side": "right", "rangemode": "tozero"},
                 legend={"orientation": "h", "y": -0.25})}
