@@ -1,0 +1,227 @@
+"""``mechscope serve``: a local web app over a model, a dictionary and its feature database.
+
+Pages (thin HTML shells; the browser fetches JSON and renders every string with ``textContent``, never
+as HTML, so token strings such as ``<script>`` are shown as text):
+
+- ``/`` feature browser: list and search (by token, by text, by label);
+- ``/feature/{i}`` one latent: top contexts with per-token highlighting, activation histogram, logit
+  effects, co-activating latents, its label with score and provenance;
+- ``/inspect`` prompt inspector: which latents fire on each token, logit lens, attention per head;
+- ``/patching`` the patching results of a ``mechscope report`` run (its results.json);
+- ``/steer`` steering playground: generate with latents added or clamped, beside the unsteered text.
+
+JSON API under ``/api``. Malformed requests get a 4xx with a message (FastAPI's validation gives 422;
+an unknown latent 404; a mechscope error 400); the model is used by one request at a time (a lock),
+database reads use their own cursor per request. The server binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from mechscope.core.errors import InputError, MechscopeError
+
+STATIC = Path(__file__).parent / "static"
+PAGES = ("index", "feature", "inspect", "patching", "steer")
+
+
+@dataclass
+class AppState:
+    """What the app serves. Any part may be None; pages that need it say so.
+
+    Attributes:
+        model: the HookedModel (prompt inspector, steering).
+        dictionary: the SparseDictionary whose latents the database describes.
+        db: a read-only FeatureDB.
+        report: the results.json of a ``mechscope report`` run (patching page).
+        steer: ``fn(prompt, latents, max_new_tokens) -> dict`` used by the steering endpoint.
+    """
+
+    model: Any = None
+    dictionary: Any = None
+    db: Any = None
+    report: dict | None = None
+    steer: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class InspectBody(BaseModel):
+    """POST /api/inspect: a prompt, the layer whose attention to return (None: the middle), top latents per token."""
+
+    text: str = Field(..., min_length=1, max_length=2000)
+    layer: int | None = None
+    top: int = Field(5, ge=1, le=20)
+
+
+class LatentSteerBody(BaseModel):
+    id: int = Field(..., ge=0)
+    value: float = Field(..., ge=-1e4, le=1e4)
+    mode: str = Field("add", pattern="^(add|clamp)$")
+
+
+class SteerBody(BaseModel):
+    prompt: str = Field(..., min_length=1, max_length=2000)
+    latents: list[LatentSteerBody] = Field(..., min_length=1, max_length=16)
+    max_new_tokens: int = Field(30, ge=1, le=128)
+
+
+def _page(name: str) -> str:
+    return (STATIC / f"{name}.html").read_text(encoding="utf-8")
+
+
+def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | None = None,
+                   max_tokens: int = 128) -> dict:
+    """Per-token firing latents, the logit lens at the last position, and one layer's attention patterns.
+
+    Returns JSON-ready lists: ``tokens`` [pos]; ``features`` [pos][top] of {id, act}; ``lens`` {labels,
+    top_tokens [n_layers][5], top_probs}; ``attention`` {layer, n_heads, pattern [n_heads][pos][pos]}.
+
+    Raises:
+        InputError: empty text, or longer than ``max_tokens`` tokens.
+    """
+    from mechscope.analysis import logit_lens
+    from mechscope.dictionaries import Splice
+
+    if not text or not text.strip():
+        raise InputError("the prompt is empty; type some text.")
+    tokens = model.to_tokens(text, prepend_bos=True)
+    if tokens.shape[1] > max_tokens:
+        raise InputError(f"the prompt has {tokens.shape[1]} tokens; the inspector takes at most {max_tokens}.")
+    n_layers = model.cfg.n_layers
+    layer = n_layers // 2 if layer is None else layer
+    if not 0 <= layer < n_layers:
+        raise InputError(f"layer must be in 0..{n_layers - 1}, got {layer}.")
+    out: dict[str, Any] = {"tokens": model.to_str_tokens(tokens)}
+    cache_sites = [f"blocks.{layer}.attn.hook_pattern"]
+    saes = []
+    if dictionary is not None:
+        site = f"{dictionary.cfg.hook_out}.sae.hook_sae_acts_post"
+        cache_sites.append(site)
+        saes = [Splice(dictionary, error_term=True)]
+    with torch.no_grad():
+        _, cache = model.run(tokens, cache=cache_sites, saes=saes)
+    if dictionary is not None:
+        acts = cache[site][0].float()
+        vals, idx = acts.topk(min(top, acts.shape[-1]), dim=-1)
+        out["features"] = [[{"id": int(i), "act": round(float(v), 4)} for v, i in zip(vr, ir) if v > 0]
+                           for vr, ir in zip(vals, idx)]
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].float()
+    out["attention"] = {"layer": layer, "n_heads": int(pattern.shape[0]),
+                        "pattern": [[[round(float(x), 4) for x in row] for row in head] for head in pattern]}
+    lens = logit_lens(model, tokens, k=5)
+    out["lens"] = {"labels": lens.labels, "top_tokens": lens.top_tokens,
+                   "top_probs": [[round(float(p), 4) for p in row] for row in lens.top_probs]}
+    return out
+
+
+def create_app(state: AppState):
+    """The FastAPI application for ``state`` (see the module docstring)."""
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    app = FastAPI(title="mechscope", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.exception_handler(MechscopeError)
+    async def mechscope_error(request: Request, exc: MechscopeError):  # bad input -> 400 with the message
+        return JSONResponse(status_code=400, content={"detail": " ".join(str(exc).split())})
+
+    def need(what: str, value):
+        if value is None:
+            raise HTTPException(status_code=404, detail=f"this server was started without {what}.")
+        return value
+
+    # -- pages -------------------------------------------------------------------------------
+    for name in PAGES:
+        route = "/" if name == "index" else f"/{name}"
+
+        def page(name=name):
+            return HTMLResponse(_page(name))
+
+        app.get(route, response_class=HTMLResponse, include_in_schema=False)(page)
+
+    @app.get("/feature/{latent}", response_class=HTMLResponse, include_in_schema=False)
+    def feature_page(latent: int):
+        return HTMLResponse(_page("feature"))
+
+    @app.get("/plotly.min.js", include_in_schema=False)
+    def plotly_js():
+        from fastapi.responses import Response
+
+        from mechscope.report.render import plotly_js as js
+
+        return Response(js(), media_type="application/javascript")
+
+    # -- API ---------------------------------------------------------------------------------
+    @app.get("/api/info")
+    def info():
+        m, d = state.model, state.dictionary
+        return {"model": m.cfg.name if m else None, "n_layers": m.cfg.n_layers if m else None,
+                "dictionary": None if d is None else {"hook": d.cfg.hook_out, "d_sae": d.cfg.d_sae,
+                                                       "architecture": d.cfg.architecture, "k": d.cfg.k},
+                "n_latents": state.db.n_latents if state.db is not None else None,
+                "has_report": state.report is not None, "can_steer": state.steer is not None}
+
+    @app.get("/api/features")
+    def features(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+                 order: str = Query("id", pattern="^(id|density|max_act)$")):
+        db = need("a feature database (--features)", state.db)
+        return {"latents": db.list_latents(order_by=order, offset=offset, limit=limit), "total": db.n_latents}
+
+    @app.get("/api/search")
+    def search(q: str = Query(..., min_length=1, max_length=200), by: str = Query("token", pattern="^(token|text|label)$"),
+               limit: int = Query(50, ge=1, le=500)):
+        db = need("a feature database (--features)", state.db)
+        fn = {"token": db.search_tokens, "text": db.search_text, "label": db.search_labels}[by]
+        return {"query": q, "by": by, "latents": fn(q, limit=limit)}
+
+    @app.get("/api/feature/{latent}")
+    def feature(latent: int):
+        db = need("a feature database (--features)", state.db)
+        if not 0 <= latent < db.n_latents:
+            raise HTTPException(status_code=404, detail=f"latent {latent} does not exist (0..{db.n_latents - 1}).")
+        return db.feature(latent)
+
+    @app.post("/api/inspect")
+    def inspect(body: InspectBody):
+        model = need("a model", state.model)
+        with state.lock:
+            return inspect_prompt(model, state.dictionary, body.text, top=body.top, layer=body.layer)
+
+    @app.get("/api/patching")
+    def patching():
+        rep = need("a report (--report results.json)", state.report)
+        return {"model": rep.get("model", {}).get("name"), "patching": rep.get("patching"), "ioi": {
+            k: rep.get("ioi", {}).get(k) for k in ("n_prompts", "mean_logit_diff", "accuracy")}}
+
+    @app.post("/api/steer")
+    def steer(body: SteerBody):
+        fn = need("steering (a model and a dictionary)", state.steer)
+        d_sae = state.dictionary.cfg.d_sae
+        for s in body.latents:
+            if s.id >= d_sae:
+                raise HTTPException(status_code=404, detail=f"latent {s.id} does not exist (0..{d_sae - 1}).")
+        with state.lock:
+            return fn(body.prompt, [s.model_dump() for s in body.latents], body.max_new_tokens)
+
+    return app
+
+
+def load_report(path: str | Path | None) -> dict | None:
+    """A report's results.json (or its folder), or None."""
+    import json
+
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise InputError(f"{p} does not exist; pass the results.json written by `mechscope report`.")
+    return json.loads(p.read_text(encoding="utf-8"))

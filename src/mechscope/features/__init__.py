@@ -1,0 +1,1 @@
+"""Features: statistics of dictionary latents and MLP neurons over a corpus, steering, auto-interpretation."""
