@@ -162,6 +162,46 @@ def report(
     out.print(Text(f"results: {paths.json.resolve()}", style="bold green"), soft_wrap=True)
 
 
+@app.command()
+@_clean_errors
+def serve(
+    model: str = ModelOpt,
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
+    dictionary: Path | None = typer.Option(None, "--dictionary", "-d", help="dictionary folder (mechscope, SAELens or sparsify)"),
+    features: Path | None = typer.Option(None, "--features", help="feature database built by `mechscope features build`"),
+    report: Path | None = typer.Option(None, "--report", help="results.json (or its folder) of `mechscope report`"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default: the app has no authentication)"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
+) -> None:
+    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering."""
+    import torch
+    import uvicorn
+
+    import mechscope
+    from mechscope.app import AppState, create_app, load_report
+
+    n, why = (threads, "--threads") if threads else auto_threads()
+    torch.set_num_threads(n)
+    state = AppState(model=mechscope.load(model, dtype=dtype), report=load_report(report))
+    if dictionary is not None:
+        from mechscope.dictionaries import load_dictionary
+
+        state.dictionary = load_dictionary(dictionary)
+    if features is not None:
+        from mechscope.features.db import FeatureDB
+
+        state.db = FeatureDB(features, read_only=True)
+    if state.dictionary is not None:
+        from mechscope.app.server import make_steer
+
+        state.steer = make_steer(state.model, state.dictionary)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(Text(f"warning: binding to {host}: anyone who can reach it can run the model.", style="yellow"))
+    out.print(Text(f"mechscope serving on http://{host}:{port}  (torch threads: {n}, {why})", style="bold green"))
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+
+
 from mechscope.cli_sae import sae_app  # noqa: E402 (after _clean_errors, which it uses)
 
 app.add_typer(sae_app, name="sae")

@@ -123,3 +123,26 @@ def test_fifty_concurrent_requests_on_loopback(state):
     finally:
         server.should_exit = True
         t.join(timeout=10)
+
+
+def test_steering_endpoint_generates_and_measures(state):
+    """Steered text differs from unsteered, and the reported effect equals measure_steering's numbers."""
+    from fastapi.testclient import TestClient
+
+    from mechscope.app import make_steer
+    from mechscope.features.steering import measure_steering, steer_latents
+
+    st = AppState(model=state.model, dictionary=state.dictionary, steer=make_steer(state.model, state.dictionary))
+    c = TestClient(create_app(st), raise_server_exceptions=False)
+    r = c.post("/api/steer", json={"prompt": "w1 w2 w3", "latents": [{"id": 5, "value": 40.0, "mode": "add"}],
+                                   "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["unsteered"] != body["steered"]
+    ids = [state.model.tokenizer.convert_tokens_to_ids(m["token"].strip()) for m in body["measured"]]
+    eff = measure_steering(state.model, ["w1 w2 w3"], steer_latents(state.dictionary, {5: 40.0}), ids)
+    assert [m["delta_logprob"] for m in body["measured"]] == pytest.approx(eff.mean_delta_logprob.tolist(), abs=1e-3)
+    for bad in ({"prompt": "w1", "latents": [{"id": 999, "value": 1}]}, {"prompt": "w1", "latents": []},
+                {"prompt": "w1", "latents": [{"id": 1, "value": 1, "mode": "nope"}]}):
+        r = c.post("/api/steer", json=bad)
+        assert r.status_code in (404, 422) and r.json()["detail"], bad

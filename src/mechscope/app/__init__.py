@@ -1,5 +1,5 @@
 """The local web app (``mechscope serve``): feature browser, feature pages, prompt inspector, patching, steering."""
 
-from mechscope.app.server import AppState, create_app, inspect_prompt, load_report
+from mechscope.app.server import AppState, create_app, inspect_prompt, load_report, make_steer
 
-__all__ = ["AppState", "create_app", "inspect_prompt", "load_report"]
+__all__ = ["AppState", "create_app", "inspect_prompt", "load_report", "make_steer"]

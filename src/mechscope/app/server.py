@@ -120,6 +120,34 @@ def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | N
     return out
 
 
+def make_steer(model, dictionary, *, n_targets: int = 3):
+    """The steering endpoint's function: unsteered and steered greedy continuations, and the measured effect.
+
+    The effect is measured, not only shown: the change in next-token log-probability (nats), at the
+    prompt's last position, of the ``n_targets`` tokens the first steered latent's decoder direction
+    promotes most (its logit weights), steered minus unsteered.
+    """
+    from mechscope.features.steering import decoder_direction, generate, measure_steering, promoted_tokens, steer_latents
+
+    def steer(prompt: str, latents: list[dict], max_new_tokens: int) -> dict:
+        by_mode: dict[str, dict[int, float]] = {}
+        for s in latents:
+            by_mode.setdefault(s["mode"], {})[int(s["id"])] = float(s["value"])
+        steers = [steer_latents(dictionary, lat, mode=mode) for mode, lat in by_mode.items()]
+        plain = generate(model, prompt, max_new_tokens=max_new_tokens)
+        steered = generate(model, prompt, interventions=steers, max_new_tokens=max_new_tokens)
+        first = int(latents[0]["id"])
+        targets = promoted_tokens(model, decoder_direction(dictionary, first), k=n_targets)
+        effect = measure_steering(model, [prompt], steers, [t[0] for t in targets])
+        measured = [{"token": tok, "delta_logprob": round(float(dl), 4)}
+                    for (_, tok, _), dl in zip(targets, effect.mean_delta_logprob)]
+        summary = "; ".join(f"{m['token']!r} {m['delta_logprob']:+.2f}" for m in measured)
+        return {"unsteered": plain.text, "steered": steered.text, "measured": measured,
+                "effect": f"change in next-token log-probability of the tokens latent #{first} promotes most: {summary} nats"}
+
+    return steer
+
+
 def create_app(state: AppState):
     """The FastAPI application for ``state`` (see the module docstring)."""
     from fastapi import FastAPI, HTTPException, Query, Request

@@ -7,7 +7,6 @@ hooks attached, ``model.run(tokens).logits`` equals ``model.hf(tokens).logits`` 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,7 +18,6 @@ from torch import Tensor, nn
 from mechscope.core.errors import InputError, SiteUnavailableError
 from mechscope.core.names import SITES, expand, parse, resolve
 from mechscope.hooks.cache import ActivationCache
-from mechscope.hooks.interventions import Intervention
 from mechscope.hooks.runtime import SiteSpec, StopForward, install_attention_wrapper, session
 from mechscope.models.adapters import Adapter, adapter_for
 
@@ -262,7 +260,7 @@ class HookedModel:
         return specs
 
     @contextlib.contextmanager
-    def hooks(self, *, cache: Iterable[str] | str | None = None, interventions: Sequence[Intervention] = (),
+    def hooks(self, *, cache: Iterable[str] | str | None = None, interventions: Sequence = (),
               functions: dict[str, Callable[[Tensor], Tensor | None]] | None = None,
               saes: Sequence = (), cache_positions=None, cache_dtype: torch.dtype | None = None,
               cache_device=None):
@@ -287,7 +285,7 @@ class HookedModel:
         inputs: str | Sequence[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"],  # 1-D: one row
         *,
         cache: Iterable[str] | str | None = None,
-        interventions: Sequence[Intervention] = (),
+        interventions: Sequence = (),
         functions: dict[str, Callable[[Tensor], Tensor | None]] | None = None,
         saes: Sequence = (),
         cache_positions: int | slice | Sequence[int] | None = None,
