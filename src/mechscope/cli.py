@@ -206,6 +206,10 @@ from mechscope.cli_sae import sae_app  # noqa: E402 (after _clean_errors, which 
 
 app.add_typer(sae_app, name="sae")
 
+from mechscope.cli_features import features_app  # noqa: E402
+
+app.add_typer(features_app, name="features")
+
 
 def main() -> None:  # pragma: no cover - `python -m mechscope.cli`
     app()

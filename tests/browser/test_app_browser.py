@@ -37,19 +37,56 @@ def hostile_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(hostile_model_dir):
+def base_url(hostile_model_dir, tmp_path_factory):
+    """The app over the tiny model, a dictionary, and a feature database built over text full of hostile tokens."""
+    import torch
+
+    from mechscope.features.build import build_feature_db
+    from mechscope.features.sources import FeatureSource
+    from mechscope.features.stats import StatsConfig
+
     model = mechscope.load(str(hostile_model_dir))
     d = SparseDictionary(DictionaryConfig("topk", 32, 64, "blocks.1.hook_resid_post", k=4)).initialize(0)
-    url, stop = serve(create_app(AppState(model=model, dictionary=d, steer=make_steer(model, d))))
-    yield url
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 128, (40, 16), generator=g)
+    tokens[:, 0] = 1  # BOS
+    tokens[::3, 5] = 4  # '<script>alert(1)</script>' in a third of the contexts
+    db_path = tmp_path_factory.mktemp("db") / "features.duckdb"
+    db = build_feature_db(FeatureSource(model, dictionary=d), tokens, db_path, StatsConfig(top_k=5, batch_contexts=8),
+                          progress=False)
+    url, stop = serve(create_app(AppState(model=model, dictionary=d, db=db, steer=make_steer(model, d))))
+    yield url, db
     stop()
+
+
+def test_search_a_feature_open_it_and_see_highlighted_contexts(page, base_url):
+    url, db = base_url
+    script_latent = db.search_tokens("<script>alert(1)</script>", limit=1)[0]  # a latent peaking on that token
+    page.goto(url + "/")
+    page.wait_for_selector("tr.lat-row")
+    page.fill("#q", "<script>alert(1)</script>")
+    page.select_option("#by", "token")
+    page.click("button[type=submit]")
+    page.wait_for_function("document.getElementById('title').textContent.startsWith('Search')")
+    page.wait_for_selector(f"tr.lat-row a[href='/feature/{script_latent}']")
+    page.click(f"tr.lat-row a[href='/feature/{script_latent}']")
+    page.wait_for_selector(".top-example")
+    f = db.feature(script_latent)
+    assert page.locator(".top-example").count() == len(f["top"])
+    first = page.locator(".top-example").first
+    assert first.locator(".tok").all_inner_texts() == [t.replace("\n", "\\n") for t in f["top"][0]["tokens"]]
+    highlighted = first.locator(".tok[style*='background']").count()
+    assert highlighted == sum(1 for a in f["top"][0]["acts"] if a > 0)  # exactly the active tokens are coloured
+    assert "<script>alert(1)</script>" in page.inner_text("#top")  # shown as text
+    assert page.locator("main script").count() == 0 and page.js_errors == []
+    page.wait_for_selector("#hist .main-svg")
 
 
 HOSTILE = "w1 <script>alert(1)</script> &amp; <b>bold</b> w2"
 
 
 def test_prompt_inspector_shows_hostile_tokens_as_text(page, base_url):
-    page.goto(base_url + "/inspect")
+    page.goto(base_url[0] + "/inspect")
     page.fill("#text", HOSTILE)
     page.click("button[type=submit]")
     page.wait_for_selector("tr.tok-row")
@@ -63,7 +100,7 @@ def test_prompt_inspector_shows_hostile_tokens_as_text(page, base_url):
 
 
 def test_steered_generation_beside_unsteered(page, base_url):
-    page.goto(base_url + "/steer?latent=5")
+    page.goto(base_url[0] + "/steer?latent=5")
     page.fill("#prompt", "w1 w2 w3")
     page.fill("#val", "40")
     page.fill("#n", "6")
@@ -76,7 +113,7 @@ def test_steered_generation_beside_unsteered(page, base_url):
 
 
 def test_bad_input_shows_the_servers_message(page, base_url):
-    page.goto(base_url + "/steer")
+    page.goto(base_url[0] + "/steer")
     page.fill("#prompt", "w1")
     page.fill("#lat", "9999")
     page.click("button[type=submit]")

@@ -148,6 +148,14 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
     return steer
 
 
+def _summary(f: dict) -> dict:
+    """A latent's row for lists: id, density, max activation, best label, tokens its top contexts peak on."""
+    labels = sorted(f.get("labels") or [], key=lambda lab: -(lab["score"] if lab["score"] is not None else -1))
+    tops = list(dict.fromkeys(ex["max_token"] for ex in f.get("top", [])))[:5]
+    return {"id": f["id"], "density": f["density"], "max_act": f["max_act"],
+            "label": labels[0]["label"] if labels else None, "top_tokens": tops}
+
+
 def create_app(state: AppState):
     """The FastAPI application for ``state`` (see the module docstring)."""
     from fastapi import FastAPI, HTTPException, Query, Request
@@ -198,7 +206,7 @@ def create_app(state: AppState):
 
     @app.get("/api/features")
     def features(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
-                 order: str = Query("id", pattern="^(id|density|max_act)$")):
+                 order: str = Query("id", pattern="^(id|density|density_asc|max_act)$")):
         db = need("a feature database (--features)", state.db)
         return {"latents": db.list_latents(order_by=order, offset=offset, limit=limit), "total": db.n_latents}
 
@@ -207,7 +215,7 @@ def create_app(state: AppState):
                limit: int = Query(50, ge=1, le=500)):
         db = need("a feature database (--features)", state.db)
         fn = {"token": db.search_tokens, "text": db.search_text, "label": db.search_labels}[by]
-        return {"query": q, "by": by, "latents": fn(q, limit=limit)}
+        return {"query": q, "by": by, "latents": [_summary(db.feature(i)) for i in fn(q, limit=limit)]}
 
     @app.get("/api/feature/{latent}")
     def feature(latent: int):
