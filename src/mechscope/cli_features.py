@@ -80,3 +80,64 @@ def build_cmd(
         out.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
     db.close()
     out.print(Text(msg, style="bold green"), soft_wrap=True)
+
+
+@features_app.command("explain")
+@_clean_errors
+def explain_cmd(
+    database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
+    dictionary: Path = typer.Option(..., "--dictionary", "-d", help="the dictionary the database describes"),
+    latents: str = typer.Option(..., "--latents", help="comma-separated latent ids, e.g. 3,17,250"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="the model the dictionary belongs to"),
+    dtype: str = typer.Option("bfloat16", "--dtype"),
+    explainer: str | None = typer.Option(None, "--explainer", help="local chat model for explaining and scoring (default: --model)"),
+    endpoint: str | None = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL (…/v1) instead of a local model"),
+    endpoint_model: str | None = typer.Option(None, "--endpoint-model", help="model name at --endpoint"),
+    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c"),
+    n_contexts: int = typer.Option(300, "--contexts", help="held-out contexts to draw examples from"),
+    context_len: int = typer.Option(64, "--context-len"),
+    threads: int | None = typer.Option(None, "--threads", min=1),
+) -> None:
+    """Label latents: explain each from its top contexts, score the label by detection on held-out contexts,
+    and store label, score and provenance in the database."""
+    import torch
+
+    import mechscope
+    from mechscope.cli import _print_table, auto_threads, out
+    from mechscope.core.errors import InputError
+    from mechscope.data import corpus_tokens
+    from mechscope.dictionaries import load_dictionary
+    from mechscope.features.autointerp import LocalChatBackend, OpenAIChatBackend
+    from mechscope.features.db import FeatureDB
+    from mechscope.features.labeling import label_latents
+
+    try:
+        ids = [int(x) for x in latents.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--latents must be comma-separated integers, got {latents!r}.") from None
+    n, _ = (threads, "") if threads else auto_threads()
+    torch.set_num_threads(n)
+    m = mechscope.load(model, dtype=dtype)
+    d = load_dictionary(dictionary)
+    if endpoint:
+        if not endpoint_model:
+            raise InputError("--endpoint needs --endpoint-model (the model name the server expects).")
+        backend = OpenAIChatBackend(endpoint, endpoint_model)
+    else:
+        backend = LocalChatBackend(m if explainer is None else mechscope.load(explainer, dtype=dtype))
+    contexts = corpus_tokens(list(corpus), m.tokenizer, context_len, "eval").tokens[:n_contexts]
+    db = FeatureDB(database, read_only=False)
+    results = label_latents(m, d, db, ids, contexts, explainer=backend)
+    from rich.table import Table
+
+    table = Table(title=f"labels written to {database}", title_justify="left")
+    for col in ("latent", "label", "detection balanced accuracy", "AUROC"):
+        table.add_column(col)
+    for latent, r in results.items():
+        if isinstance(r, str):
+            table.add_row(str(latent), Text(r), "", "")
+        else:
+            auroc = "" if r.score.auroc is None else f"{r.score.auroc:.2f}"
+            table.add_row(str(latent), Text(r.label), f"{r.score.balanced_accuracy:.2f}", auroc)
+    _print_table(table)
+    out.print(Text(f"scorer: {backend.name}", style="dim"))
