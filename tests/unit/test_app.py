@@ -56,7 +56,8 @@ def test_inspector_returns_the_models_values(client, state):
     _, cache = m.run(toks, cache=[f"{HOOK}.sae.hook_sae_acts_post", "blocks.0.attn.hook_pattern"],
                      saes=[Splice(d, error_term=True)])
     acts = cache[f"{HOOK}.sae.hook_sae_acts_post"][0]
-    for pos, feats in enumerate(body["features"]):
+    assert body["features"][0] == []  # nothing at BOS
+    for pos, feats in list(enumerate(body["features"]))[1:]:
         want = acts[pos].topk(3)
         assert [f["id"] for f in feats] == [int(i) for v, i in zip(*want) if v > 0]
     pattern = torch.tensor(body["attention"]["pattern"])

@@ -53,3 +53,17 @@ def test_labels_are_stored_with_score_and_provenance(tiny_model_dir, tmp_path): 
         assert stored["explainer"] == "fake:keyword" and stored["prompt"] and stored["date"]
         assert stored["n_scored"] == r.score.n_pos + r.score.n_neg
     assert any(not isinstance(r, str) for r in res.values()), res  # at least one latent was labelled
+    db.con.close()
+
+    # the app never shows a label without its score and provenance, in lists and searches too
+    from fastapi.testclient import TestClient
+
+    from mechscope.app import AppState, create_app
+
+    c = TestClient(create_app(AppState(db=FeatureDB(tmp_path / "f.duckdb"))))
+    labelled = [latent for latent, r in res.items() if not isinstance(r, str)]
+    found = c.get("/api/search", params={"q": res[labelled[0]].label, "by": "label"}).json()["latents"]
+    row = next(r for r in found if r["id"] == labelled[0])
+    assert row["label_score"] == res[labelled[0]].score.balanced_accuracy and row["label_explainer"] == "fake:keyword"
+    listed = c.get("/api/features", params={"limit": 48}).json()["latents"]
+    assert all(r["label_explainer"] == "fake:keyword" for r in listed if r["label"])

@@ -79,7 +79,8 @@ def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | N
                    max_tokens: int = 128) -> dict:
     """Per-token firing latents, the logit lens at the last position, and one layer's attention patterns.
 
-    Returns JSON-ready lists: ``tokens`` [pos]; ``features`` [pos][top] of {id, act}; ``lens`` {labels,
+    Returns JSON-ready lists: ``tokens`` [pos]; ``features`` [pos][top] of {id, act} (none at BOS, a
+    position dictionaries are not trained on); ``lens`` {labels,
     top_tokens [n_layers][5], top_probs}; ``attention`` {layer, n_heads, pattern [n_heads][pos][pos]}.
 
     Raises:
@@ -111,6 +112,9 @@ def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | N
         vals, idx = acts.topk(min(top, acts.shape[-1]), dim=-1)
         out["features"] = [[{"id": int(i), "act": round(float(v), 4)} for v, i in zip(vr, ir) if v > 0]
                            for vr, ir in zip(vals, idx)]
+        bos = getattr(model.tokenizer, "bos_token_id", None)
+        if bos is not None and int(tokens[0, 0]) == bos:
+            out["features"][0] = []  # dictionaries are trained without the BOS position: its latents mean nothing
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].float()
     out["attention"] = {"layer": layer, "n_heads": int(pattern.shape[0]),
                         "pattern": [[[round(float(x), 4) for x in row] for row in head] for head in pattern]}
@@ -150,10 +154,18 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
 
 def _summary(f: dict) -> dict:
     """A latent's row for lists: id, density, max activation, best label, tokens its top contexts peak on."""
-    labels = sorted(f.get("labels") or [], key=lambda lab: -(lab["score"] if lab["score"] is not None else -1))
     tops = list(dict.fromkeys(ex["max_token"] for ex in f.get("top", [])))[:5]
-    return {"id": f["id"], "density": f["density"], "max_act": f["max_act"],
-            "label": labels[0]["label"] if labels else None, "top_tokens": tops}
+    return {"id": f["id"], "density": f["density"], "max_act": f["max_act"], **_best_label(f), "top_tokens": tops}
+
+
+def _best_label(f: dict) -> dict:
+    """The best-scored label with its score and provenance (a label is never shown without them)."""
+    labels = sorted(f.get("labels") or [], key=lambda lab: -(lab["score"] if lab["score"] is not None else -1))
+    if not labels:
+        return {"label": None}
+    b = labels[0]
+    return {"label": b["label"], "label_score": b["score"], "label_score_kind": b["score_kind"],
+            "label_explainer": b["explainer"], "label_date": b["date"]}
 
 
 def create_app(state: AppState):
@@ -208,7 +220,11 @@ def create_app(state: AppState):
     def features(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
                  order: str = Query("id", pattern="^(id|density|density_asc|max_act)$")):
         db = need("a feature database (--features)", state.db)
-        return {"latents": db.list_latents(order_by=order, offset=offset, limit=limit), "total": db.n_latents}
+        rows = db.list_latents(order_by=order, offset=offset, limit=limit)
+        for r in rows:
+            if r.get("label"):
+                r.update(_best_label(db.feature(r["id"])))
+        return {"latents": rows, "total": db.n_latents}
 
     @app.get("/api/search")
     def search(q: str = Query(..., min_length=1, max_length=200), by: str = Query("token", pattern="^(token|text|label)$"),
