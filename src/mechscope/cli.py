@@ -6,7 +6,6 @@ as one red line on stderr and exit with status 2; anything else is a bug and kee
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.core.errors import MechscopeError
+from mechscope.cli_common import clean_errors
 
 app = typer.Typer(
     add_completion=False,
@@ -25,24 +24,10 @@ app = typer.Typer(
 )
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+_clean_errors = clean_errors
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf file or hub id")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 or bfloat16 (bfloat16 is ~4x faster on CPU)")
-
-
-def _clean_errors(fn):
-    """Turn a MechscopeError into one red line on stderr and exit status 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MechscopeError as e:
-            msg = " ".join(str(e).split())  # one line, whatever the message holds
-            err.print(Text(f"error: {msg}", style="bold red"), soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _print_table(table: Table) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from mechscope.cli import _clean_errors
+from mechscope.cli_common import clean_errors as _clean_errors
 
 features_app = typer.Typer(no_args_is_help=True, help="Feature statistics and the feature database.")
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli import _clean_errors
+from mechscope.cli_common import clean_errors as _clean_errors
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train and evaluate sparse autoencoders and transcoders.")
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import mechscope
+
 from mechscope.core.errors import InputError
 from mechscope.dictionaries import DictionaryConfig, SparseDictionary
 from mechscope.features.db import FeatureDB, write_feature_db
@@ -26,9 +28,9 @@ CFG = StatsConfig(top_k=5, n_quantile_bins=3, per_bin=2, n_logits=4, n_coact=3, 
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_hooked("llama")
-    m.tokenizer = make_tokenizer()
-    return m
+    """Its own HookedModel over the cached tiny Llama: the shared tiny_hooked("llama") has no tokenizer,
+    and other tests rely on that (setting one on it would leak into them)."""
+    return mechscope.HookedModel(tiny_hooked("llama").hf, tokenizer=make_tokenizer(), name="tiny-llama-words")
 
 
 @pytest.fixture(scope="module")
