@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from mechscope.dictionaries import Splice, load_dictionary
+from mechscope.features.generation import compare_generations
 from mechscope.features.steering import (
     add_directions,
-    compare_generations,
     contrastive_direction,
     decoder_direction,
     measure_steering,

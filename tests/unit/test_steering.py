@@ -9,17 +9,13 @@ import torch
 
 import mechscope
 from mechscope.dictionaries import DictionaryConfig, SparseDictionary, Splice
+from mechscope.features.generation import FromPosition, PositionTracker, compare_generations, from_position, generate
 from mechscope.features.steering import (
-    FromPosition,
-    from_position,
     LatentEdit,
     LatentSteer,
-    PositionTracker,
     add_directions,
-    compare_generations,
     contrastive_direction,
     decoder_direction,
-    generate,
     measure_steering,
     promoted_tokens,
     steer_latents,

@@ -131,7 +131,8 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
     prompt's last position, of the ``n_targets`` tokens the first steered latent's decoder direction
     promotes most (its logit weights), steered minus unsteered.
     """
-    from mechscope.features.steering import decoder_direction, generate, measure_steering, promoted_tokens, steer_latents
+    from mechscope.features.generation import generate
+    from mechscope.features.steering import decoder_direction, measure_steering, promoted_tokens, steer_latents
 
     def steer(prompt: str, latents: list[dict], max_new_tokens: int) -> dict:
         by_mode: dict[str, dict[int, float]] = {}
