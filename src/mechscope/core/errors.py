@@ -56,3 +56,7 @@ class MemoryBudgetError(InputError):
 class CorpusUnavailableError(InputError):
     """A built-in corpus that cannot be fetched here: says which corpus, the failing command and its error,
     and the fix (another corpus, your own files, or what to install)."""
+
+
+class BackendError(MechscopeError):
+    """A chat backend that failed: unreachable server, HTTP error, malformed reply, unusable answer."""
