@@ -141,3 +141,39 @@ def explain_cmd(
             table.add_row(str(latent), Text(r.label), f"{r.score.balanced_accuracy:.2f}", auroc)
     _print_table(table)
     out.print(Text(f"scorer: {backend.name}", style="dim"))
+
+
+@features_app.command("export")
+@_clean_errors
+def export_cmd(
+    database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
+    latents: str = typer.Option("0-99", "--latents", help="ids and ranges, e.g. 0-99,250,4000-4010"),
+    dashboard: Path | None = typer.Option(None, "--dashboard", help="write a self-contained HTML dashboard here"),
+    neuronpedia: Path | None = typer.Option(None, "--neuronpedia", help="write Neuronpedia-style JSON into this folder"),
+    model_id: str = typer.Option("smollm2-135m", "--model-id", help="Neuronpedia model id"),
+    layer: str | None = typer.Option(None, "--layer", help="Neuronpedia source id, e.g. 15-res-topk (default: from the database)"),
+) -> None:
+    """Export features: a static HTML dashboard that opens offline, and/or Neuronpedia-style JSON."""
+    from mechscope.cli import out
+    from mechscope.core.errors import InputError
+    from mechscope.features.db import FeatureDB
+    from mechscope.features.export import export_dashboard, export_neuronpedia
+
+    if dashboard is None and neuronpedia is None:
+        raise InputError("nothing to do: pass --dashboard FILE.html and/or --neuronpedia FOLDER.")
+    ids: list[int] = []
+    try:
+        for part in latents.split(","):
+            a, _, b = part.strip().partition("-")
+            ids += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise InputError(f"--latents must be ids and ranges like 0-99,250; got {latents!r}.") from None
+    db = FeatureDB(database)
+    ids = [i for i in ids if i < db.n_latents] or ids
+    if dashboard is not None:
+        export_dashboard(db, ids, dashboard, title=f"mechscope features: {database.name}")
+        out.print(Text(f"dashboard: {dashboard.resolve()}", style="bold green"), soft_wrap=True)
+    if neuronpedia is not None:
+        src = layer or f"{db.meta.get('hook', 'x')}".replace("blocks.", "").replace(".hook_", "-")
+        export_neuronpedia(db, ids, neuronpedia, model_id=model_id, layer=src)
+        out.print(Text(f"neuronpedia JSON: {neuronpedia.resolve()}", style="bold green"), soft_wrap=True)

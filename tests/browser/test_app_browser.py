@@ -119,3 +119,20 @@ def test_bad_input_shows_the_servers_message(page, base_url):
     page.click("button[type=submit]")
     page.wait_for_selector("#steered .err")
     assert "does not exist" in page.inner_text("#steered")
+
+
+def test_static_dashboard_opens_offline_and_shows_text(page, base_url, tmp_path):
+    """The exported dashboard is a file: no server, no network; its hostile token strings render as text."""
+    from mechscope.features.export import export_dashboard
+
+    _, db = base_url
+    latent = db.search_tokens("<script>alert(1)</script>", limit=1)[0]
+    path = export_dashboard(db, [latent, 0], tmp_path / "dash.html")
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_selector(".top-example")
+    assert "<script>alert(1)</script>" in page.inner_text("#top")
+    page.wait_for_selector("#hist .main-svg")
+    assert all(u.startswith("file:") or u.startswith("data:") for u in requests), requests
+    assert page.js_errors == []
