@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mechscope.core.errors import InputError, ShapeError
 from mechscope.core.names import SAE_SITES, axes
-from mechscope.hooks.interventions import Selector, _axis_mask
+from mechscope.hooks.interventions import Selector, _Intervention
 
 
 def site_width(model, site: str) -> int:
@@ -122,14 +122,8 @@ class Splice:
             out = recons + emit(f"{s}.sae.hook_sae_error", err)
         out = emit(f"{s}.sae.hook_sae_output", out)
         out = out.reshape(shape).to(value.dtype)
-        mask = None
-        for axis, sel in ((0, self.batch), (1, self.positions)):
-            if sel is not None:
-                m = _axis_mask(sel, value.shape[axis], ("batch", "pos")[axis], s, value.device)
-                view = [1] * value.dim()
-                view[axis] = value.shape[axis]
-                m = m.view(view)
-                mask = m if mask is None else mask & m
+        # where to write back: the same batch x positions selection every intervention uses
+        mask = _Intervention(s, positions=self.positions, batch=self.batch).mask(value)
         if out.shape != value.shape:  # pragma: no cover - guarded by check_model
             raise ShapeError(f"the dictionary's output {tuple(out.shape)} does not fit {s} {tuple(value.shape)}.")
         return out if mask is None else torch.where(mask, out, value)
