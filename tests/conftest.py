@@ -131,6 +131,33 @@ def real_model() -> mechscope.HookedModel:
         pytest.skip(f"default model unavailable: {e}")
 
 
+@pytest.fixture(scope="session")
+def real_sae(real_model, tmp_path_factory):
+    """A small TopK SAE on the default real model, trained by the sparse-dictionary pipeline (about a minute).
+
+    ``blocks.6.hook_resid_post``, d_sae 1152, k=32, 30,720 tokens of the ``pydoc`` corpus (context 128).
+    Returns ``(SparseDictionary, CorpusConfig)``. Harvested activations go to a temporary folder, not the
+    user's cache. Session-scoped: the SAE tests and the browser tests on real data share one run.
+    """
+    import mechscope.training.pipeline as pipeline
+    from mechscope.dictionaries import DictionaryConfig
+    from mechscope.training import DictionarySpec, TrainConfig
+    from mechscope.training.pipeline import CorpusConfig, train_on_corpus
+
+    hook = "blocks.6.hook_resid_post"
+    spec = DictionarySpec("sae", DictionaryConfig("topk", 576, 1152, hook, k=32), lr=1e-3)
+    cfg = TrainConfig(n_tokens=30_720, batch_tokens=1024, log_every_steps=5)
+    corpus = CorpusConfig(("pydoc",), context_len=128)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "cache_dir", lambda: tmp_path_factory.getbasetemp() / "acts")
+    try:
+        out = tmp_path_factory.mktemp("sae-run")
+        d = train_on_corpus(real_model, [spec], cfg, out, corpus=corpus, progress=False)["sae"]
+    finally:
+        mp.undo()
+    return d, corpus
+
+
 # -- helpers shared by the test files (import them with ``from tests.conftest import ...``) ------------
 def site_shape(model: mechscope.HookedModel, name: str, batch: int, pos: int) -> tuple[int, ...]:
     """The shape a hook's tensor must have, from its documented axes and the model's dimensions."""

@@ -8,33 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.dictionaries import DictionaryConfig, Splice
-from mechscope.training import DictionarySpec, TrainConfig
-from mechscope.training.pipeline import CorpusConfig, evaluate_on_corpus, train_on_corpus
+from mechscope.dictionaries import Splice
+from mechscope.training.pipeline import evaluate_on_corpus
 
 pytestmark = pytest.mark.real
 HOOK = "blocks.6.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def small_sae(real_model, tmp_path_factory, monkeypatch_cache):
-    spec = DictionarySpec("sae", DictionaryConfig("topk", 576, 1152, HOOK, k=32), lr=1e-3)
-    cfg = TrainConfig(n_tokens=30_720, batch_tokens=1024, log_every_steps=5)
-    out = tmp_path_factory.mktemp("sae-run")
-    corpus = CorpusConfig(("pydoc",), context_len=128)
-    d = train_on_corpus(real_model, [spec], cfg, out, corpus=corpus, progress=False)["sae"]
+def small_sae(real_sae):
+    """The session's small TopK SAE at ``blocks.6.hook_resid_post`` (see ``tests/conftest.py``)."""
+    d, corpus = real_sae
+    assert d.cfg.hook_in == HOOK
     return d, corpus
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_cache(tmp_path_factory):
-    """Harvested activations of this module go to a temporary folder, not the user's cache."""
-    import mechscope.training.pipeline as pipeline
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "cache_dir", lambda: tmp_path_factory.getbasetemp() / "acts")
-    yield mp
-    mp.undo()
 
 
 def test_small_topk_sae_reconstructs_held_out_text(real_model, small_sae):

@@ -4,6 +4,8 @@ effect against a hand-computed log-probability difference."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -260,6 +262,12 @@ def test_measure_steering_equals_a_naive_log_prob_difference(llama, sae):
         torch.testing.assert_close(eff.delta_prob[i], ls.exp() - lb.exp(), atol=1e-6, rtol=1e-4)
         want_probe = (sc[HOOK][0, -1] - bc[HOOK][0, -1]) @ probe_dir
         torch.testing.assert_close(eff.delta_probe[i], want_probe, atol=1e-3, rtol=1e-4)
+        ps, pb = torch.softmax(st[0, -1].double(), -1), torch.softmax(base[0, -1].double(), -1)
+        kl = sum(float(ps[v]) * math.log(float(ps[v]) / float(pb[v])) for v in range(ps.numel()))  # by hand
+        assert float(eff.kl[i]) == pytest.approx(kl, rel=1e-3, abs=1e-6)
+        order = sorted(range(ps.numel()), key=lambda v: -float(ps[v] - pb[v]))[:5]
+        assert eff.raised_ids[i].tolist() == order
+        torch.testing.assert_close(eff.raised_delta_prob[i].double(), (ps - pb)[order], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(eff.mean_delta_logprob, eff.delta_logprob.mean(0))
     assert eff.logprob_base.shape == (3, 3)
 

@@ -127,9 +127,12 @@ def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | N
 def make_steer(model, dictionary, *, n_targets: int = 3):
     """The steering endpoint's function: unsteered and steered greedy continuations, and the measured effect.
 
-    The effect is measured, not only shown: the change in next-token log-probability (nats), at the
-    prompt's last position, of the ``n_targets`` tokens the first steered latent's decoder direction
-    promotes most (its logit weights), steered minus unsteered.
+    The effect is measured, not only shown, on the next-token distribution at the prompt's last position:
+    KL(steered || unsteered) in nats; the ``n_targets`` tokens whose probability steering raised most;
+    and the change in log-probability (nats) of the ``n_targets`` tokens the first steered latent's
+    decoder direction promotes most through the direct path (its logit weights). For a latent far from
+    the unembedding (an early layer) the direct-path tokens are often not the ones that move, which is
+    why the first two are reported too.
     """
     from mechscope.features.generation import generate
     from mechscope.features.steering import decoder_direction, measure_steering, promoted_tokens, steer_latents
@@ -143,12 +146,18 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
         steered = generate(model, prompt, interventions=steers, max_new_tokens=max_new_tokens)
         first = int(latents[0]["id"])
         targets = promoted_tokens(model, decoder_direction(dictionary, first), k=n_targets)
-        effect = measure_steering(model, [prompt], steers, [t[0] for t in targets])
+        effect = measure_steering(model, [prompt], steers, [t[0] for t in targets], n_raised=n_targets)
         measured = [{"token": tok, "delta_logprob": round(float(dl), 4)}
                     for (_, tok, _), dl in zip(targets, effect.mean_delta_logprob)]
+        raised = [{"token": model.tokenizer.decode([int(i)]), "delta_prob": round(float(dp), 4)}
+                  for i, dp in zip(effect.raised_ids[0], effect.raised_delta_prob[0])]
+        kl = float(effect.kl[0])
         summary = "; ".join(f"{m['token']!r} {m['delta_logprob']:+.2f}" for m in measured)
-        return {"unsteered": plain.text, "steered": steered.text, "measured": measured,
-                "effect": f"change in next-token log-probability of the tokens latent #{first} promotes most: {summary} nats"}
+        up = "; ".join(f"{r['token']!r} {r['delta_prob']:+.3f}" for r in raised)
+        text = (f"next token: KL(steered || unsteered) {kl:.3f} nats · probability rose most for {up} · "
+                f"change in log-probability of the tokens latent #{first} promotes most (direct path): {summary} nats")
+        return {"unsteered": plain.text, "steered": steered.text, "measured": measured, "raised": raised,
+                "kl": round(kl, 5), "effect": text}
 
     return steer
 

@@ -323,6 +323,10 @@ class SteeringEffect:
         mean_delta_logprob, mean_delta_prob: [T] means over prompts.
         probe_base, probe_steered, delta_probe: [P] ``direction . activation`` at the probe hook's last
             position (activation units x direction units), or None without a probe.
+        kl: [P] KL(steered || unsteered) of the whole next-token distribution, nats: how far steering
+            moved the prediction at all, whatever the targets.
+        raised_ids, raised_delta_prob: [P, R] the R tokens whose probability steering raised most, and by
+            how much (probability, not log-probability, so improbable tokens do not dominate).
     """
 
     target_ids: Tensor
@@ -330,6 +334,9 @@ class SteeringEffect:
     logprob_steered: Tensor
     probe_base: Tensor | None = None
     probe_steered: Tensor | None = None
+    kl: Tensor | None = None
+    raised_ids: Tensor | None = None
+    raised_delta_prob: Tensor | None = None
 
     @property
     def delta_logprob(self) -> Tensor:
@@ -371,7 +378,7 @@ def _target_ids(model, targets) -> Tensor:
 
 @torch.no_grad()
 def measure_steering(model, prompts: Sequence, steer, target_tokens, *, saes=(),
-                     probe: tuple[str, Tensor] | None = None) -> SteeringEffect:
+                     probe: tuple[str, Tensor] | None = None, n_raised: int = 5) -> SteeringEffect:
     """Change in next-token log-probability of ``target_tokens``, steered minus unsteered, per prompt.
 
     Each prompt is run alone (lengths may differ), once as is and once with ``steer``; the next
@@ -387,6 +394,7 @@ def measure_steering(model, prompts: Sequence, steer, target_tokens, *, saes=(),
         target_tokens: a string/int, a list of single-token strings or ids, or a tensor of ids.
         probe: optional ``(hook name, direction [d_model])``: also report ``direction . activation`` at
             the last position of that hook (cached after the steering interventions at that hook).
+        n_raised: how many of the tokens steering raised most to report (``raised_ids``).
 
     Returns:
         :class:`SteeringEffect`.
@@ -402,17 +410,26 @@ def measure_steering(model, prompts: Sequence, steer, target_tokens, *, saes=(),
     probe_name = model.resolve([probe[0]])[0] if probe is not None else None
     rows = {"base": [], "steered": []}
     probes = {"base": [], "steered": []}
+    kls, raised_ids, raised = [], [], []
     for p in prompts:
         tokens = _prompt_tokens(model, p)
+        full = {}
         for key, kw in (("base", base_kw), ("steered", steer_kw)):
             logits, cache = model.run(tokens, cache=[probe_name] if probe_name else None,
                                       cache_positions=slice(-1, None) if probe_name else None,
                                       logits_to_keep=1, **kw)
             lp = torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()
+            full[key] = lp
             rows[key].append(lp[ids])
             if probe_name:
                 a = cache[probe_name][0, -1].float()
                 probes[key].append((a * probe[1].to(a.device).float()).sum().cpu())
+        lp_s, lp_b = full["steered"], full["base"]
+        kls.append((lp_s.exp() * (lp_s - lp_b)).sum())
+        top = (lp_s.exp() - lp_b.exp()).topk(n_raised)
+        raised_ids.append(top.indices)
+        raised.append(top.values)
     pb = torch.stack(probes["base"]) if probe_name else None
     ps = torch.stack(probes["steered"]) if probe_name else None
-    return SteeringEffect(ids, torch.stack(rows["base"]), torch.stack(rows["steered"]), pb, ps)
+    return SteeringEffect(ids, torch.stack(rows["base"]), torch.stack(rows["steered"]), pb, ps,
+                          kl=torch.stack(kls), raised_ids=torch.stack(raised_ids), raised_delta_prob=torch.stack(raised))
