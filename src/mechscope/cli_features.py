@@ -149,11 +149,20 @@ def export_cmd(
     database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
     latents: str = typer.Option("0-99", "--latents", help="ids and ranges, e.g. 0-99,250,4000-4010"),
     dashboard: Path | None = typer.Option(None, "--dashboard", help="write a self-contained HTML dashboard here"),
-    neuronpedia: Path | None = typer.Option(None, "--neuronpedia", help="write Neuronpedia-style JSON into this folder"),
+    neuronpedia: Path | None = typer.Option(
+        None, "--neuronpedia", help="write Neuronpedia's upload format (SAEDashboard batch-N.json + explanations.json) here"),
     model_id: str = typer.Option("smollm2-135m", "--model-id", help="Neuronpedia model id"),
-    layer: str | None = typer.Option(None, "--layer", help="Neuronpedia source id, e.g. 15-res-topk (default: from the database)"),
+    sae_set: str | None = typer.Option(
+        None, "--sae-set", help="Neuronpedia source-set id, e.g. res-topk-4608 (default: from the database's dictionary)"),
+    layer: int | None = typer.Option(None, "--layer", help="layer number (default: from the database's hook)"),
+    sae: Path | None = typer.Option(None, "--sae", help="the dictionary folder: include each latent's decoder direction "
+                                                        "(lets Neuronpedia steer with it)"),
 ) -> None:
-    """Export features: a static HTML dashboard that opens offline, and/or Neuronpedia-style JSON."""
+    """Export features: a static HTML dashboard that opens offline, and/or Neuronpedia's upload format.
+
+    Upload the Neuronpedia folder with Neuronpedia's convert-saedashboard-to-neuronpedia-export.py
+    --saedashboard-output-dir FOLDER.
+    """
     from mechscope.cli import out
     from mechscope.core.errors import InputError
     from mechscope.features.db import FeatureDB
@@ -174,6 +183,20 @@ def export_cmd(
         export_dashboard(db, ids, dashboard, title=f"mechscope features: {database.name}")
         out.print(Text(f"dashboard: {dashboard.resolve()}", style="bold green"), soft_wrap=True)
     if neuronpedia is not None:
-        src = layer or f"{db.meta.get('hook', 'x')}".replace("blocks.", "").replace(".hook_", "-")
-        export_neuronpedia(db, ids, neuronpedia, model_id=model_id, layer=src)
-        out.print(Text(f"neuronpedia JSON: {neuronpedia.resolve()}", style="bold green"), soft_wrap=True)
+        vectors = None
+        if sae is not None:
+            from mechscope.dictionaries import load_dictionary
+
+            d = load_dictionary(sae)
+            if d.cfg.d_sae != db.n_latents:
+                raise InputError(f"{sae} has {d.cfg.d_sae} latents but the database has {db.n_latents}; pass the "
+                                 "dictionary the database was built from.")
+            vectors = d.W_dec.detach().float()
+        if sae_set is None:
+            src = db.meta.get("source") or {}
+            hook = str(db.meta.get("hook", ""))
+            kind = "res" if "resid" in hook else "mlp" if "mlp" in hook else "att" if ("attn" in hook or "hook_z" in hook) else "x"
+            arch = src.get("architecture", "dict") if isinstance(src, dict) else "dict"
+            sae_set = f"{kind}-{arch}-{db.n_latents}"  # Neuronpedia's style, e.g. res-topk-4608
+        export_neuronpedia(db, ids, neuronpedia, model_id=model_id, sae_set=sae_set, layer=layer, vectors=vectors)
+        out.print(Text(f"neuronpedia upload files: {neuronpedia.resolve()}", style="bold green"), soft_wrap=True)
