@@ -31,7 +31,9 @@ def build_cmd(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf or hub id"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
     hook: str | None = typer.Option(None, "--hook", help="hook for dictionary files that do not record one (sparsify)"),
-    encode_dtype: str = typer.Option("float32", "--encode-dtype", help="TopK encoder matmul: float32 (exact) or bfloat16 (faster)"),
+    encode_dtype: str = typer.Option(
+        "auto", "--encode-dtype",
+        help="encoder matmul: float32 (exact), bfloat16 (faster), or auto: bfloat16 when --dtype is bfloat16"),
     top_k: int = typer.Option(20, "--top-k", help="top-activating contexts kept per latent"),
     batch_contexts: int = typer.Option(8, "--batch-contexts", help="contexts per forward pass"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="batches between checkpoints (0: none)"),
@@ -58,6 +60,12 @@ def build_cmd(
     n, why = (threads, "--threads") if threads else auto_threads()
     torch.set_num_threads(n)
     out.print(Text(f"torch threads: {n} ({why})"))
+    if encode_dtype not in ("auto", "float32", "bfloat16"):
+        raise InputError(f"--encode-dtype must be auto, float32 or bfloat16, got {encode_dtype!r}.")
+    if encode_dtype == "auto":
+        # the activations already carry bf16 rounding; a bf16 encoder matmul then keeps 99% of each latent's
+        # top token and a mean Jaccard of 0.994 between active sets (measured: README), at ~1/8 of the cost
+        encode_dtype = "bfloat16" if dtype in ("bfloat16", "bf16") else "float32"
     m = mechscope.load(model, dtype=dtype)
     if dictionary is not None:
         from mechscope.dictionaries import load_dictionary
