@@ -300,6 +300,36 @@ def test_failed_overwrite_leaves_old_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folders left behind
 
 
+def test_a_save_killed_between_its_renames_is_found_and_explained(tmp_path, monkeypatch):
+    """A kill after the old folder moved aside and before the new one moved in leaves only ``d.old-PID``:
+    loading ``d`` names that folder and the command that restores it."""
+    import os
+
+    old = make_dict("topk", seed=1, dtype="float32")
+    save_dictionary(old, tmp_path / "d")
+    real_replace, calls = os.replace, []
+
+    def killed_on_second_rename(a, b):
+        if os.path.isdir(a):  # the folder swap: old -> d.old-PID, then new -> d
+            calls.append((a, b))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # the process dies here
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", killed_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_dictionary(make_dict("topk", seed=2, dtype="float32"), tmp_path / "d")
+    monkeypatch.undo()
+    assert not (tmp_path / "d").exists()
+    (stranded,) = tmp_path.glob("d.old-*")
+    with pytest.raises(InputError, match="was interrupted") as e:
+        load_dictionary(tmp_path / "d")
+    assert f"mv '{stranded}' '{tmp_path / 'd'}'" in str(e.value)
+    os.replace(stranded, tmp_path / "d")  # the advised fix gives back the old dictionary, bit for bit
+    back = load_dictionary(tmp_path / "d")
+    assert all(torch.equal(back.state_dict()[n], t) for n, t in old.state_dict().items())
+
+
 # -- splicing into a model ---------------------------------------------------------------------------
 def model_dict(arch="relu", *, d_in=64, seed=0, hook="blocks.1.hook_resid_post", **kw):
     d = make_dict(arch, d_in=d_in, d_sae=32, seed=seed, dtype="float32", **kw)

@@ -117,6 +117,10 @@ def detect_format(folder: str | Path) -> str:
     """
     folder = Path(folder)
     if not folder.is_dir():
+        stranded = sorted(folder.parent.glob(folder.name + ".old-*")) if folder.parent.is_dir() else []
+        if stranded:  # a save was killed between its two renames: the previous dictionary is intact there
+            raise InputError(f"{folder} is missing, but {stranded[-1]} holds the dictionary that was there: a save "
+                             f"was interrupted while replacing it. Restore it with: mv '{stranded[-1]}' '{folder}'")
         raise InputError(f"{folder} is not a folder; a dictionary is a folder with cfg.json and *.safetensors.")
     if (folder / WEIGHTS).exists():
         return "mechscope"
