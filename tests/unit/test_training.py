@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+import mechscope
+
 from mechscope.core.errors import DiskFullError, InputError
 from mechscope.dictionaries import DictionaryConfig, load_dictionary
 from mechscope.training import DictionarySpec, TrainConfig, Trainer, TrainingDivergedError, train
@@ -214,6 +216,11 @@ def test_trains_from_a_live_activation_stream_and_resumes_exactly(tmp_path):
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "resumed" / "metrics.jsonl").read_text()
     for k, v in full["s"].state_dict().items():
         assert torch.equal(v, resumed["s"].state_dict()[k]), k
+
+    with pytest.raises(mechscope.InputError, match="yields 128 tokens a batch but TrainConfig.batch_tokens is 64"):
+        train(specs, TrainConfig(n_tokens=512, batch_tokens=64), stream(), tmp_path / "mismatch", progress=False)
+    with pytest.raises(mechscope.InputError, match="cannot train from a list"):
+        train(specs, cfg, [1, 2], tmp_path / "bad-source", progress=False)
 
 
 def test_wandb_logging_when_a_project_is_set(tmp_path, monkeypatch):

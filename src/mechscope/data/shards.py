@@ -441,6 +441,10 @@ class ShardedActivations:
             out[k] = buf.to(dtype) if dtype is not None and k in self.d_in else buf
         return out
 
+    def training_batches(self, batch_tokens: int, seed: int, start_step: int) -> Iterator[dict[str, Tensor]]:
+        """The trainer's entry point (shared with ``ActivationStream``): :meth:`batches` with these settings."""
+        return self.batches(batch_tokens, seed=seed, start_step=start_step)
+
     def batches(self, batch_tokens: int, *, seed: int = 0, start_step: int = 0, hooks: Sequence[str] | None = None,
                 dtype: torch.dtype = torch.float32, drop_last: bool = True,
                 include_index: bool = False) -> Iterator[dict[str, Tensor]]:

@@ -429,6 +429,19 @@ class ActivationStream:
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         return self.batches()
 
+    def training_batches(self, batch_tokens: int, seed: int, start_step: int) -> Iterator[dict[str, Tensor]]:
+        """The trainer's entry point (shared with ``ShardedActivations``): :meth:`batches` from ``start_step``.
+
+        The stream's own settings fix the batch size and shuffle seed; ``seed`` is not used.
+
+        Raises:
+            InputError: ``batch_tokens`` differs from the stream's.
+        """
+        if batch_tokens != self.batch_tokens:
+            raise InputError(f"the activation stream yields {self.batch_tokens} tokens a batch but "
+                             f"TrainConfig.batch_tokens is {batch_tokens}; make them equal.")
+        return self.batches(start_step=start_step)
+
     def batches(self, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
         """Iterate from batch index ``start_step``: exactly the batches an iteration from 0 yields there.
 

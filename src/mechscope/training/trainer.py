@@ -55,19 +55,17 @@ class _Member:
 
 
 def _batches(source, cfg: TrainConfig, start_step: int) -> Iterator[dict[str, Tensor]]:
-    """Batches of ``cfg.batch_tokens`` rows from step ``start_step`` on (batch t is a pure function of t)."""
-    if callable(source) and not hasattr(source, "batches"):
-        return iter(source(start_step))
-    import inspect
+    """Batches of ``cfg.batch_tokens`` rows from step ``start_step`` on (batch t is a pure function of t).
 
-    params = inspect.signature(source.batches).parameters
-    if "batch_tokens" in params:  # ShardedActivations
-        return iter(source.batches(cfg.batch_tokens, seed=cfg.seed, start_step=start_step))
-    bt = getattr(source, "batch_tokens", cfg.batch_tokens)
-    if bt != cfg.batch_tokens:
-        raise InputError(f"the activation stream yields {bt} tokens a batch but TrainConfig.batch_tokens is "
-                         f"{cfg.batch_tokens}; make them equal.")
-    return iter(source.batches(start_step=start_step))
+    ``source`` is a ``ShardedActivations`` or an ``ActivationStream`` (both have ``training_batches``), or a
+    callable ``start_step -> iterable of batches``.
+    """
+    if hasattr(source, "training_batches"):
+        return iter(source.training_batches(cfg.batch_tokens, cfg.seed, start_step))
+    if callable(source):
+        return iter(source(start_step))
+    raise InputError(f"cannot train from a {type(source).__name__}: give ShardedActivations (harvest), an "
+                     "ActivationStream, or a callable start_step -> iterable of {hook: [batch, d_in]} batches.")
 
 
 def plan_training_memory(specs: Sequence[DictionarySpec], cfg: TrainConfig) -> dict[str, int]:
