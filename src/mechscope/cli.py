@@ -195,6 +195,10 @@ from mechscope.cli_features import features_app  # noqa: E402
 
 app.add_typer(features_app, name="features")
 
+from mechscope.cli_toys import toys_app  # noqa: E402
+
+app.add_typer(toys_app, name="toy")
+
 
 def main() -> None:  # pragma: no cover - `python -m mechscope.cli`
     app()

@@ -1,0 +1,63 @@
+"""``mechscope toy ...``: the classic results reproduced from scratch, each writing ``<out>/<toy>.html`` and
+``<out>/<toy>.json`` with the paper's numbers beside ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.text import Text
+
+from mechscope.cli_common import clean_errors as _clean_errors
+
+toys_app = typer.Typer(no_args_is_help=True, help="Classic results from scratch: superposition, grokking, induction.")
+
+
+@toys_app.callback()
+def _group() -> None:
+    """Classic results from scratch (a group, so each toy keeps its name)."""
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    from mechscope.cli import auto_threads, out
+
+    n, why = (threads, "--threads") if threads else auto_threads()
+    torch.set_num_threads(n)
+    out.print(Text(f"torch threads: {n} ({why})"))
+
+
+def _write(result: dict, out_dir: Path) -> None:
+    from mechscope.cli import out
+    from mechscope.report.toys import write_toy_report
+
+    html, js = write_toy_report(result, out_dir)
+    out.print(Text(f"{result['title']}: {result['runtime_s']:.0f} s", style="bold"))
+    for c in result["comparisons"]:
+        out.print(Text(f"  {c['quantity']}: paper {c['paper']} | ours {c['ours']}"), soft_wrap=True)
+    out.print(Text(f"report: {html.resolve()}\nresults: {js.resolve()}", style="bold green"), soft_wrap=True)
+
+
+OUT = typer.Option(Path("mechscope-toys"), "--out", "-o", help="folder for <toy>.html and <toy>.json")
+SEED = typer.Option(0, "--seed", help="seeds data, initialisation and every sample; recorded in the result")
+THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)")
+
+
+@toys_app.command("modular")
+@_clean_errors
+def modular_cmd(
+    out_dir: Path = OUT,
+    seed: int = SEED,
+    p: int = typer.Option(113, "--p", help="the modulus (a prime)"),
+    epochs: int = typer.Option(15_000, "--epochs", help="full-batch epochs"),
+    train_fraction: float = typer.Option(0.3, "--train-fraction", help="share of the p^2 pairs trained on"),
+    threads: int | None = THREADS,
+) -> None:
+    """Modular addition and grokking (Nanda et al. 2023): loss curves, key frequencies, progress measures."""
+    from mechscope.toys.modular import ModularConfig, run_modular
+
+    cfg = ModularConfig(p=p, epochs=epochs, train_fraction=train_fraction, seed=seed)
+    cfg.check()
+    _threads(threads)
+    _write(run_modular(cfg), out_dir)
