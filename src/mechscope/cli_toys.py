@@ -61,3 +61,27 @@ def modular_cmd(
     cfg.check()
     _threads(threads)
     _write(run_modular(cfg), out_dir)
+
+
+@toys_app.command("induction")
+@_clean_errors
+def induction_cmd(
+    out_dir: Path = OUT,
+    seed: int = SEED,
+    steps: int = typer.Option(2000, "--steps", help="training steps"),
+    batch: int = typer.Option(16, "--batch", help="contexts per step"),
+    context_len: int = typer.Option(512, "--context-len", help="tokens per context (>= 501 for the paper's ICL score)"),
+    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
+                                     help="training text: corpus names or files (repeatable)"),
+    synthetic: bool = typer.Option(False, "--synthetic", help="train on repeated random sequences instead of text"),
+    threads: int | None = THREADS,
+) -> None:
+    """Induction heads from scratch (Olsson et al. 2022): a 2-layer attention-only model on real text, the
+    ICL score and head scores over training, the phase change, and the circuit ablated."""
+    from mechscope.toys.induction import InductionConfig, run_induction
+
+    cfg = InductionConfig(seed=seed, steps=steps, batch=batch, context_len=context_len, corpus=tuple(corpus),
+                          synthetic=synthetic)
+    cfg.check()
+    _threads(threads)
+    _write(run_induction(cfg), out_dir)

@@ -1,0 +1,429 @@
+"""Induction heads from scratch (Olsson et al. 2022, "In-context Learning and Induction Heads").
+
+A two-layer attention-only transformer is trained on real text from mechscope's corpora, and checkpoints
+are scored as it learns: the in-context-learning score (loss at token 500 minus loss at token 50, on
+held-out text), and every head's induction (prefix-matching) and previous-token scores on repeated random
+tokens (the core's :func:`~mechscope.analysis.head_scores.head_scores`). The phase change is located as
+the step where the training loss bump, the ICL score and the induction score move together; the circuit
+is confirmed by ablating the previous-token head and the induction head (mechscope's ``Ablate`` on
+``hook_z``).
+
+The model is a ``transformers`` GPT-2 whose MLPs are width 1 with output weights fixed at zero, so every
+block adds attention only (and every canonical hook name still exists; ``hook_mlp_out`` is exactly zero).
+Text is tokenized with the default model's tokenizer and mapped onto the ``vocab - 1`` most frequent
+training tokens plus one "other" token, which keeps the unembedding small enough for a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechscope.core.errors import InputError
+from mechscope.toys.common import figure, finish, seed_everything
+
+PAPER = {"cite": "Olsson et al. 2022, In-context Learning and Induction Heads (Transformer Circuits Thread)",
+         "url": "https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html"}
+
+
+@dataclass(frozen=True)
+class InductionConfig:
+    """Settings of the induction-head run (defaults: the full reproduction on this CPU, ~30-40 min).
+
+    Attributes:
+        corpus: mechscope corpus names (or paths) of the training text. vocab: token ids kept (the most
+            frequent ``vocab - 1`` plus one "other" id). context_len: tokens per row (>= 501 for the
+            paper's ICL score; shorter rows use ``icl_late`` = the last position).
+        d_model / n_heads: widths (2 layers, attention only). steps / batch / lr / warmup / weight_decay:
+            AdamW with linear warm-up then cosine decay. eval_every: steps between checkpoints.
+        icl_early / icl_late: token positions of the ICL score (50 and 500 in the paper).
+        repeat_len / repeat_batch: the repeated-random-token prompts of the head scores.
+        synthetic: train on repeated random sequences instead of text (the quick test's setting).
+        seed: seeds initialisation, data order and the probe prompts.
+    """
+
+    corpus: tuple[str, ...] = ("pydoc", "wikipedia", "austen", "shakespeare")
+    vocab: int = 2048
+    context_len: int = 512
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    steps: int = 2000
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    eval_every: int = 50
+    eval_contexts: int = 64
+    icl_early: int = 50
+    icl_late: int = 500
+    repeat_len: int = 25
+    repeat_batch: int = 32
+    synthetic: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises InputError naming the bad field."""
+        for name in ("vocab", "context_len", "d_model", "n_heads", "steps", "batch", "eval_every", "n_layers"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.d_model % self.n_heads:
+            raise InputError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}.")
+        if not self.synthetic and not 0 < self.icl_early < self.context_len:
+            raise InputError(f"icl_early must lie inside the context (1..{self.context_len - 1}), got {self.icl_early}.")
+        if 2 * self.repeat_len + 1 > self.context_len:
+            raise InputError(f"repeat_len {self.repeat_len} does not fit twice in context_len {self.context_len}.")
+
+
+def build_model(cfg: InductionConfig):
+    """A ``cfg.n_layers``-layer attention-only GPT-2 as a HookedModel (seeded by ``cfg.seed``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import mechscope
+
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab, n_positions=cfg.context_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                        n_head=cfg.n_heads, n_inner=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    seed_everything(cfg.seed)
+    hf = GPT2LMHeadModel(hf_cfg)
+    for block in hf.transformer.h:  # attention only: the MLP writes exactly zero
+        for prm in block.mlp.parameters():
+            prm.data.zero_()
+            prm.requires_grad_(False)
+    return mechscope.HookedModel(hf, name=f"attn-only-{cfg.n_layers}L")
+
+
+def remap_vocab(train: Int[Tensor, "n pos"], vocab: int) -> Tensor:
+    """A lookup table ``[max id + 1]``: the ``vocab - 1`` most frequent ids of ``train`` to 1..vocab-1 (most
+    frequent first), every other id to 0 ("other")."""
+    counts = torch.bincount(train.reshape(-1))
+    keep = counts.argsort(descending=True)[:vocab - 1]
+    keep = keep[counts[keep] > 0]
+    table = torch.zeros(counts.numel(), dtype=torch.long)
+    table[keep] = torch.arange(1, keep.numel() + 1)
+    return table
+
+
+def text_data(cfg: InductionConfig) -> tuple[Tensor, Tensor, float]:
+    """(train rows, eval rows, share of train tokens kept by the vocabulary) from the corpora, remapped."""
+    import mechscope
+    from mechscope.data import corpus_tokens
+
+    tok = mechscope.load("smollm2-135m", dtype="float32").tokenizer
+    tr = corpus_tokens(list(cfg.corpus), tok, cfg.context_len, "train", seed=cfg.seed).tokens
+    ev = corpus_tokens(list(cfg.corpus), tok, cfg.context_len, "eval", seed=cfg.seed).tokens[:cfg.eval_contexts]
+    table = remap_vocab(tr, cfg.vocab)
+    big = max(int(tr.max()), int(ev.max())) + 1
+    table = torch.cat([table, torch.zeros(big - table.numel(), dtype=torch.long)]) if big > table.numel() else table
+    tr, ev = table[tr], table[ev]
+    return tr, ev, float((tr != 0).float().mean())
+
+
+def repeated_tokens(n: int, seq_len: int, vocab: int, generator: torch.Generator) -> Int[Tensor, "n pos"]:
+    """``n`` rows: id 0 (a BOS, the place a head can attend to when it has nothing to do), then ``seq_len``
+    random ids in 1..vocab-1, then the same ids again: ``[n, 1 + 2 * seq_len]``."""
+    seq = torch.randint(1, vocab, (n, seq_len), generator=generator)
+    return torch.cat([torch.zeros(n, 1, dtype=torch.long), seq, seq], 1)
+
+
+def _synthetic_batch(cfg: InductionConfig, g: torch.Generator) -> Tensor:
+    """BOS, random filler of random length, then a random sequence followed by itself.
+
+    The sequence length (4..``2 * repeat_len``) and the filler length are drawn per batch, so neither the
+    place nor the period of the repeat can be read from positions: only copying by content predicts it.
+    """
+    length = int(torch.randint(4, 2 * cfg.repeat_len + 1, (1,), generator=g))
+    room = cfg.context_len - 1 - 2 * length
+    filler = int(torch.randint(0, max(room, 0) + 1, (1,), generator=g))
+    rep = repeated_tokens(cfg.batch, length, cfg.vocab, g)
+    noise = torch.randint(1, cfg.vocab, (cfg.batch, filler), generator=g)
+    return torch.cat([rep[:, :1], noise, rep[:, 1:]], 1)
+
+
+@torch.no_grad()
+def per_position_loss(model, rows: Int[Tensor, "n pos"], batch: int = 16, interventions=()) -> Float[Tensor, " pos_minus_1"]:
+    """Mean next-token loss (nats) at each position 0..pos-2 over ``rows`` (with ``interventions`` applied)."""
+    out = []
+    for s in range(0, rows.shape[0], batch):
+        x = rows[s:s + batch]
+        logits = model.run(x, interventions=list(interventions))[0].float()
+        out.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none"))
+    return torch.cat(out).mean(0)
+
+
+def icl_score(loss_by_pos: Tensor, early: int, late: int) -> float:
+    """Loss at token ``late`` minus loss at token ``early`` (Olsson et al.: 500 and 50); negative = in-context
+    learning. Token t's loss is the prediction of token t from tokens 0..t-1 (index t - 1)."""
+    late = min(late, loss_by_pos.numel())
+    return float(loss_by_pos[late - 1] - loss_by_pos[early - 1])
+
+
+def _lr(cfg: InductionConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def checkpoint_scores(model, eval_rows: Tensor | None, probe: Tensor, cfg: InductionConfig) -> dict:
+    """ICL score and per-position loss on ``eval_rows``; induction and previous-token scores of every head."""
+    from mechscope.analysis.head_scores import head_scores
+
+    out = {}
+    if eval_rows is not None:
+        by_pos = per_position_loss(model, eval_rows)
+        out["icl"] = icl_score(by_pos, cfg.icl_early, cfg.icl_late)
+        out["eval_loss"] = float(by_pos.mean())
+        out["loss_by_pos"] = by_pos
+    s = head_scores(model, probe)
+    out["induction"] = s["induction"]
+    out["previous_token"] = s["previous_token"]
+    out["repeat_loss"] = float(per_position_loss(model, probe)[cfg.repeat_len + 1:].mean())
+    return out
+
+
+def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Tensor] | None = None) -> tuple[object, dict]:
+    """Train the attention-only model, scoring a checkpoint every ``cfg.eval_every`` steps.
+
+    Args:
+        data: (train rows, eval rows) of remapped token ids; None loads the corpora (or, with
+            ``cfg.synthetic``, draws repeated random sequences every step and has no eval text).
+
+    Returns:
+        (model, history) with per-step ``train_loss`` and per-checkpoint ``step``, ``icl``, ``eval_loss``,
+        ``induction`` / ``previous_token`` (``[n_layers][n_heads]`` lists) and ``repeat_loss``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    g = seed_everything(cfg.seed)
+    model = build_model(cfg)
+    if cfg.synthetic:
+        train_rows = eval_rows = None
+    else:
+        train_rows, eval_rows = data if data is not None else text_data(cfg)[:2]
+        if train_rows.shape[1] != cfg.context_len:
+            raise InputError(f"data rows have {train_rows.shape[1]} tokens but context_len is {cfg.context_len}.")
+    probe = repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1))
+    hf = model.hf
+    params = [q for q in hf.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(cfg, s))
+    hist: dict = {"train_loss": [], "step": [], "icl": [], "eval_loss": [], "induction": [], "previous_token": [],
+                  "repeat_loss": []}
+    order = None if train_rows is None else torch.randperm(train_rows.shape[0], generator=g)
+    cursor = 0
+    bar = tqdm(range(cfg.steps + 1), desc="induction heads", unit="step", disable=not progress)
+    for step in bar:
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            hf.eval()
+            sc = checkpoint_scores(model, eval_rows, probe, cfg)
+            hist["step"].append(step)
+            for k in ("icl", "eval_loss"):
+                hist[k].append(sc.get(k))
+            hist["induction"].append(sc["induction"].tolist())
+            hist["previous_token"].append(sc["previous_token"].tolist())
+            hist["repeat_loss"].append(sc["repeat_loss"])
+            bar.set_postfix(induction=f"{float(sc['induction'].max()):.2f}",
+                            icl=f"{sc['icl']:.2f}" if sc.get("icl") is not None else "-")
+            hf.train()
+        if step == cfg.steps:
+            break
+        if train_rows is None:
+            x = _synthetic_batch(cfg, g)
+        else:
+            if cursor + cfg.batch > order.numel():
+                order, cursor = torch.randperm(train_rows.shape[0], generator=g), 0
+            x = train_rows[order[cursor:cursor + cfg.batch]]
+            cursor += cfg.batch
+        logits = hf(x).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        hist["train_loss"].append(float(loss.detach()))
+    hf.eval()
+    return model, hist
+
+
+def phase_change(hist: dict, cfg: InductionConfig) -> dict:
+    """Steps where the three signals of the phase change move fastest, between consecutive checkpoints:
+
+    - ``induction``: the best induction score among heads of layer >= 1 rises most;
+    - ``icl``: the ICL score falls most (text runs only);
+    - ``loss``: the training loss's fall per unit of log(step) peaks (the loss-curve bump), past the first
+      10% of training (the very first steps fall fastest in any run).
+
+    Each step is the midpoint of its checkpoint interval. ``span`` is max - min of the located steps.
+    """
+    steps = hist["step"]
+    mids = [(a + b) / 2 for a, b in zip(steps[:-1], steps[1:])]
+    best = [max(max(row) for row in layers[1:]) for layers in hist["induction"]]
+    out = {"induction_curve": best}
+    rise = [b - a for a, b in zip(best[:-1], best[1:])]
+    out["induction"] = mids[max(range(len(rise)), key=rise.__getitem__)] if rise else None
+    if hist["icl"] and hist["icl"][0] is not None:
+        fall = [a - b for a, b in zip(hist["icl"][:-1], hist["icl"][1:])]
+        out["icl"] = mids[max(range(len(fall)), key=fall.__getitem__)]
+    tl = hist["train_loss"]
+    win = [sum(tl[a:b]) / max(1, len(tl[a:b])) for a, b in zip(steps[:-1], steps[1:])]
+    slope = []
+    for i in range(len(win) - 1):
+        dx = math.log(mids[i + 1]) - math.log(max(mids[i], 1.0))
+        slope.append((win[i] - win[i + 1]) / dx if dx > 0 else 0.0)
+    start = max(1, int(0.1 * len(slope)))
+    if len(slope) > start:
+        i = max(range(start, len(slope)), key=slope.__getitem__)
+        out["loss"] = steps[i + 1]
+    located = [out[k] for k in ("induction", "icl", "loss") if out.get(k) is not None]
+    out["span"] = max(located) - min(located) if located else None
+    return out
+
+
+@torch.no_grad()
+def ablate_circuit(model, probe: Tensor, eval_rows: Tensor | None, cfg: InductionConfig) -> dict:
+    """Zero-ablate (``Ablate`` on ``blocks.L.attn.hook_z``, one head) the strongest previous-token head of
+    layer 0, the strongest induction head of a later layer, and a control head of layer 0; report the
+    induction head's score, the loss on the repeated half of the probe, and the ICL score for each."""
+    from mechscope.analysis.head_scores import head_scores
+    from mechscope.hooks.interventions import Ablate
+
+    base = head_scores(model, probe)
+    later = base["induction"][1:]
+    flat = int(later.argmax())
+    ind_layer, ind_head = 1 + flat // cfg.n_heads, flat % cfg.n_heads
+    prev_head = int(base["previous_token"][0].argmax())
+    others = [h for h in range(cfg.n_heads) if h != prev_head]
+    control = min(others, key=lambda h: float(base["previous_token"][0, h])) if others else None
+    cases = {"none": []}
+    cases[f"previous-token head 0.{prev_head}"] = [Ablate("blocks.0.attn.hook_z", heads=[prev_head])]
+    cases[f"induction head {ind_layer}.{ind_head}"] = [Ablate(f"blocks.{ind_layer}.attn.hook_z", heads=[ind_head])]
+    if control is not None:
+        cases[f"control head 0.{control}"] = [Ablate("blocks.0.attn.hook_z", heads=[control])]
+    out = {"induction_head": [ind_layer, ind_head], "previous_token_head": [0, prev_head], "control_head": control,
+           "cases": {}}
+    for name, iv in cases.items():
+        s = head_scores(model, probe, interventions=iv)
+        row = {"induction_score": float(s["induction"][ind_layer, ind_head]),
+               "repeat_loss": float(per_position_loss(model, probe, interventions=iv)[cfg.repeat_len + 1:].mean())}
+        if eval_rows is not None:
+            row["icl"] = icl_score(per_position_loss(model, eval_rows, interventions=iv), cfg.icl_early, cfg.icl_late)
+        out["cases"][name] = row
+    return out
+
+
+def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = True,
+                  data: tuple[Tensor, Tensor] | None = None) -> dict:
+    """Train, score checkpoints, locate the phase change, ablate the circuit; the result dict
+    (``mechscope.toys.common``) with the paper's numbers beside ours."""
+    t0 = time.perf_counter()
+    cfg.check()
+    kept = None
+    if not cfg.synthetic and data is None:
+        tr, ev, kept = text_data(cfg)
+        data = (tr, ev)
+    model, hist = train(cfg, progress=progress, data=data)
+    eval_rows = None if cfg.synthetic else data[1]
+    probe = repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1))
+    pc = phase_change(hist, cfg)
+    abl = ablate_circuit(model, probe, eval_rows, cfg)
+    final_ind = hist["induction"][-1]
+    best_ind = max(max(row) for row in final_ind[1:])
+    tokens_per_step = cfg.batch * cfg.context_len
+    by_pos_first = by_pos_last = None
+    if eval_rows is not None:
+        by_pos_last = per_position_loss(model, eval_rows).tolist()
+    metrics = {"phase_change": pc, "tokens_per_step": tokens_per_step, "final_icl": hist["icl"][-1],
+               "best_induction_score": best_ind, "ablation": abl, "history": hist,
+               "vocab_coverage": kept, "final_loss_by_position": by_pos_last}
+    cases = abl["cases"]
+    ind_name = next(k for k in cases if k.startswith("induction"))
+    prev_name = next(k for k in cases if k.startswith("previous"))
+    comparisons = [
+        {"quantity": "ICL score after the phase change (loss@500 - loss@50, nats)", "paper": -0.4,
+         "ours": hist["icl"][-1], "note": f"loss@{cfg.icl_late} - loss@{cfg.icl_early} on held-out text"},
+        {"quantity": "best induction (prefix-matching) score, layer >= 1", "paper": "high for induction heads",
+         "ours": best_ind, "note": f"repeated random tokens, {cfg.repeat_len} tokens repeated"},
+        {"quantity": "phase change: induction score rises fastest (step)", "paper": "one narrow window",
+         "ours": pc.get("induction"), "note": f"{tokens_per_step:,} tokens a step"},
+        {"quantity": "phase change: ICL score falls fastest (step)", "paper": "the same window", "ours": pc.get("icl"),
+         "note": ""},
+        {"quantity": "phase change: loss-curve bump (step)", "paper": "the same window", "ours": pc.get("loss"),
+         "note": "largest fall of the training loss per log-step, past the first 10% of training"},
+        {"quantity": "ablating the previous-token head: induction score", "paper": "drops (K-composition broken)",
+         "ours": cases[prev_name]["induction_score"], "note": f"unablated {cases['none']['induction_score']:.3f}"},
+        {"quantity": "ablating the induction head: repeated-token loss (nats)", "paper": "rises",
+         "ours": cases[ind_name]["repeat_loss"], "note": f"unablated {cases['none']['repeat_loss']:.3f}"},
+    ]
+    notes = [f"Model: transformers GPT-2, {cfg.n_layers} layers, attention only (MLP output fixed at 0), d_model "
+             f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.context_len}, vocabulary {cfg.vocab} "
+             + (f"(the most frequent tokens of SmolLM2's tokenizer; they cover {kept:.1%} of training tokens)."
+                if kept is not None else "(synthetic repeated sequences).")]
+    if pc.get("span") is not None:
+        notes.append(f"The located steps span {pc['span']:.0f} steps (checkpoints every {cfg.eval_every}).")
+    result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
+              "settings": asdict(cfg), "metrics": metrics, "comparisons": comparisons,
+              "figures": _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg), "notes": notes,
+              "command": f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps}"}
+    return finish(result, t0)
+
+
+def _vline(x) -> list[dict]:
+    return [] if x is None else [{"type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
+                                  "line": {"dash": "dot", "color": "#c0392b"}}]
+
+
+def _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg) -> list[dict]:
+    steps = hist["step"]
+    tl = hist["train_loss"]
+    every = max(1, len(tl) // 2000)
+    shapes = _vline(pc.get("induction"))
+    figs = [figure("loss", "Training loss", [
+        {"type": "scatter", "mode": "lines", "name": "train loss", "x": list(range(0, len(tl), every)), "y": tl[::every]},
+        {"type": "scatter", "mode": "lines", "name": "repeated-token loss (2nd half)", "x": steps, "y": hist["repeat_loss"]},
+    ], {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "nats"}}, "shapes": shapes, "height": 380},
+        caption="Dotted line: where the induction score rises fastest.")]
+    if hist["icl"] and hist["icl"][0] is not None:
+        figs.append(figure("icl", "In-context learning score", [
+            {"type": "scatter", "mode": "lines+markers", "x": steps, "y": hist["icl"]}],
+            {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": f"loss@{cfg.icl_late} - loss@{cfg.icl_early}"}},
+             "shapes": shapes, "height": 340}))
+    traces = []
+    for layer in range(cfg.n_layers):
+        for h in range(cfg.n_heads):
+            traces.append({"type": "scatter", "mode": "lines", "name": f"{layer}.{h} induction", "x": steps,
+                           "y": [c[layer][h] for c in hist["induction"]]})
+            if layer == 0:
+                traces.append({"type": "scatter", "mode": "lines", "name": f"{layer}.{h} prev-token", "x": steps,
+                               "y": [c[layer][h] for c in hist["previous_token"]], "line": {"dash": "dash"}})
+    figs.append(figure("heads", "Head scores over training", traces,
+                       {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "mean attention"}, "range": [0, 1]},
+                        "shapes": shapes, "height": 420},
+                       caption="Induction (prefix-matching) score of every head, previous-token score of layer-0 heads."))
+    if by_pos_last is not None:
+        figs.append(figure("by_position", "Loss by token index (held-out text, final model)", [
+            {"type": "scatter", "mode": "lines", "x": list(range(1, len(by_pos_last) + 1)), "y": by_pos_last}],
+            {"xaxis": {"title": {"text": "token index"}, "type": "log"}, "yaxis": {"title": {"text": "nats"}}, "height": 340}))
+    names = list(abl["cases"])
+    figs.append(figure("ablation", "Ablating the circuit (zero-ablation of one head's hook_z)", [
+        {"type": "bar", "name": "induction score", "x": names, "y": [abl["cases"][n]["induction_score"] for n in names]},
+        {"type": "bar", "name": "repeated-token loss", "x": names, "y": [abl["cases"][n]["repeat_loss"] for n in names]},
+    ], {"barmode": "group", "height": 360}))
+    L, h = abl["induction_head"]
+    _, cache = model.run(probe[:1], cache=[f"blocks.{L}.attn.hook_pattern"])
+    pat = cache[f"blocks.{L}.attn.hook_pattern"][0, h].float()
+    figs.append(figure("pattern", f"Attention of induction head {L}.{h} on a repeated sequence", [
+        {"type": "heatmap", "z": pat.tolist(), "colorscale": "Viridis"}],
+        {"xaxis": {"title": {"text": "key position"}}, "yaxis": {"title": {"text": "query position"}, "autorange": "reversed"},
+         "height": 440, "width": 500},
+        caption="The off-diagonal stripe: each token of the second copy attends to the token after its earlier copy."))
+    return figs
