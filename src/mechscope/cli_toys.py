@@ -44,6 +44,23 @@ SEED = typer.Option(0, "--seed", help="seeds data, initialisation and every samp
 THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)")
 
 
+@toys_app.command("superposition")
+@_clean_errors
+def superposition_cmd(
+    out_dir: Path = OUT,
+    seed: int = SEED,
+    steps: int = typer.Option(6_000, "--steps", help="Adam steps of each sparsity-sweep model"),
+    threads: int | None = THREADS,
+) -> None:
+    """Toy Models of Superposition (Elhage et al. 2022): n=20 features in m=5 dimensions over a sparsity
+    sweep, and the phase diagram of 2 features in 1 dimension."""
+    from mechscope.toys.superposition import SuperpositionConfig, run_superposition
+
+    cfg = SuperpositionConfig(seed=seed, steps=steps)  # checks itself
+    _threads(threads)
+    _write(run_superposition(cfg), out_dir)
+
+
 @toys_app.command("modular")
 @_clean_errors
 def modular_cmd(
