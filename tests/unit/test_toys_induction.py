@@ -1,8 +1,8 @@
-"""Induction heads from scratch (Olsson et al. 2022), the parts that are done: the attention-only model is a
-hooked transformers GPT-2 whose MLPs write exactly zero; the pipeline (train, score checkpoints, locate the
-phase change, ablate, render) runs and is seeded; the ICL score, the vocabulary map and the phase-change
-locator equal hand computations. Still open (issue 5): a short run on repeated random sequences that forms
-an induction head with score > 0.5, and the full run on text."""
+"""Induction heads from scratch (Olsson et al. 2022) at small settings: the attention-only model is a hooked
+transformers GPT-2 whose MLPs write exactly zero; trained briefly on repeated sequences it forms a
+previous-token head and an induction head (score > 0.5) in a phase change, and ablating either breaks
+copying; the pipeline is seeded and renders; the ICL score, the vocabulary map and the phase-change
+locator equal hand computations."""
 
 from __future__ import annotations
 
@@ -19,6 +19,29 @@ TINY = InductionConfig(synthetic=True, vocab=32, context_len=33, repeat_len=6, d
                        batch=8, warmup=5, eval_every=10, repeat_batch=4)
 
 
+SMALL = InductionConfig(synthetic=True, vocab=64, context_len=97, repeat_len=8, d_model=64, n_heads=4, steps=2000,
+                        batch=32, lr=3e-3, warmup=20, eval_every=250, repeat_batch=16)
+
+
+def test_brief_training_on_repeated_sequences_forms_an_induction_circuit():
+    """A repeated trigram-language sequence after a filler (lengths drawn per batch, so positions cannot
+    find the copy): a previous-token head forms in layer 0 and an induction head in layer 1, in a phase
+    change; ablating either role breaks copying."""
+    r = run_induction(SMALL, progress=False)
+    m = r["metrics"]
+    hist, pc, abl = m["history"], m["phase_change"], m["ablation"]
+    assert m["peak_induction_score"] > 0.5, pc["induction_curve"]
+    assert max(hist["induction"][-1][0]) < 0.1  # layer 0 cannot match prefixes: no induction head there
+    assert max(hist["previous_token"][-1][0]) > 0.3  # ... it holds the previous-token heads instead
+    assert abl["top_induction_head"][0] == 1 and abl["previous_token_heads"]
+    # the phase change: the induction score and the repeated-token loss move in the same window
+    i = hist["step"].index(pc["induction"] + SMALL.eval_every / 2)
+    assert hist["repeat_loss"][i] < hist["repeat_loss"][i - 1] - 0.5
+    none, prev, ind = (abl["cases"][k] for k in ("none", "previous-token heads", "induction heads"))
+    assert prev["induction_score"] < 0.5 * none["induction_score"]  # K-composition needs the previous token
+    assert ind["repeat_loss"] > none["repeat_loss"] + 1.0 and prev["repeat_loss"] > none["repeat_loss"] + 1.0
+
+
 def test_pipeline_runs_end_to_end_and_renders(tmp_path):
     """Train briefly, score checkpoints, locate the phase change, ablate and render. Twenty steps form no
     induction head; this checks the plumbing and that every number is where the page expects it."""
@@ -29,9 +52,7 @@ def test_pipeline_runs_end_to_end_and_renders(tmp_path):
     assert m["history"]["step"] == [0, 10, 20] and len(m["history"]["train_loss"]) == 20
     assert len(m["history"]["induction"][-1]) == 2 and len(m["history"]["induction"][-1][0]) == 2
     abl = m["ablation"]
-    assert abl["induction_head"][0] == 1 and set(abl["cases"]) == {
-        "none", f"previous-token head 0.{abl['previous_token_head'][1]}",
-        f"induction head 1.{abl['induction_head'][1]}", f"control head 0.{abl['control_head']}"}
+    assert abl["top_induction_head"][0] == 1 and {"none", "previous-token heads", "induction heads"} <= set(abl["cases"])
     html, _ = write_toy_report(r, tmp_path)
     assert "Induction heads and the phase change" in html.read_text()
     assert {f["id"] for f in r["figures"]} >= {"loss", "heads", "ablation", "pattern"}

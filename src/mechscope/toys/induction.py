@@ -132,18 +132,36 @@ def repeated_tokens(n: int, seq_len: int, vocab: int, generator: torch.Generator
     return torch.cat([torch.zeros(n, 1, dtype=torch.long), seq, seq], 1)
 
 
-def _synthetic_batch(cfg: InductionConfig, g: torch.Generator) -> Tensor:
-    """BOS, random filler of random length, then a random sequence followed by itself.
+def trigram_sequences(n: int, seq_len: int, vocab: int, generator: torch.Generator, table_seed: int,
+                      branching: int = 2) -> Int[Tensor, "n seq_len"]:
+    """Sequences of a random trigram language: the next id is one of ``branching`` ids fixed (by
+    ``table_seed``) for each pair of the two previous ids, chosen uniformly.
 
-    The sequence length (4..``2 * repeat_len``) and the filler length are drawn per batch, so neither the
-    place nor the period of the repeat can be read from positions: only copying by content predicts it.
+    Predicting the next id needs the previous id as well as the current one, which is what makes a
+    previous-token head useful early in training (as on real text), the half an induction head builds on.
     """
-    length = int(torch.randint(4, 2 * cfg.repeat_len + 1, (1,), generator=g))
-    room = cfg.context_len - 1 - 2 * length
-    filler = int(torch.randint(0, max(room, 0) + 1, (1,), generator=g))
-    rep = repeated_tokens(cfg.batch, length, cfg.vocab, g)
-    noise = torch.randint(1, cfg.vocab, (cfg.batch, filler), generator=g)
-    return torch.cat([rep[:, :1], noise, rep[:, 1:]], 1)
+    t = torch.randint(1, vocab, (vocab, vocab, branching), generator=torch.Generator().manual_seed(table_seed))
+    x = torch.empty(n, seq_len, dtype=torch.long)
+    x[:, :2] = torch.randint(1, vocab, (n, 2), generator=generator)
+    for i in range(2, seq_len):
+        pick = torch.randint(0, branching, (n,), generator=generator)
+        x[:, i] = t[x[:, i - 2], x[:, i - 1], pick]
+    return x
+
+
+def _synthetic_batch(cfg: InductionConfig, g: torch.Generator) -> Tensor:
+    """BOS, a trigram-language filler, then a trigram-language sequence followed by itself.
+
+    The sequence length (``repeat_len // 2 .. 2 * repeat_len``) and the filler length (0 .. the sequence
+    length) are drawn per batch, so neither the place nor the period of the repeat can be read from
+    positions: only copying by content (an induction circuit) predicts the second copy beyond what the
+    trigram rule gives.
+    """
+    hi = min(2 * cfg.repeat_len, (cfg.context_len - 1) // 3)
+    length = int(torch.randint(max(2, min(cfg.repeat_len // 2, hi)), hi + 1, (1,), generator=g))
+    filler = int(torch.randint(0, length + 1, (1,), generator=g))
+    seq = trigram_sequences(cfg.batch, filler + length, cfg.vocab, g, table_seed=cfg.seed + 7)
+    return torch.cat([torch.zeros(cfg.batch, 1, dtype=torch.long), seq, seq[:, filler:]], 1)
 
 
 @torch.no_grad()
@@ -291,29 +309,41 @@ def phase_change(hist: dict, cfg: InductionConfig) -> dict:
 
 @torch.no_grad()
 def ablate_circuit(model, probe: Tensor, eval_rows: Tensor | None, cfg: InductionConfig) -> dict:
-    """Zero-ablate (``Ablate`` on ``blocks.L.attn.hook_z``, one head) the strongest previous-token head of
-    layer 0, the strongest induction head of a later layer, and a control head of layer 0; report the
-    induction head's score, the loss on the repeated half of the probe, and the ICL score for each."""
+    """Zero-ablate (mechscope's ``Ablate`` on ``blocks.L.attn.hook_z``) the circuit's heads and report, for
+    each case, the strongest induction head's score, the loss on the repeated half of the probe and (text
+    runs) the ICL score.
+
+    Roles: previous-token heads are the layer-0 heads whose previous-token score is at least half the
+    best; induction heads are the heads of later layers whose induction score is at least half the best.
+    Heads of a role often come several at a time, so a role is ablated whole. The control ablates the
+    layer-0 heads outside the previous-token role (absent when every layer-0 head is one).
+    """
     from mechscope.analysis.head_scores import head_scores
     from mechscope.hooks.interventions import Ablate
 
     base = head_scores(model, probe)
-    later = base["induction"][1:]
-    flat = int(later.argmax())
-    ind_layer, ind_head = 1 + flat // cfg.n_heads, flat % cfg.n_heads
-    prev_head = int(base["previous_token"][0].argmax())
-    others = [h for h in range(cfg.n_heads) if h != prev_head]
-    control = min(others, key=lambda h: float(base["previous_token"][0, h])) if others else None
-    cases = {"none": []}
-    cases[f"previous-token head 0.{prev_head}"] = [Ablate("blocks.0.attn.hook_z", heads=[prev_head])]
-    cases[f"induction head {ind_layer}.{ind_head}"] = [Ablate(f"blocks.{ind_layer}.attn.hook_z", heads=[ind_head])]
-    if control is not None:
-        cases[f"control head 0.{control}"] = [Ablate("blocks.0.attn.hook_z", heads=[control])]
-    out = {"induction_head": [ind_layer, ind_head], "previous_token_head": [0, prev_head], "control_head": control,
-           "cases": {}}
+    prev_scores, later = base["previous_token"][0], base["induction"][1:]
+    prev = [h for h in range(cfg.n_heads) if prev_scores[h] >= 0.5 * float(prev_scores.max())]
+    ind = [(1 + i // cfg.n_heads, i % cfg.n_heads) for i in range(later.numel())
+           if later.flatten()[i] >= 0.5 * float(later.max())]
+    top_l, top_h = max(ind, key=lambda lh: float(base["induction"][lh]))
+    control = [h for h in range(cfg.n_heads) if h not in prev]
+
+    def heads_ablation(pairs):
+        by_layer: dict[int, list[int]] = {}
+        for layer, h in pairs:
+            by_layer.setdefault(layer, []).append(h)
+        return [Ablate(f"blocks.{layer}.attn.hook_z", heads=hs) for layer, hs in by_layer.items()]
+
+    cases = {"none": [], "previous-token heads": heads_ablation([(0, h) for h in prev]),
+             "induction heads": heads_ablation(ind)}
+    if control:
+        cases["control: other layer-0 heads"] = heads_ablation([(0, h) for h in control])
+    out = {"induction_heads": [list(x) for x in ind], "previous_token_heads": [[0, h] for h in prev],
+           "control_heads": [[0, h] for h in control], "top_induction_head": [top_l, top_h], "cases": {}}
     for name, iv in cases.items():
         s = head_scores(model, probe, interventions=iv)
-        row = {"induction_score": float(s["induction"][ind_layer, ind_head]),
+        row = {"induction_score": float(s["induction"][top_l, top_h]),
                "repeat_loss": float(per_position_loss(model, probe, interventions=iv)[cfg.repeat_len + 1:].mean())}
         if eval_rows is not None:
             row["icl"] = icl_score(per_position_loss(model, eval_rows, interventions=iv), cfg.icl_early, cfg.icl_late)
@@ -336,33 +366,35 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     probe = repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1))
     pc = phase_change(hist, cfg)
     abl = ablate_circuit(model, probe, eval_rows, cfg)
-    final_ind = hist["induction"][-1]
-    best_ind = max(max(row) for row in final_ind[1:])
+    best_ind = max(max(row) for row in hist["induction"][-1][1:])
+    peak_ind = max(pc["induction_curve"])
     tokens_per_step = cfg.batch * cfg.context_len
     by_pos_first = by_pos_last = None
     if eval_rows is not None:
         by_pos_last = per_position_loss(model, eval_rows).tolist()
     metrics = {"phase_change": pc, "tokens_per_step": tokens_per_step, "final_icl": hist["icl"][-1],
-               "best_induction_score": best_ind, "ablation": abl, "history": hist,
+               "best_induction_score": best_ind, "peak_induction_score": peak_ind, "ablation": abl, "history": hist,
                "vocab_coverage": kept, "final_loss_by_position": by_pos_last}
     cases = abl["cases"]
-    ind_name = next(k for k in cases if k.startswith("induction"))
-    prev_name = next(k for k in cases if k.startswith("previous"))
+    ind_name, prev_name = "induction heads", "previous-token heads"
     comparisons = [
         {"quantity": "ICL score after the phase change (loss@500 - loss@50, nats)", "paper": -0.4,
          "ours": hist["icl"][-1], "note": f"loss@{cfg.icl_late} - loss@{cfg.icl_early} on held-out text"},
         {"quantity": "best induction (prefix-matching) score, layer >= 1", "paper": "high for induction heads",
-         "ours": best_ind, "note": f"repeated random tokens, {cfg.repeat_len} tokens repeated"},
+         "ours": best_ind, "note": f"final model (peak over training {peak_ind:.3f}); repeated random tokens, "
+                                   f"{cfg.repeat_len} tokens repeated"},
         {"quantity": "phase change: induction score rises fastest (step)", "paper": "one narrow window",
          "ours": pc.get("induction"), "note": f"{tokens_per_step:,} tokens a step"},
         {"quantity": "phase change: ICL score falls fastest (step)", "paper": "the same window", "ours": pc.get("icl"),
          "note": ""},
         {"quantity": "phase change: loss-curve bump (step)", "paper": "the same window", "ours": pc.get("loss"),
          "note": "largest fall of the training loss per log-step, past the first 10% of training"},
-        {"quantity": "ablating the previous-token head: induction score", "paper": "drops (K-composition broken)",
-         "ours": cases[prev_name]["induction_score"], "note": f"unablated {cases['none']['induction_score']:.3f}"},
-        {"quantity": "ablating the induction head: repeated-token loss (nats)", "paper": "rises",
-         "ours": cases[ind_name]["repeat_loss"], "note": f"unablated {cases['none']['repeat_loss']:.3f}"},
+        {"quantity": "ablating the previous-token heads: top induction head's score", "paper": "drops (K-composition broken)",
+         "ours": cases[prev_name]["induction_score"], "note": f"unablated {cases['none']['induction_score']:.3f}; "
+                                                              f"heads {abl['previous_token_heads']}"},
+        {"quantity": "ablating the induction heads: repeated-token loss (nats)", "paper": "rises",
+         "ours": cases[ind_name]["repeat_loss"], "note": f"unablated {cases['none']['repeat_loss']:.3f}; "
+                                                         f"heads {abl['induction_heads']}"},
     ]
     notes = [f"Model: transformers GPT-2, {cfg.n_layers} layers, attention only (MLP output fixed at 0), d_model "
              f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.context_len}, vocabulary {cfg.vocab} "
@@ -418,7 +450,7 @@ def _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg) -> lis
         {"type": "bar", "name": "induction score", "x": names, "y": [abl["cases"][n]["induction_score"] for n in names]},
         {"type": "bar", "name": "repeated-token loss", "x": names, "y": [abl["cases"][n]["repeat_loss"] for n in names]},
     ], {"barmode": "group", "height": 360}))
-    L, h = abl["induction_head"]
+    L, h = abl["top_induction_head"]
     _, cache = model.run(probe[:1], cache=[f"blocks.{L}.attn.hook_pattern"])
     pat = cache[f"blocks.{L}.attn.hook_pattern"][0, h].float()
     figs.append(figure("pattern", f"Attention of induction head {L}.{h} on a repeated sequence", [
