@@ -11,7 +11,7 @@ import torch
 
 import mechscope
 from mechscope.toys.induction import (
-    InductionConfig, build_model, icl_score, phase_change, remap_vocab, run_induction,
+    InductionConfig, build_model, icl_score, phase_change, remap_vocab, repeated_tokens, run_induction,
 )
 
 torch.set_num_threads(1)
@@ -79,6 +79,9 @@ def test_icl_score_and_vocabulary_map():
     train = torch.tensor([[7, 7, 7, 3, 3, 9, 1000]])
     table = remap_vocab(train, 3)
     assert table[7] == 1 and table[3] == 2 and table[9] == 0 and table[1000] == 0  # rare ids -> "other"
+    rows = repeated_tokens(50, 20, 10, torch.Generator().manual_seed(0), bos=4)
+    assert (rows[:, 0] == 4).all() and torch.equal(rows[:, 1:21], rows[:, 21:])
+    assert set(rows[:, 1:].unique().tolist()) == {1, 2, 3, 5, 6, 7, 8, 9}  # never 0 ("other") nor the BOS
 
 
 def test_phase_change_finds_the_planted_step():

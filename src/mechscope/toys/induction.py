@@ -125,11 +125,15 @@ def text_data(cfg: InductionConfig) -> tuple[Tensor, Tensor, float]:
     return tr, ev, float((tr != 0).float().mean())
 
 
-def repeated_tokens(n: int, seq_len: int, vocab: int, generator: torch.Generator) -> Int[Tensor, "n pos"]:
-    """``n`` rows: id 0 (a BOS, the place a head can attend to when it has nothing to do), then ``seq_len``
-    random ids in 1..vocab-1, then the same ids again: ``[n, 1 + 2 * seq_len]``."""
-    seq = torch.randint(1, vocab, (n, seq_len), generator=generator)
-    return torch.cat([torch.zeros(n, 1, dtype=torch.long), seq, seq], 1)
+def repeated_tokens(n: int, seq_len: int, vocab: int, generator: torch.Generator, bos: int = 0) -> Int[Tensor, "n pos"]:
+    """``n`` rows: ``bos`` (the place a head can attend to when it has nothing to do), then ``seq_len``
+    random ids in 1..vocab-1 other than ``bos``, then the same ids again: ``[n, 1 + 2 * seq_len]``."""
+    if bos == 0:
+        seq = torch.randint(1, vocab, (n, seq_len), generator=generator)
+    else:
+        seq = torch.randint(1, vocab - 1, (n, seq_len), generator=generator)
+        seq = seq + (seq >= bos).long()  # every id but 0 and the BOS
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), seq, seq], 1)
 
 
 def trigram_sequences(n: int, seq_len: int, vocab: int, generator: torch.Generator, table_seed: int,
@@ -182,6 +186,13 @@ def icl_score(loss_by_pos: Tensor, early: int, late: int) -> float:
     return float(loss_by_pos[late - 1] - loss_by_pos[early - 1])
 
 
+def probe_tokens(cfg: InductionConfig, bos: int | None) -> Tensor:
+    """The head-score prompts: ``repeat_batch`` random sequences of ``repeat_len`` ids repeated once, after
+    the training rows' BOS id (``bos``; 0 for synthetic runs), seeded by ``cfg.seed + 1``."""
+    return repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1),
+                           bos=bos or 0)
+
+
 def _lr(cfg: InductionConfig, step: int) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -229,7 +240,7 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
         train_rows, eval_rows = data if data is not None else text_data(cfg)[:2]
         if train_rows.shape[1] != cfg.context_len:
             raise InputError(f"data rows have {train_rows.shape[1]} tokens but context_len is {cfg.context_len}.")
-    probe = repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1))
+    probe = probe_tokens(cfg, None if train_rows is None else int(train_rows[0, 0]))
     hf = model.hf
     params = [q for q in hf.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -363,7 +374,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
         data = (tr, ev)
     model, hist = train(cfg, progress=progress, data=data)
     eval_rows = None if cfg.synthetic else data[1]
-    probe = repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1))
+    probe = probe_tokens(cfg, None if cfg.synthetic else int(data[0][0, 0]))
     pc = phase_change(hist, cfg)
     abl = ablate_circuit(model, probe, eval_rows, cfg)
     best_ind = max(max(row) for row in hist["induction"][-1][1:])
