@@ -87,6 +87,7 @@ def induction_cmd(
     seed: int = SEED,
     steps: int = typer.Option(2000, "--steps", help="training steps"),
     batch: int = typer.Option(16, "--batch", help="contexts per step"),
+    lr: float = typer.Option(1e-3, "--lr", help="peak AdamW learning rate (warm-up, then cosine decay to 10%)"),
     context_len: int = typer.Option(512, "--context-len", help="tokens per context (>= 501 for the paper's ICL score)"),
     corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
                                      help="training text: corpus names or files (repeatable)"),
@@ -97,7 +98,7 @@ def induction_cmd(
     ICL score and head scores over training, the phase change, and the circuit ablated."""
     from mechscope.toys.induction import InductionConfig, run_induction
 
-    cfg = InductionConfig(seed=seed, steps=steps, batch=batch, context_len=context_len, corpus=tuple(corpus),
+    cfg = InductionConfig(seed=seed, steps=steps, batch=batch, lr=lr, context_len=context_len, corpus=tuple(corpus),
                           synthetic=synthetic)
     cfg.check()
     _threads(threads)

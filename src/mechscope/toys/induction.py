@@ -416,7 +416,8 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
               "settings": asdict(cfg), "metrics": metrics, "comparisons": comparisons,
               "figures": _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg), "notes": notes,
-              "command": f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps}"}
+              "command": (f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr:g}"
+                          + (" --synthetic" if cfg.synthetic else ""))}
     return finish(result, t0)
 
 
