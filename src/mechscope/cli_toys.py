@@ -103,3 +103,28 @@ def induction_cmd(
     cfg.check()
     _threads(threads)
     _write(run_induction(cfg), out_dir)
+
+
+@toys_app.command("render")
+@_clean_errors
+def render_cmd(
+    results: Path = typer.Argument(..., help="a <toy>.json written by mechscope toy ... (e.g. docs/toys/modular.json)"),
+    out_dir: Path = OUT,
+) -> None:
+    """Re-render a toy's HTML page from its saved JSON (no training)."""
+    import json
+
+    from mechscope.cli import out
+    from mechscope.core.errors import InputError
+    from mechscope.report.toys import write_toy_report
+    from mechscope.toys.common import REQUIRED
+
+    try:
+        result = json.loads(Path(results).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {results} as JSON ({e}); pass a <toy>.json from mechscope toy.") from None
+    missing = [k for k in (*REQUIRED, "runtime_s", "date", "machine", "version") if k not in result]
+    if missing:
+        raise InputError(f"{results} is not a toy result (missing {missing}); pass a <toy>.json from mechscope toy.")
+    html, _ = write_toy_report(result, out_dir)
+    out.print(Text(f"report: {html.resolve()}", style="bold green"), soft_wrap=True)
