@@ -85,21 +85,26 @@ def modular_cmd(
 def induction_cmd(
     out_dir: Path = OUT,
     seed: int = SEED,
-    steps: int = typer.Option(2000, "--steps", help="training steps"),
-    batch: int = typer.Option(16, "--batch", help="contexts per step"),
-    lr: float = typer.Option(1e-3, "--lr", help="peak AdamW learning rate (warm-up, then cosine decay to 10%)"),
-    context_len: int = typer.Option(512, "--context-len", help="tokens per context (>= 501 for the paper's ICL score)"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps (default: 2000)"),
+    batch: int | None = typer.Option(None, "--batch", help="contexts per step (default: 16; synthetic 32)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak AdamW learning rate (default: 1e-3; synthetic 3e-3)"),
+    context_len: int | None = typer.Option(None, "--context-len",
+                                           help="tokens per context (default 512: the paper's ICL score needs >= 501)"),
     corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
                                      help="training text: corpus names or files (repeatable)"),
-    synthetic: bool = typer.Option(False, "--synthetic", help="train on repeated random sequences instead of text"),
+    synthetic: bool = typer.Option(False, "--synthetic", help="the quick setting: repeated trigram-language sequences "
+                                                              "instead of text (about a minute)"),
     threads: int | None = THREADS,
 ) -> None:
-    """Induction heads from scratch (Olsson et al. 2022): a 2-layer attention-only model on real text, the
-    ICL score and head scores over training, the phase change, and the circuit ablated."""
-    from mechscope.toys.induction import InductionConfig, run_induction
+    """Induction heads from scratch (Olsson et al. 2022): a 2-layer attention-only model, the ICL score and
+    head scores over training, the phase change, and the circuit ablated."""
+    import dataclasses
 
-    cfg = InductionConfig(seed=seed, steps=steps, batch=batch, lr=lr, context_len=context_len, corpus=tuple(corpus),
-                          synthetic=synthetic)
+    from mechscope.toys.induction import SYNTHETIC, InductionConfig, run_induction
+
+    base = SYNTHETIC if synthetic else InductionConfig(corpus=tuple(corpus))
+    given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len}
+    cfg = dataclasses.replace(base, seed=seed, **{k: v for k, v in given.items() if v is not None})
     cfg.check()
     _threads(threads)
     _write(run_induction(cfg), out_dir)

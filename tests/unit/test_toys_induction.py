@@ -11,7 +11,7 @@ import torch
 
 import mechscope
 from mechscope.toys.induction import (
-    InductionConfig, build_model, icl_score, phase_change, remap_vocab, repeated_tokens, run_induction,
+    SYNTHETIC, InductionConfig, build_model, icl_score, phase_change, remap_vocab, repeated_tokens, run_induction,
 )
 
 torch.set_num_threads(1)
@@ -19,8 +19,7 @@ TINY = InductionConfig(synthetic=True, vocab=32, context_len=33, repeat_len=6, d
                        batch=8, warmup=5, eval_every=10, repeat_batch=4)
 
 
-SMALL = InductionConfig(synthetic=True, vocab=64, context_len=97, repeat_len=8, d_model=64, n_heads=4, steps=2000,
-                        batch=32, lr=3e-3, warmup=20, eval_every=250, repeat_batch=16)
+SMALL = SYNTHETIC
 
 
 def test_brief_training_on_repeated_sequences_forms_an_induction_circuit():
