@@ -404,7 +404,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
          "ours": best_ind, "note": f"final model (peak over training {peak_ind:.3f}); repeated random tokens, "
                                    f"{cfg.repeat_len} tokens repeated"},
         {"quantity": "phase change: induction score rises fastest (step)", "paper": "one narrow window",
-         "ours": pc.get("induction"), "note": f"{tokens_per_step:,} tokens a step"},
+         "ours": pc.get("induction"), "note": ("up to " if cfg.synthetic else "") + f"{tokens_per_step:,} tokens a step"},
         {"quantity": "phase change: ICL score falls fastest (step)", "paper": "the same window", "ours": pc.get("icl"),
          "note": ""},
         {"quantity": "phase change: loss-curve bump (step)", "paper": "the same window", "ours": pc.get("loss"),
@@ -467,7 +467,7 @@ def _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg) -> lis
             {"type": "scatter", "mode": "lines", "x": list(range(1, len(by_pos_last) + 1)), "y": by_pos_last}],
             {"xaxis": {"title": {"text": "token index"}, "type": "log"}, "yaxis": {"title": {"text": "nats"}}, "height": 340}))
     names = list(abl["cases"])
-    figs.append(figure("ablation", "Ablating the circuit (zero-ablation of one head's hook_z)", [
+    figs.append(figure("ablation", "Ablating the circuit (zero-ablation of each role's heads at hook_z)", [
         {"type": "bar", "name": "induction score", "x": names, "y": [abl["cases"][n]["induction_score"] for n in names]},
         {"type": "bar", "name": "repeated-token loss", "x": names, "y": [abl["cases"][n]["repeat_loss"] for n in names]},
     ], {"barmode": "group", "height": 360}))
