@@ -389,7 +389,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     best_ind = max(max(row) for row in hist["induction"][-1][1:])
     peak_ind = max(pc["induction_curve"])
     tokens_per_step = cfg.batch * cfg.context_len
-    by_pos_first = by_pos_last = None
+    by_pos_last = None
     if eval_rows is not None:
         by_pos_last = per_position_loss(model, eval_rows).tolist()
     metrics = {"phase_change": pc, "tokens_per_step": tokens_per_step, "final_icl": hist["icl"][-1],
@@ -424,7 +424,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
         notes.append(f"The located steps span {pc['span']:.0f} steps (checkpoints every {cfg.eval_every}).")
     result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
               "settings": asdict(cfg), "metrics": metrics, "comparisons": comparisons,
-              "figures": _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg), "notes": notes,
+              "figures": _figures(model, hist, pc, abl, probe, by_pos_last, cfg), "notes": notes,
               "command": (f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr:g}"
                           + (" --synthetic" if cfg.synthetic else ""))}
     return finish(result, t0)
@@ -435,7 +435,7 @@ def _vline(x) -> list[dict]:
                                   "line": {"dash": "dot", "color": "#c0392b"}}]
 
 
-def _figures(model, hist, pc, abl, probe, by_pos_first, by_pos_last, cfg) -> list[dict]:
+def _figures(model, hist, pc, abl, probe, by_pos_last, cfg) -> list[dict]:
     steps = hist["step"]
     tl = hist["train_loss"]
     every = max(1, len(tl) // 2000)

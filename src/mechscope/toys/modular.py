@@ -293,8 +293,9 @@ def progress_measures(model, ckpts: list[dict], hist: dict, cfg: ModularConfig, 
     tokens, labels, train_ids, _ = dataset(cfg.p, cfg.train_fraction, cfg.seed)
     out = {"epoch": hist["epoch"], "excluded_loss": [], "restricted_loss": [], "weight_norm_sq": [],
            "embedding_key_share": []}
+    m = load_checkpoint(model, ckpts[0]) if ckpts else None  # one copy, its weights replaced per checkpoint
     for w in ckpts:
-        m = load_checkpoint(model, w)
+        m.hf.load_state_dict(w, strict=False)
         logits = all_logits(m, tokens, cfg.p)
         excl, restr = excluded_and_restricted_logits(logits, cfg.p, freqs)
         out["excluded_loss"].append(_loss_acc(excl[train_ids], labels[train_ids])[0])
