@@ -94,6 +94,9 @@ def induction_cmd(
                                      help="training text: corpus names or files (repeatable)"),
     synthetic: bool = typer.Option(False, "--synthetic", help="the quick setting: repeated trigram-language sequences "
                                                               "instead of text (about a minute)"),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="steps between scored checkpoints (default: 50)"),
+    device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda or cuda:N (real text needs far "
+                                                       "more tokens than a CPU gives in an hour; see the README)"),
     threads: int | None = THREADS,
 ) -> None:
     """Induction heads from scratch (Olsson et al. 2022): a 2-layer attention-only model, the ICL score and
@@ -103,8 +106,8 @@ def induction_cmd(
     from mechscope.toys.induction import SYNTHETIC, InductionConfig, run_induction
 
     base = SYNTHETIC if synthetic else InductionConfig(corpus=tuple(corpus))
-    given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len}
-    cfg = dataclasses.replace(base, seed=seed, **{k: v for k, v in given.items() if v is not None})
+    given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len, "eval_every": eval_every}
+    cfg = dataclasses.replace(base, seed=seed, device=device, **{k: v for k, v in given.items() if v is not None})
     cfg.check()
     _threads(threads)
     _write(run_induction(cfg), out_dir)

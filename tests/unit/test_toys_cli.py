@@ -39,7 +39,8 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path):
                       (["toy", "render", str(tmp_path / "nope.json")], "cannot read"),
                       (["toy", "modular", "--p", "12", "--out", str(tmp_path / "m")], "prime"),
                       (["toy", "superposition", "--steps", "0", "--out", str(tmp_path / "s")], "steps"),
-                      (["toy", "induction", "--steps", "0", "--out", str(tmp_path / "i")], "steps")):
+                      (["toy", "induction", "--steps", "0", "--out", str(tmp_path / "i")], "steps"),
+                      (["toy", "induction", "--device", "tpu", "--out", str(tmp_path / "i")], "not a torch device")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and msg in res.output, (args, res.output)
     assert not any((tmp_path / d).exists() for d in ("m", "s", "i"))

@@ -99,7 +99,29 @@ def test_phase_change_finds_the_planted_step():
 
 @pytest.mark.parametrize("bad, match", [(dict(d_model=30, n_heads=4), "multiple"), (dict(steps=0), "steps"),
                                         (dict(context_len=40, repeat_len=25, icl_early=10), "does not fit"),
-                                        (dict(context_len=40, repeat_len=8, icl_early=50), "icl_early")])
+                                        (dict(context_len=40, repeat_len=8, icl_early=50), "icl_early"),
+                                        (dict(device="tpu"), "not a torch device"),
+                                        (dict(device="meta"), "runs on 'cpu' or a GPU")])
 def test_bad_config_is_refused(bad, match):
     with pytest.raises(mechscope.InputError, match=match):
         run_induction(InductionConfig(**bad), progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_asked_for_where_there_is_none_is_refused_before_any_work():
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(mechscope.InputError, match="sees no CUDA GPU"):
+            InductionConfig(device=dev).check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_on_the_gpu_follows_the_cpu_run():
+    """Same seed, same data and initial weights (drawn on the CPU): the GPU run's training losses and head
+    scores follow the CPU run's to float32 kernel differences over 40 steps."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, steps=40)
+    cpu = run_induction(cfg, progress=False)["metrics"]["history"]
+    gpu = run_induction(dataclasses.replace(cfg, device="cuda"), progress=False)["metrics"]["history"]
+    assert torch.allclose(torch.tensor(gpu["train_loss"]), torch.tensor(cpu["train_loss"]), atol=1e-3)
+    assert torch.allclose(torch.tensor(gpu["induction"]), torch.tensor(cpu["induction"]), atol=1e-3)

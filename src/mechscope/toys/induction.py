@@ -46,7 +46,12 @@ class InductionConfig:
         icl_early / icl_late: token positions of the ICL score (50 and 500 in the paper).
         repeat_len / repeat_batch: the repeated-random-token prompts of the head scores.
         synthetic: train on repeated random sequences instead of text (the quick test's setting).
-        seed: seeds initialisation, data order and the probe prompts.
+        seed: seeds initialisation, data order and the probe prompts (all drawn on the CPU, so a run on
+            another device sees the same data and the same initial weights).
+        device: where the model trains and is scored (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Text on
+            this CPU reaches ~10-30M tokens an hour, short of the ~1B tokens at which small attention-only
+            models form induction heads on natural text (Olsson et al. 2022; Hoogland et al. 2024); a GPU
+            run is the way to the real-text phase change.
     """
 
     corpus: tuple[str, ...] = ("pydoc", "wikipedia", "austen", "shakespeare")
@@ -69,9 +74,11 @@ class InductionConfig:
     repeat_batch: int = 32
     synthetic: bool = False
     seed: int = 0
+    device: str = "cpu"
 
     def check(self) -> None:
-        """Raises InputError naming the bad field."""
+        """Raises InputError naming the bad field, or a device that is not a device or is not here."""
+        _check_device(self.device)
         for name in ("vocab", "context_len", "d_model", "n_heads", "steps", "batch", "eval_every", "n_layers"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}.")
@@ -81,6 +88,23 @@ class InductionConfig:
             raise InputError(f"icl_early must lie inside the context (1..{self.context_len - 1}), got {self.icl_early}.")
         if 2 * self.repeat_len + 1 > self.context_len:
             raise InputError(f"repeat_len {self.repeat_len} does not fit twice in context_len {self.context_len}.")
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"device {device!r} asked for, but there are only {n} CUDA GPUs (cuda:0..cuda:{n - 1}).")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise InputError(f"device {device!r}: the induction toy runs on 'cpu' or a GPU ('cuda', 'cuda:N').")
+    return dev
 
 
 #: The quick setting: a trigram-language sequence repeated after a filler; a previous-token head and an
@@ -104,7 +128,7 @@ def build_model(cfg: InductionConfig):
         for prm in block.mlp.parameters():
             prm.data.zero_()
             prm.requires_grad_(False)
-    return mechscope.HookedModel(hf, name=f"attn-only-{cfg.n_layers}L")
+    return mechscope.HookedModel(hf.to(_check_device(cfg.device)), name=f"attn-only-{cfg.n_layers}L")
 
 
 def remap_vocab(train: Int[Tensor, "n pos"], vocab: int) -> Tensor:
@@ -181,7 +205,7 @@ def per_position_loss(model, rows: Int[Tensor, "n pos"], batch: int = 16, interv
     """Mean next-token loss (nats) at each position 0..pos-2 over ``rows`` (with ``interventions`` applied)."""
     out = []
     for s in range(0, rows.shape[0], batch):
-        x = rows[s:s + batch]
+        x = rows[s:s + batch].to(model.device)
         logits = model.run(x, interventions=list(interventions))[0].float()
         out.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none"))
     return torch.cat(out).mean(0)
@@ -250,6 +274,9 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
             raise InputError(f"data rows have {train_rows.shape[1]} tokens but context_len is {cfg.context_len}.")
     probe = probe_tokens(cfg, None if train_rows is None else int(train_rows[0, 0]))
     hf = model.hf
+    dev = model.device
+    if train_rows is not None:  # rows are drawn by index on the CPU generator, then read on the device
+        train_rows = train_rows.to(dev)
     params = [q for q in hf.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(cfg, s))
@@ -257,9 +284,13 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
                   "repeat_loss": []}
     order = None if train_rows is None else torch.randperm(train_rows.shape[0], generator=g)
     cursor = 0
+    pending: list[Tensor] = []
     bar = tqdm(range(cfg.steps + 1), desc="induction heads", unit="step", disable=not progress)
     for step in bar:
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            if pending:  # one device-to-host copy per checkpoint, not one per step
+                hist["train_loss"] += torch.stack(pending).float().tolist()
+                pending = []
             hf.eval()
             sc = checkpoint_scores(model, eval_rows, probe, cfg)
             hist["step"].append(step)
@@ -278,8 +309,9 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
         else:
             if cursor + cfg.batch > order.numel():
                 order, cursor = torch.randperm(train_rows.shape[0], generator=g), 0
-            x = train_rows[order[cursor:cursor + cfg.batch]]
+            x = train_rows[order[cursor:cursor + cfg.batch].to(dev)]
             cursor += cfg.batch
+        x = x.to(dev)
         logits = hf(x).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
         loss.backward()
@@ -288,7 +320,7 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        hist["train_loss"].append(float(loss.detach()))
+        pending.append(loss.detach())
     hf.eval()
     return model, hist
 
@@ -425,8 +457,10 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
               "settings": asdict(cfg), "metrics": metrics, "comparisons": comparisons,
               "figures": _figures(model, hist, pc, abl, probe, by_pos_last, cfg), "notes": notes,
-              "command": (f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr:g}"
-                          + (" --synthetic" if cfg.synthetic else ""))}
+              "command": (f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr:g} "
+                          f"--eval-every {cfg.eval_every}"
+                          + (" --synthetic" if cfg.synthetic else "")
+                          + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))}
     return finish(result, t0)
 
 
