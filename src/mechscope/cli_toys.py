@@ -95,6 +95,7 @@ def induction_cmd(
     synthetic: bool = typer.Option(False, "--synthetic", help="the quick setting: repeated trigram-language sequences "
                                                               "instead of text (about a minute)"),
     eval_every: int | None = typer.Option(None, "--eval-every", help="steps between scored checkpoints (default: 50)"),
+    positions: str = typer.Option("learned", "--positions", help="learned (GPT-2, the paper's kind) or rotary (Llama)"),
     device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda or cuda:N (real text needs far "
                                                        "more tokens than a CPU gives in an hour; see the README)"),
     threads: int | None = THREADS,
@@ -107,7 +108,7 @@ def induction_cmd(
 
     base = SYNTHETIC if synthetic else InductionConfig(corpus=tuple(corpus))
     given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len, "eval_every": eval_every}
-    cfg = dataclasses.replace(base, seed=seed, device=device, **{k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(base, seed=seed, device=device, positions=positions, **{k: v for k, v in given.items() if v is not None})
     cfg.check()
     _threads(threads)
     _write(run_induction(cfg), out_dir)

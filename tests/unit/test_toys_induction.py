@@ -6,6 +6,8 @@ locator equal hand computations."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,11 +59,16 @@ def test_pipeline_runs_end_to_end_and_renders(tmp_path):
     assert {f["id"] for f in r["figures"]} >= {"loss", "heads", "ablation", "pattern"}
     r2 = run_induction(TINY, progress=False)  # seeded: the same numbers again
     assert r2["metrics"]["history"] == m["history"]
+    rot = run_induction(dataclasses.replace(TINY, positions="rotary"), progress=False)  # the Llama stack runs too
+    assert rot["metrics"]["history"]["step"] == [0, 10, 20] and "--positions rotary" in rot["command"]
+    assert "Llama (rotary positions)" in rot["notes"][0]
 
 
-def test_attention_only_model_is_a_hooked_gpt2_with_zero_mlp():
-    cfg = InductionConfig(vocab=50, context_len=32, d_model=32, n_heads=2, repeat_len=5)
+@pytest.mark.parametrize("positions, family", [("learned", "gpt2"), ("rotary", "llama")])
+def test_attention_only_model_is_a_hooked_transformer_with_zero_mlp(positions, family):
+    cfg = InductionConfig(vocab=50, context_len=32, d_model=32, n_heads=2, repeat_len=5, positions=positions)
     model = build_model(cfg)
+    assert model.hf.config.model_type == family
     x = torch.randint(0, 50, (2, 32), generator=torch.Generator().manual_seed(0))
     logits, cache = model.run(x, cache=["blocks.*.hook_mlp_out", "blocks.*.hook_resid_mid", "blocks.*.hook_resid_post"])
     assert torch.equal(logits, model.hf(x).logits)  # hooks change nothing
@@ -101,7 +108,8 @@ def test_phase_change_finds_the_planted_step():
                                         (dict(context_len=40, repeat_len=25, icl_early=10), "does not fit"),
                                         (dict(context_len=40, repeat_len=8, icl_early=50), "icl_early"),
                                         (dict(device="tpu"), "not a torch device"),
-                                        (dict(device="meta"), "runs on 'cpu' or a GPU")])
+                                        (dict(device="meta"), "runs on 'cpu' or a GPU"),
+                                        (dict(positions="alibi"), "positions must be")])
 def test_bad_config_is_refused(bad, match):
     with pytest.raises(mechscope.InputError, match=match):
         run_induction(InductionConfig(**bad), progress=False)
@@ -118,8 +126,6 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_any_work():
 def test_a_run_on_the_gpu_follows_the_cpu_run():
     """Same seed, same data and initial weights (drawn on the CPU): the GPU run's training losses and head
     scores follow the CPU run's to float32 kernel differences over 40 steps."""
-    import dataclasses
-
     cfg = dataclasses.replace(TINY, steps=40)
     cpu = run_induction(cfg, progress=False)["metrics"]["history"]
     gpu = run_induction(dataclasses.replace(cfg, device="cuda"), progress=False)["metrics"]["history"]
