@@ -79,11 +79,15 @@ def test_every_hook_fires_once_with_its_shape_in_forward_order(family, tokens):
 def test_unhooked_and_cache_all_are_bit_identical(family, impl, tokens):
     impl = None if impl == "default" else impl
     m, ref = tiny_hooked(family, impl), twin(family, impl)
-    expected = ref(tokens).logits
-    assert torch.equal(m.run(tokens).logits, expected)
+    # run() forwards with use_cache=False (no KV cache to build); the plain forward it equals is the same call.
+    # GPT-2's own eager attention gives other bits with and without a KV cache on some CPUs (1.2e-6 on an
+    # AVX-512 machine: the key tensor's memory layout changes the matmul kernel), so each is compared with
+    # the plain forward of the same arguments.
+    expected, expected_no_kv = ref(tokens).logits, ref(tokens, use_cache=False).logits
+    assert torch.equal(m.run(tokens).logits, expected_no_kv)
     assert torch.equal(m.hf(tokens).logits, expected)
     logits, cache = m.run(tokens, cache="*")
-    assert torch.equal(logits, expected)
+    assert torch.equal(logits, expected_no_kv)
     assert list(cache) == list(m.hook_names())
     with m.hooks(cache="*") as c:
         assert torch.equal(m.hf(tokens).logits, expected)
