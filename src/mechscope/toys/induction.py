@@ -323,13 +323,12 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
         if step == cfg.steps:
             break
         if train_rows is None:
-            x = _synthetic_batch(cfg, g)
+            x = _synthetic_batch(cfg, g).to(dev)
         else:
             if cursor + cfg.batch > order.numel():
                 order, cursor = torch.randperm(train_rows.shape[0], generator=g), 0
             x = train_rows[order[cursor:cursor + cfg.batch].to(dev)]
             cursor += cfg.batch
-        x = x.to(dev)
         logits = hf(x).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
         loss.backward()
