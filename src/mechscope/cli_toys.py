@@ -95,6 +95,11 @@ def induction_cmd(
     synthetic: bool = typer.Option(False, "--synthetic", help="the quick setting: repeated trigram-language sequences "
                                                               "instead of text (about a minute)"),
     eval_every: int | None = typer.Option(None, "--eval-every", help="steps between scored checkpoints (default: 50)"),
+    vocab: int | None = typer.Option(None, "--vocab", help="token ids: the BPE's size (default 2048; synthetic 64)"),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe (trained on the corpora, every token its own id) "
+                                                             "or smollm2 (the default model's, top ids + 'other')"),
+    d_model: int | None = typer.Option(None, "--d-model", help="residual width (default 128; synthetic 64)"),
+    heads: int | None = typer.Option(None, "--heads", help="attention heads per layer (default 4)"),
     positions: str = typer.Option("learned", "--positions", help="learned (GPT-2, the paper's kind) or rotary (Llama)"),
     device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda or cuda:N (real text needs far "
                                                        "more tokens than a CPU gives in an hour; see the README)"),
@@ -107,8 +112,10 @@ def induction_cmd(
     from mechscope.toys.induction import SYNTHETIC, InductionConfig, run_induction
 
     base = SYNTHETIC if synthetic else InductionConfig(corpus=tuple(corpus))
-    given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len, "eval_every": eval_every}
-    cfg = dataclasses.replace(base, seed=seed, device=device, positions=positions, **{k: v for k, v in given.items() if v is not None})
+    given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len, "eval_every": eval_every,
+             "vocab": vocab, "d_model": d_model, "n_heads": heads}
+    cfg = dataclasses.replace(base, seed=seed, device=device, positions=positions, tokenizer=tokenizer,
+                              **{k: v for k, v in given.items() if v is not None})
     cfg.check()
     _threads(threads)
     _write(run_induction(cfg), out_dir)

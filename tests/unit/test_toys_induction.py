@@ -13,7 +13,8 @@ import torch
 
 import mechscope
 from mechscope.toys.induction import (
-    SYNTHETIC, InductionConfig, build_model, icl_score, phase_change, remap_vocab, repeated_tokens, run_induction,
+    SYNTHETIC, InductionConfig, build_model, icl_score, phase_change, probe_tokens, remap_vocab, repeated_tokens,
+    rerun_command, run_induction, text_data, train_bpe,
 )
 
 torch.set_num_threads(1)
@@ -64,6 +65,38 @@ def test_pipeline_runs_end_to_end_and_renders(tmp_path):
     assert "Llama (rotary positions)" in rot["notes"][0]
 
 
+def test_text_runs_use_a_bpe_trained_on_the_train_split():
+    """The tokenizer is a byte-level BPE of ``vocab`` ids trained on the training documents: it encodes any
+    text losslessly (no "other" id), id 0 starts every row and separates documents, and the head-score
+    probe draws only ids the training rows hold. A brief text run goes end to end and records the command
+    that reruns it."""
+    from mechscope.data.packing import split_documents
+    from mechscope.data.sources import load_documents
+
+    tok = train_bpe(("pydoc",), 300)
+    assert len(tok) == 300 and tok.bos_token_id == tok.eos_token_id == 0
+    held_out = split_documents(load_documents("pydoc"), "eval")[0] + " naïve ✓ \x07"
+    ids = tok(held_out, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == held_out and 0 not in ids  # lossless on unseen text, bytes as fallback
+    assert len(ids) < 0.8 * len(held_out.encode())  # merges compress
+    cfg = InductionConfig(corpus=("pydoc",), vocab=300, context_len=64, d_model=32, n_heads=2, steps=6, batch=4,
+                          eval_every=3, eval_contexts=8, icl_early=10, repeat_len=8, repeat_batch=4, positions="rotary")
+    tr, ev, kept = text_data(cfg)
+    assert kept == 1.0 and tr.shape[1] == 64 and (tr[:, 0] == 0).all() and ev.shape == (8, 64)
+    assert int(tr.max()) < 300
+    probe = probe_tokens(cfg, tr)
+    seen = set(tr.unique().tolist()) - {0}
+    assert (probe[:, 0] == 0).all() and set(probe[:, 1:].unique().tolist()) <= seen
+    assert torch.equal(probe[:, 1:9], probe[:, 9:])
+    r = run_induction(cfg, progress=False, data=(tr, ev))
+    hist = r["metrics"]["history"]
+    assert hist["step"] == [0, 3, 6] and all(isinstance(v, float) for v in hist["icl"])
+    assert "byte-level BPE trained on the training split of pydoc" in r["notes"][0]
+    assert r["command"] == ("mechscope toy induction --seed 0 --steps 6 --batch 4 --lr 0.001 --eval-every 3 "
+                            "--context-len 64 --vocab 300 --d-model 32 --heads 2 --positions rotary --corpus pydoc")
+    assert rerun_command(SYNTHETIC) == "mechscope toy induction --seed 0 --synthetic --steps 2000 --batch 32 --lr 0.003 --eval-every 250"
+
+
 @pytest.mark.parametrize("positions, family", [("learned", "gpt2"), ("rotary", "llama")])
 def test_attention_only_model_is_a_hooked_transformer_with_zero_mlp(positions, family):
     cfg = InductionConfig(vocab=50, context_len=32, d_model=32, n_heads=2, repeat_len=5, positions=positions)
@@ -109,7 +142,9 @@ def test_phase_change_finds_the_planted_step():
                                         (dict(context_len=40, repeat_len=8, icl_early=50), "icl_early"),
                                         (dict(device="tpu"), "not a torch device"),
                                         (dict(device="meta"), "runs on 'cpu' or a GPU"),
-                                        (dict(positions="alibi"), "positions must be")])
+                                        (dict(positions="alibi"), "positions must be"),
+                                        (dict(tokenizer="wordpiece"), "tokenizer must be"),
+                                        (dict(vocab=200), "needs >= 258 ids")])
 def test_bad_config_is_refused(bad, match):
     with pytest.raises(mechscope.InputError, match=match):
         run_induction(InductionConfig(**bad), progress=False)
@@ -120,6 +155,22 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_any_work():
     for dev in ("cuda", "cuda:1"):
         with pytest.raises(mechscope.InputError, match="sees no CUDA GPU"):
             InductionConfig(device=dev).check()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_an_apple_gpu_asked_for_where_there_is_none_is_refused_before_any_work():
+    with pytest.raises(mechscope.InputError, match="cannot use it here"):
+        InductionConfig(device="mps").check()
+
+
+def test_the_result_names_the_machine_the_run_used(monkeypatch):
+    """On a machine with a GPU, a CPU run names the CPU (it used to name the GPU whenever one existed)."""
+    from mechscope.toys.common import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"Fake GPU {i}")
+    assert "Fake GPU" not in machine("cpu") and "cores" in machine("cpu")
+    assert machine("cuda") == "Fake GPU 0" and machine("cuda:1") == "Fake GPU 1"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -31,10 +31,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def machine() -> str:
-    """A short description of this machine: CPU model and cores, or the GPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+def machine(device: str = "cpu") -> str:
+    """A short description of what a run used: the GPU's name for a CUDA ``device``, else the CPU model,
+    its cores and torch's thread count."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev.index or 0)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,5 +68,6 @@ def finish(result: dict[str, Any], t0: float) -> dict[str, Any]:
     if missing:
         raise KeyError(f"toy result lacks {missing}")
     result = dict(result, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  runtime_s=time.perf_counter() - t0, machine=machine(), version=mechscope.__version__)
+                  runtime_s=time.perf_counter() - t0,
+                  machine=machine(str(result["settings"].get("device", "cpu"))), version=mechscope.__version__)
     return jsonable(result)

@@ -10,8 +10,10 @@ is confirmed by ablating the previous-token head and the induction head (mechsco
 
 The model is a ``transformers`` GPT-2 whose MLPs are width 1 with output weights fixed at zero, so every
 block adds attention only (and every canonical hook name still exists; ``hook_mlp_out`` is exactly zero).
-Text is tokenized with the default model's tokenizer and mapped onto the ``vocab - 1`` most frequent
-training tokens plus one "other" token, which keeps the unembedding small enough for a CPU.
+Text is tokenized with a small byte-level BPE trained on the training split (``vocab`` ids, a few
+seconds), which keeps the unembedding small enough for a CPU and gives every token its own id; the
+alternative (``tokenizer="smollm2"``) maps the default model's tokens onto the ``vocab - 1`` most frequent
+plus one "other" id.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ class InductionConfig:
     """Settings of the induction-head run (defaults: the full reproduction on this CPU, ~30-40 min).
 
     Attributes:
-        corpus: mechscope corpus names (or paths) of the training text. vocab: token ids kept (the most
-            frequent ``vocab - 1`` plus one "other" id). context_len: tokens per row (>= 501 for the
-            paper's ICL score; shorter rows use ``icl_late`` = the last position).
+        corpus: mechscope corpus names (or paths) of the training text. vocab: token ids (text runs: the
+            BPE's size, or the SmolLM2 ids kept, see ``tokenizer``). context_len: tokens per row (>= 501 for
+            the paper's ICL score; shorter rows use ``icl_late`` = the last position).
+        tokenizer: ``"bpe"`` (a byte-level BPE of ``vocab`` ids trained on the training split, so every
+            token has its own id) or ``"smollm2"`` (the default model's tokenizer, its ``vocab - 1`` most
+            frequent training tokens plus one "other" id, which hides the rare tokens induction copies).
         d_model / n_heads: widths (2 layers, attention only). steps / batch / lr / warmup / weight_decay:
             AdamW with linear warm-up then cosine decay. grad_clip: max gradient norm (None: no clipping).
             eval_every: steps between checkpoints.
@@ -79,10 +84,17 @@ class InductionConfig:
     seed: int = 0
     positions: str = "learned"
     device: str = "cpu"
+    tokenizer: str = "bpe"
 
     def check(self) -> None:
         """Raises InputError naming the bad field, or a device that is not a device or is not here."""
         _check_device(self.device)
+        if self.tokenizer not in ("bpe", "smollm2"):
+            raise InputError(f"tokenizer must be 'bpe' (trained on the corpora) or 'smollm2' (the default model's, "
+                             f"remapped), got {self.tokenizer!r}.")
+        if not self.synthetic and self.tokenizer == "bpe" and self.vocab < 258:
+            raise InputError(f"a BPE vocabulary needs >= 258 ids (1 special + 256 bytes + merges), got {self.vocab}; "
+                             "raise --vocab or use --tokenizer smollm2.")
         if self.positions not in ("learned", "rotary"):
             raise InputError(f"positions must be 'learned' (GPT-2) or 'rotary' (Llama), got {self.positions!r}.")
         for name in ("vocab", "context_len", "d_model", "n_heads", "steps", "batch", "eval_every", "n_layers"):
@@ -108,8 +120,13 @@ def _check_device(device: str) -> torch.device:
                              "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
         if dev.index is not None and dev.index >= n:
             raise InputError(f"device {device!r} asked for, but there are only {n} CUDA GPUs (cuda:0..cuda:{n - 1}).")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise InputError(f"device {device!r}: the induction toy runs on 'cpu' or a GPU ('cuda', 'cuda:N').")
+    elif dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) cannot use it here; "
+                             "use --device cpu, or a machine and torch build that have it.")
+    elif dev.type != "cpu":
+        raise InputError(f"device {device!r}: the induction toy runs on 'cpu' or a GPU ('cuda', 'cuda:N', 'mps', 'xpu').")
     return dev
 
 
@@ -160,14 +177,55 @@ def remap_vocab(train: Int[Tensor, "n pos"], vocab: int) -> Tensor:
     return table
 
 
+def train_bpe(corpus: tuple[str, ...], vocab: int, seed: int = 0):
+    """A byte-level BPE tokenizer with ``vocab`` ids trained on the train split of ``corpus`` (the split
+    :func:`~mechscope.data.corpus_tokens` uses with ``seed``), as a ``transformers`` fast tokenizer.
+
+    Id 0 is ``<|endoftext|>``, the BOS of every row and the separator between documents; ids 1..256 are the
+    256 bytes, so every text is encoded without an "other" id. Training is deterministic (HF ``tokenizers``)
+    and takes a few seconds on the default corpora.
+
+    Raises:
+        InputError: ``vocab`` < 258 (the special id and the 256 bytes need 257, and BPE needs a merge).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mechscope.data.packing import split_documents
+    from mechscope.data.sources import load_documents
+
+    if vocab < 258:
+        raise InputError(f"a BPE vocabulary needs >= 258 ids (1 special + 256 bytes + merges), got {vocab}; "
+                         "raise --vocab or use --tokenizer smollm2.")
+    docs = [d for src in corpus for d in split_documents(load_documents(src), "train", seed=seed)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   name_or_path=f"bpe{vocab}-" + "-".join(corpus))
+
+
 def text_data(cfg: InductionConfig) -> tuple[Tensor, Tensor, float]:
-    """(train rows, eval rows, share of train tokens kept by the vocabulary) from the corpora, remapped."""
-    import mechscope
+    """(train rows, eval rows, share of train tokens that have their own id) from the corpora.
+
+    ``cfg.tokenizer == "bpe"``: a BPE trained on the train split (:func:`train_bpe`; share 1.0).
+    ``"smollm2"``: the default model's tokenizer, remapped onto its ``vocab - 1`` most frequent training
+    tokens plus one "other" id (:func:`remap_vocab`).
+    """
     from mechscope.data import corpus_tokens
 
-    tok = mechscope.load("smollm2-135m", dtype="float32").tokenizer
+    if cfg.tokenizer == "bpe":
+        tok = train_bpe(cfg.corpus, cfg.vocab, cfg.seed)
+    else:
+        import mechscope
+        tok = mechscope.load("smollm2-135m", dtype="float32").tokenizer
     tr = corpus_tokens(list(cfg.corpus), tok, cfg.context_len, "train", seed=cfg.seed).tokens
     ev = corpus_tokens(list(cfg.corpus), tok, cfg.context_len, "eval", seed=cfg.seed).tokens[:cfg.eval_contexts]
+    if cfg.tokenizer == "bpe":
+        return tr, ev, 1.0
     table = remap_vocab(tr, cfg.vocab)
     big = max(int(tr.max()), int(ev.max())) + 1
     table = torch.cat([table, torch.zeros(big - table.numel(), dtype=torch.long)]) if big > table.numel() else table
@@ -236,11 +294,24 @@ def icl_score(loss_by_pos: Tensor, early: int, late: int) -> float:
     return float(loss_by_pos[late - 1] - loss_by_pos[early - 1])
 
 
-def probe_tokens(cfg: InductionConfig, bos: int | None) -> Tensor:
+def probe_tokens(cfg: InductionConfig, train_rows: Tensor | None) -> Tensor:
     """The head-score prompts: ``repeat_batch`` random sequences of ``repeat_len`` ids repeated once, after
-    the training rows' BOS id (``bos``; 0 for synthetic runs), seeded by ``cfg.seed + 1``."""
-    return repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, torch.Generator().manual_seed(cfg.seed + 1),
-                           bos=bos or 0)
+    the training rows' BOS id (0 for synthetic runs), seeded by ``cfg.seed + 1``.
+
+    With text, the ids are drawn uniformly from those that occur in ``train_rows`` (a trained BPE's
+    alphabet holds bytes the corpora never use; their embeddings are never trained).
+    """
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    if train_rows is None:
+        return repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, g, bos=0)
+    bos = int(train_rows[0, 0])
+    seen = torch.bincount(train_rows.reshape(-1).cpu(), minlength=cfg.vocab) > 0
+    seen[bos] = False
+    pool = seen.nonzero().flatten()
+    if pool.numel() < 2:
+        raise InputError(f"the training rows hold {pool.numel()} distinct ids besides BOS; the head scores need more text.")
+    seq = pool[torch.randint(0, pool.numel(), (cfg.repeat_batch, cfg.repeat_len), generator=g)]
+    return torch.cat([torch.full((cfg.repeat_batch, 1), bos, dtype=torch.long), seq, seq], 1)
 
 
 def _lr(cfg: InductionConfig, step: int) -> float:
@@ -290,7 +361,7 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
         train_rows, eval_rows = data if data is not None else text_data(cfg)[:2]
         if train_rows.shape[1] != cfg.context_len:
             raise InputError(f"data rows have {train_rows.shape[1]} tokens but context_len is {cfg.context_len}.")
-    probe = probe_tokens(cfg, None if train_rows is None else int(train_rows[0, 0]))
+    probe = probe_tokens(cfg, train_rows)
     hf = model.hf
     dev = model.device
     if train_rows is not None:  # rows are drawn by index on the CPU generator, then read on the device
@@ -432,7 +503,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
         data = (tr, ev)
     model, hist = train(cfg, progress=progress, data=data)
     eval_rows = None if cfg.synthetic else data[1]
-    probe = probe_tokens(cfg, None if cfg.synthetic else int(data[0][0, 0]))
+    probe = probe_tokens(cfg, None if cfg.synthetic else data[0])
     pc = phase_change(hist, cfg)
     abl = ablate_circuit(model, probe, eval_rows, cfg)
     best_ind = max(max(row) for row in hist["induction"][-1][1:])
@@ -468,19 +539,36 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     arch = "Llama (rotary positions)" if cfg.positions == "rotary" else "GPT-2 (learned positions)"
     notes = [f"Model: transformers {arch}, {cfg.n_layers} layers, attention only (MLP output fixed at 0), d_model "
              f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.context_len}, vocabulary {cfg.vocab} "
-             + (f"(the most frequent tokens of SmolLM2's tokenizer; they cover {kept:.1%} of training tokens)."
-                if kept is not None else "(synthetic repeated sequences).")]
+             + ("(synthetic repeated sequences)." if cfg.synthetic else
+                f"(a byte-level BPE trained on the training split of {', '.join(cfg.corpus)})." if cfg.tokenizer == "bpe"
+                else "(the most frequent tokens of SmolLM2's tokenizer plus 'other'"
+                + (f"; they cover {kept:.1%} of training tokens)." if kept is not None else ")."))]
     if pc.get("span") is not None:
         notes.append(f"The located steps span {pc['span']:.0f} steps (checkpoints every {cfg.eval_every}).")
     result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
               "settings": asdict(cfg), "metrics": metrics, "comparisons": comparisons,
               "figures": _figures(model, hist, pc, abl, probe, by_pos_last, cfg), "notes": notes,
-              "command": (f"mechscope toy induction --seed {cfg.seed} --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr:g} "
-                          f"--eval-every {cfg.eval_every}"
-                          + (" --synthetic" if cfg.synthetic else "")
-                          + (f" --positions {cfg.positions}" if cfg.positions != "learned" else "")
-                          + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))}
+              "command": rerun_command(cfg)}
     return finish(result, t0)
+
+
+_FLAGS = {"steps": "--steps", "batch": "--batch", "lr": "--lr", "eval_every": "--eval-every",
+          "context_len": "--context-len", "vocab": "--vocab", "tokenizer": "--tokenizer", "d_model": "--d-model",
+          "n_heads": "--heads", "positions": "--positions", "device": "--device"}
+
+
+def rerun_command(cfg: InductionConfig) -> str:
+    """The ``mechscope toy induction`` command line that reruns ``cfg``: the seed, steps, batch, learning
+    rate and checkpoint spacing always, every other CLI setting where it differs from the preset."""
+    base = SYNTHETIC if cfg.synthetic else InductionConfig()
+    parts = ["mechscope toy induction", f"--seed {cfg.seed}"] + (["--synthetic"] if cfg.synthetic else [])
+    for field, flag in _FLAGS.items():
+        v = getattr(cfg, field)
+        if field in ("steps", "batch", "lr", "eval_every") or v != getattr(base, field):
+            parts.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    if not cfg.synthetic and cfg.corpus != base.corpus:
+        parts += [f"--corpus {c}" for c in cfg.corpus]
+    return " ".join(parts)
 
 
 def _vline(x) -> list[dict]:
