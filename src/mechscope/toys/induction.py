@@ -29,6 +29,9 @@ from torch import Tensor
 
 from mechscope.core.errors import InputError
 from mechscope.toys.common import figure, finish, seed_everything
+from mechscope.toys.induction_data import (  # noqa: F401  (re-exported: the toy's public names)
+    _synthetic_batch, probe_tokens, remap_vocab, repeated_tokens, text_data, train_bpe, trigram_sequences,
+)
 
 PAPER = {"cite": "Olsson et al. 2022, In-context Learning and Induction Heads (Transformer Circuits Thread)",
          "url": "https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html"}
@@ -36,7 +39,8 @@ PAPER = {"cite": "Olsson et al. 2022, In-context Learning and Induction Heads (T
 
 @dataclass(frozen=True)
 class InductionConfig:
-    """Settings of the induction-head run (defaults: the full reproduction on this CPU, ~30-40 min).
+    """Settings of the induction-head run (defaults: the paper's setting scaled to a CPU, 16M tokens of text, which
+    is too few for the phase change; see the README).
 
     Attributes:
         corpus: mechscope corpus names (or paths) of the training text. vocab: token ids (text runs: the
@@ -56,10 +60,10 @@ class InductionConfig:
         positions: ``"learned"`` (GPT-2's absolute position embeddings, the paper's kind) or ``"rotary"``
             (a Llama attention stack: rotary positions, RMSNorm, no biases). On text, rotary positions grew
             previous-token attention about twice as fast here (README).
-        device: where the model trains and is scored (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Text on
-            this CPU reaches ~10-60M tokens an hour, and runs of up to 26M tokens formed no induction
-            head (README); the paper's small models trained on billions of tokens, so a GPU run is the
-            way to the real-text phase change.
+        device: where the model trains and is scored (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). One CPU
+            thread here trains the small text models at 12-57k tokens a second, and runs of up to 102M
+            tokens formed no induction head (README); the paper's small models trained on billions of
+            tokens, so a GPU run is the way to the real-text phase change.
     """
 
     corpus: tuple[str, ...] = ("pydoc", "wikipedia", "austen", "shakespeare")
@@ -166,116 +170,6 @@ def build_model(cfg: InductionConfig):
     return mechscope.HookedModel(hf.to(_check_device(cfg.device)), name=name)
 
 
-def remap_vocab(train: Int[Tensor, "n pos"], vocab: int) -> Tensor:
-    """A lookup table ``[max id + 1]``: the ``vocab - 1`` most frequent ids of ``train`` to 1..vocab-1 (most
-    frequent first), every other id to 0 ("other")."""
-    counts = torch.bincount(train.reshape(-1))
-    keep = counts.argsort(descending=True)[:vocab - 1]
-    keep = keep[counts[keep] > 0]
-    table = torch.zeros(counts.numel(), dtype=torch.long)
-    table[keep] = torch.arange(1, keep.numel() + 1)
-    return table
-
-
-def train_bpe(corpus: tuple[str, ...], vocab: int, seed: int = 0):
-    """A byte-level BPE tokenizer with ``vocab`` ids trained on the train split of ``corpus`` (the split
-    :func:`~mechscope.data.corpus_tokens` uses with ``seed``), as a ``transformers`` fast tokenizer.
-
-    Id 0 is ``<|endoftext|>``, the BOS of every row and the separator between documents; ids 1..256 are the
-    256 bytes, so every text is encoded without an "other" id. Training is deterministic (HF ``tokenizers``)
-    and takes a few seconds on the default corpora.
-
-    Raises:
-        InputError: ``vocab`` < 258 (the special id and the 256 bytes need 257, and BPE needs a merge).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mechscope.data.packing import split_documents
-    from mechscope.data.sources import load_documents
-
-    if vocab < 258:
-        raise InputError(f"a BPE vocabulary needs >= 258 ids (1 special + 256 bytes + merges), got {vocab}; "
-                         "raise --vocab or use --tokenizer smollm2.")
-    docs = [d for src in corpus for d in split_documents(load_documents(src), "train", seed=seed)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   name_or_path=f"bpe{vocab}-" + "-".join(corpus))
-
-
-def text_data(cfg: InductionConfig) -> tuple[Tensor, Tensor, float]:
-    """(train rows, eval rows, share of train tokens that have their own id) from the corpora.
-
-    ``cfg.tokenizer == "bpe"``: a BPE trained on the train split (:func:`train_bpe`; share 1.0).
-    ``"smollm2"``: the default model's tokenizer, remapped onto its ``vocab - 1`` most frequent training
-    tokens plus one "other" id (:func:`remap_vocab`).
-    """
-    from mechscope.data import corpus_tokens
-
-    if cfg.tokenizer == "bpe":
-        tok = train_bpe(cfg.corpus, cfg.vocab, cfg.seed)
-    else:
-        import mechscope
-        tok = mechscope.load("smollm2-135m", dtype="float32").tokenizer
-    tr = corpus_tokens(list(cfg.corpus), tok, cfg.context_len, "train", seed=cfg.seed).tokens
-    ev = corpus_tokens(list(cfg.corpus), tok, cfg.context_len, "eval", seed=cfg.seed).tokens[:cfg.eval_contexts]
-    if cfg.tokenizer == "bpe":
-        return tr, ev, 1.0
-    table = remap_vocab(tr, cfg.vocab)
-    big = max(int(tr.max()), int(ev.max())) + 1
-    table = torch.cat([table, torch.zeros(big - table.numel(), dtype=torch.long)]) if big > table.numel() else table
-    tr, ev = table[tr], table[ev]
-    return tr, ev, float((tr != 0).float().mean())
-
-
-def repeated_tokens(n: int, seq_len: int, vocab: int, generator: torch.Generator, bos: int = 0) -> Int[Tensor, "n pos"]:
-    """``n`` rows: ``bos`` (the place a head can attend to when it has nothing to do), then ``seq_len``
-    random ids in 1..vocab-1 other than ``bos``, then the same ids again: ``[n, 1 + 2 * seq_len]``."""
-    if bos == 0:
-        seq = torch.randint(1, vocab, (n, seq_len), generator=generator)
-    else:
-        seq = torch.randint(1, vocab - 1, (n, seq_len), generator=generator)
-        seq = seq + (seq >= bos).long()  # every id but 0 and the BOS
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), seq, seq], 1)
-
-
-def trigram_sequences(n: int, seq_len: int, vocab: int, generator: torch.Generator, table_seed: int,
-                      branching: int = 2) -> Int[Tensor, "n seq_len"]:
-    """Sequences of a random trigram language: the next id is one of ``branching`` ids fixed (by
-    ``table_seed``) for each pair of the two previous ids, chosen uniformly.
-
-    Predicting the next id needs the previous id as well as the current one, which is what makes a
-    previous-token head useful early in training (as on real text), the half an induction head builds on.
-    """
-    t = torch.randint(1, vocab, (vocab, vocab, branching), generator=torch.Generator().manual_seed(table_seed))
-    x = torch.empty(n, seq_len, dtype=torch.long)
-    x[:, :2] = torch.randint(1, vocab, (n, 2), generator=generator)
-    for i in range(2, seq_len):
-        pick = torch.randint(0, branching, (n,), generator=generator)
-        x[:, i] = t[x[:, i - 2], x[:, i - 1], pick]
-    return x
-
-
-def _synthetic_batch(cfg: InductionConfig, g: torch.Generator) -> Tensor:
-    """BOS, a trigram-language filler, then a trigram-language sequence followed by itself.
-
-    The sequence length (``repeat_len // 2 .. 2 * repeat_len``) and the filler length (0 .. the sequence
-    length) are drawn per batch, so neither the place nor the period of the repeat can be read from
-    positions: only copying by content (an induction circuit) predicts the second copy beyond what the
-    trigram rule gives.
-    """
-    hi = min(2 * cfg.repeat_len, (cfg.context_len - 1) // 3)
-    length = int(torch.randint(max(2, min(cfg.repeat_len // 2, hi)), hi + 1, (1,), generator=g))
-    filler = int(torch.randint(0, length + 1, (1,), generator=g))
-    seq = trigram_sequences(cfg.batch, filler + length, cfg.vocab, g, table_seed=cfg.seed + 7)
-    return torch.cat([torch.zeros(cfg.batch, 1, dtype=torch.long), seq, seq[:, filler:]], 1)
-
-
 @torch.no_grad()
 def per_position_loss(model, rows: Int[Tensor, "n pos"], batch: int = 16, interventions=()) -> Float[Tensor, " pos_minus_1"]:
     """Mean next-token loss (nats) at each position 0..pos-2 over ``rows`` (with ``interventions`` applied)."""
@@ -292,26 +186,6 @@ def icl_score(loss_by_pos: Tensor, early: int, late: int) -> float:
     learning. Token t's loss is the prediction of token t from tokens 0..t-1 (index t - 1)."""
     late = min(late, loss_by_pos.numel())
     return float(loss_by_pos[late - 1] - loss_by_pos[early - 1])
-
-
-def probe_tokens(cfg: InductionConfig, train_rows: Tensor | None) -> Tensor:
-    """The head-score prompts: ``repeat_batch`` random sequences of ``repeat_len`` ids repeated once, after
-    the training rows' BOS id (0 for synthetic runs), seeded by ``cfg.seed + 1``.
-
-    With text, the ids are drawn uniformly from those that occur in ``train_rows`` (a trained BPE's
-    alphabet holds bytes the corpora never use; their embeddings are never trained).
-    """
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    if train_rows is None:
-        return repeated_tokens(cfg.repeat_batch, cfg.repeat_len, cfg.vocab, g, bos=0)
-    bos = int(train_rows[0, 0])
-    seen = torch.bincount(train_rows.reshape(-1).cpu(), minlength=cfg.vocab) > 0
-    seen[bos] = False
-    pool = seen.nonzero().flatten()
-    if pool.numel() < 2:
-        raise InputError(f"the training rows hold {pool.numel()} distinct ids besides BOS; the head scores need more text.")
-    seq = pool[torch.randint(0, pool.numel(), (cfg.repeat_batch, cfg.repeat_len), generator=g)]
-    return torch.cat([torch.full((cfg.repeat_batch, 1), bos, dtype=torch.long), seq, seq], 1)
 
 
 def _lr(cfg: InductionConfig, step: int) -> float:
