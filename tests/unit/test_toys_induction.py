@@ -75,6 +75,8 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
 
     tok = train_bpe(("pydoc",), 300)
     assert len(tok) == 300 and tok.bos_token_id == tok.eos_token_id == 0
+    assert all(len(t) == 1 for t in tok.convert_ids_to_tokens(list(range(1, 257))))  # ids 1..256: the bytes
+    assert train_bpe(("pydoc",), 300).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()  # deterministic
     held_out = split_documents(load_documents("pydoc"), "eval")[0] + " naïve ✓ \x07"
     ids = tok(held_out, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == held_out and 0 not in ids  # lossless on unseen text, bytes as fallback
