@@ -213,12 +213,14 @@ def checkpoint_scores(model, eval_rows: Tensor | None, probe: Tensor, cfg: Induc
     return out
 
 
-def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Tensor] | None = None) -> tuple[object, dict]:
+def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Tensor] | None = None,
+          probe: Tensor | None = None) -> tuple[object, dict]:
     """Train the attention-only model, scoring a checkpoint every ``cfg.eval_every`` steps.
 
     Args:
         data: (train rows, eval rows) of remapped token ids; None loads the corpora (or, with
             ``cfg.synthetic``, draws repeated random sequences every step and has no eval text).
+        probe: the head-score prompts (:func:`probe_tokens`); None draws them from ``cfg`` and the rows.
 
     Returns:
         (model, history) with per-step ``train_loss`` and per-checkpoint ``step``, ``icl``, ``eval_loss``,
@@ -235,7 +237,7 @@ def train(cfg: InductionConfig, *, progress: bool = True, data: tuple[Tensor, Te
         train_rows, eval_rows = data if data is not None else text_data(cfg)[:2]
         if train_rows.shape[1] != cfg.context_len:
             raise InputError(f"data rows have {train_rows.shape[1]} tokens but context_len is {cfg.context_len}.")
-    probe = probe_tokens(cfg, train_rows)
+    probe = probe_tokens(cfg, train_rows) if probe is None else probe
     hf = model.hf
     dev = model.device
     if train_rows is not None:  # rows are drawn by index on the CPU generator, then read on the device
@@ -365,6 +367,15 @@ def ablate_circuit(model, probe: Tensor, eval_rows: Tensor | None, cfg: Inductio
     return out
 
 
+def _vocab_note(cfg: InductionConfig, kept: float | None) -> str:
+    if cfg.synthetic:
+        return "(synthetic repeated sequences)."
+    if cfg.tokenizer == "bpe":
+        return f"(a byte-level BPE trained on the training split of {', '.join(cfg.corpus)})."
+    cover = f"; they cover {kept:.1%} of training tokens" if kept is not None else ""
+    return f"(the most frequent tokens of SmolLM2's tokenizer plus 'other'{cover})."
+
+
 def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = True,
                   data: tuple[Tensor, Tensor] | None = None) -> dict:
     """Train, score checkpoints, locate the phase change, ablate the circuit; the result dict
@@ -375,9 +386,9 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     if not cfg.synthetic and data is None:
         tr, ev, kept = text_data(cfg)
         data = (tr, ev)
-    model, hist = train(cfg, progress=progress, data=data)
-    eval_rows = None if cfg.synthetic else data[1]
     probe = probe_tokens(cfg, None if cfg.synthetic else data[0])
+    model, hist = train(cfg, progress=progress, data=data, probe=probe)
+    eval_rows = None if cfg.synthetic else data[1]
     pc = phase_change(hist, cfg)
     abl = ablate_circuit(model, probe, eval_rows, cfg)
     best_ind = max(max(row) for row in hist["induction"][-1][1:])
@@ -413,10 +424,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     arch = "Llama (rotary positions)" if cfg.positions == "rotary" else "GPT-2 (learned positions)"
     notes = [f"Model: transformers {arch}, {cfg.n_layers} layers, attention only (MLP output fixed at 0), d_model "
              f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.context_len}, vocabulary {cfg.vocab} "
-             + ("(synthetic repeated sequences)." if cfg.synthetic else
-                f"(a byte-level BPE trained on the training split of {', '.join(cfg.corpus)})." if cfg.tokenizer == "bpe"
-                else "(the most frequent tokens of SmolLM2's tokenizer plus 'other'"
-                + (f"; they cover {kept:.1%} of training tokens)." if kept is not None else ")."))]
+             + _vocab_note(cfg, kept)]
     if pc.get("span") is not None:
         notes.append(f"The located steps span {pc['span']:.0f} steps (checkpoints every {cfg.eval_every}).")
     result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
