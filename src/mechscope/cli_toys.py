@@ -100,7 +100,9 @@ def induction_cmd(
                                                              "or smollm2 (the default model's, top ids + 'other')"),
     d_model: int | None = typer.Option(None, "--d-model", help="residual width (default 128; synthetic 64)"),
     heads: int | None = typer.Option(None, "--heads", help="attention heads per layer (default 4)"),
-    positions: str = typer.Option("learned", "--positions", help="learned (GPT-2, the paper's kind) or rotary (Llama)"),
+    positions: str | None = typer.Option(None, "--positions", help="shortformer (GPT-2 with sinusoidal positions in "
+                                         "q and k only; default for text), learned (GPT-2; default --synthetic) or "
+                                         "rotary (Llama)"),
     device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda or cuda:N (real text needs far "
                                                        "more tokens than a CPU gives in an hour; see the README)"),
     threads: int | None = THREADS,
@@ -113,8 +115,8 @@ def induction_cmd(
 
     base = SYNTHETIC if synthetic else InductionConfig(corpus=tuple(corpus))
     given = {"steps": steps, "batch": batch, "lr": lr, "context_len": context_len, "eval_every": eval_every,
-             "vocab": vocab, "d_model": d_model, "n_heads": heads}
-    cfg = dataclasses.replace(base, seed=seed, device=device, positions=positions, tokenizer=tokenizer,
+             "vocab": vocab, "d_model": d_model, "n_heads": heads, "positions": positions}
+    cfg = dataclasses.replace(base, seed=seed, device=device, tokenizer=tokenizer,
                               **{k: v for k, v in given.items() if v is not None})
     cfg.check()
     _threads(threads)

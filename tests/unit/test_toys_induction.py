@@ -7,6 +7,7 @@ locator equal hand computations."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -42,6 +43,21 @@ def test_brief_training_on_repeated_sequences_forms_an_induction_circuit():
     none, prev, ind = (abl["cases"][k] for k in ("none", "previous-token heads", "induction heads"))
     assert prev["induction_score"] < 0.5 * none["induction_score"]  # K-composition needs the previous token
     assert ind["repeat_loss"] > none["repeat_loss"] + 1.0 and prev["repeat_loss"] > none["repeat_loss"] + 1.0
+
+
+def test_shortformer_positions_form_the_same_circuit():
+    """With sinusoidal positions in the queries and keys only, the synthetic run still grows the pair:
+    a previous-token head in layer 0 whose ablation breaks the layer-1 induction head (measured here:
+    peak induction 0.43, previous-token 0.48; ablation 0.43 -> 0.07, repeated-token loss 1.47 -> 4.14)."""
+    r = run_induction(dataclasses.replace(SMALL, positions="shortformer"), progress=False)
+    m = r["metrics"]
+    hist, abl = m["history"], m["ablation"]
+    assert m["peak_induction_score"] > 0.35, m["phase_change"]["induction_curve"]
+    assert max(hist["induction"][-1][0]) < 0.1 and max(hist["previous_token"][-1][0]) > 0.3
+    none, prev, ind = (abl["cases"][k] for k in ("none", "previous-token heads", "induction heads"))
+    assert prev["induction_score"] < 0.5 * none["induction_score"]
+    assert ind["repeat_loss"] > none["repeat_loss"] + 1.0 and prev["repeat_loss"] > none["repeat_loss"] + 1.0
+    assert "shortformer" in r["notes"][0] and "--positions shortformer" in r["command"]
 
 
 def test_pipeline_runs_end_to_end_and_renders(tmp_path):
@@ -99,7 +115,7 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
     assert rerun_command(SYNTHETIC) == "mechscope toy induction --seed 0 --synthetic --steps 2000 --batch 32 --lr 0.003 --eval-every 250"
 
 
-@pytest.mark.parametrize("positions, family", [("learned", "gpt2"), ("rotary", "llama")])
+@pytest.mark.parametrize("positions, family", [("learned", "gpt2"), ("shortformer", "gpt2"), ("rotary", "llama")])
 def test_attention_only_model_is_a_hooked_transformer_with_zero_mlp(positions, family):
     cfg = InductionConfig(vocab=50, context_len=32, d_model=32, n_heads=2, repeat_len=5, positions=positions)
     model = build_model(cfg)
@@ -113,10 +129,49 @@ def test_attention_only_model_is_a_hooked_transformer_with_zero_mlp(positions, f
     assert all(not p.requires_grad for n, p in model.hf.named_parameters() if ".mlp." in n)
 
 
+def test_shortformer_positions_enter_queries_and_keys_only():
+    """Against a naive recomputation from the weights: q = (x + p) W_Q + b_Q, k = (x + p) W_K + b_K and
+    v = x W_V + b_V for the layer-normalised residual x and the sinusoidal code p (written out here by
+    hand); the residual stream itself holds no position (hook_pos_embed is zero, so resid_pre of layer 0
+    is the token embedding), and no position parameter trains."""
+    cfg = InductionConfig(vocab=50, context_len=16, d_model=32, n_heads=2, repeat_len=5, positions="shortformer")
+    model = build_model(cfg)
+    hf = model.hf
+    with torch.no_grad():  # trained tables are not GPT-2's zero-bias start: make every term matter
+        for prm in hf.parameters():
+            if prm.requires_grad:
+                prm.add_(0.1 * torch.randn_like(prm))
+    x = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    names = ["hook_pos_embed", "hook_embed", "blocks.0.hook_resid_pre"] + [
+        f"blocks.{L}.{s}" for L in range(2) for s in ("ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v")]
+    logits, cache = model.run(x, cache=names)
+    assert torch.equal(logits, hf(x).logits)
+    assert float(cache["hook_pos_embed"].abs().max()) == 0.0
+    assert torch.equal(cache["blocks.0.hook_resid_pre"], cache["hook_embed"])
+    table = torch.tensor([[math.sin(t / 10000 ** (i / 32)) if i % 2 == 0 else math.cos(t / 10000 ** ((i - 1) / 32))
+                           for i in range(32)] for t in range(12)])
+    assert not any(p.requires_grad for n, p in hf.named_parameters() if "wpe" in n or "pos" in n)
+    d, dh = cfg.d_model, cfg.d_model // cfg.n_heads
+    for L in range(2):
+        conv = hf.transformer.h[L].attn.c_attn.proj
+        w, b = conv.weight, conv.bias
+        xn = cache[f"blocks.{L}.ln1.hook_normalized"]
+        want = {"q": (xn + table) @ w[:, :d] + b[:d], "k": (xn + table) @ w[:, d:2 * d] + b[d:2 * d],
+                "v": xn @ w[:, 2 * d:] + b[2 * d:]}
+        for nm, t in want.items():
+            got = cache[f"blocks.{L}.attn.hook_{nm}"]  # [batch, pos, head, d_head]
+            torch.testing.assert_close(got, t.reshape(2, 12, cfg.n_heads, dh), rtol=1e-5, atol=1e-5)
+
+
 def test_icl_score_and_vocabulary_map():
     loss = torch.arange(600, dtype=torch.float32)  # token t's loss sits at index t - 1
     assert icl_score(loss, 50, 500) == pytest.approx(499 - 49)
     assert icl_score(loss[:100], 50, 500) == pytest.approx(99 - 49)  # short rows: the last token
+    assert icl_score(loss, 50, 500, window=5) == pytest.approx(499 - 49)  # a linear curve: window means = centres
+    assert icl_score(loss[:100], 50, 500, window=5) == pytest.approx((94 + 99) / 2 - 49)  # clipped at the row's end
+    bumpy = torch.zeros(600)
+    bumpy[499] = 11.0
+    assert icl_score(bumpy, 50, 500, window=5) == pytest.approx(1.0)  # one spike among 11 tokens
     train = torch.tensor([[7, 7, 7, 3, 3, 9, 1000]])
     table = remap_vocab(train, 3)
     assert table[7] == 1 and table[3] == 2 and table[9] == 0 and table[1000] == 0  # rare ids -> "other"
