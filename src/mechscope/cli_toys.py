@@ -85,21 +85,21 @@ def modular_cmd(
 def induction_cmd(
     out_dir: Path = OUT,
     seed: int = SEED,
-    steps: int | None = typer.Option(None, "--steps", help="training steps (default: 2000)"),
-    batch: int | None = typer.Option(None, "--batch", help="contexts per step (default: 16; synthetic 32)"),
-    lr: float | None = typer.Option(None, "--lr", help="peak AdamW learning rate (default: 1e-3; synthetic 3e-3)"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps (default: 8000; synthetic 2000)"),
+    batch: int | None = typer.Option(None, "--batch", help="contexts per step (default: 8; synthetic 32)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak AdamW learning rate (default: 3e-3)"),
     context_len: int | None = typer.Option(None, "--context-len",
                                            help="tokens per context (default 512: the paper's ICL score needs >= 501)"),
     corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
                                      help="training text: corpus names or files (repeatable)"),
     synthetic: bool = typer.Option(False, "--synthetic", help="the quick setting: repeated trigram-language sequences "
                                                               "instead of text (about a minute)"),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="steps between scored checkpoints (default: 50)"),
-    vocab: int | None = typer.Option(None, "--vocab", help="token ids: the BPE's size (default 2048; synthetic 64)"),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="steps between scored checkpoints (default: 250)"),
+    vocab: int | None = typer.Option(None, "--vocab", help="token ids: the BPE's size (default 1024; synthetic 64)"),
     tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe (trained on the corpora, every token its own id) "
                                                              "or smollm2 (the default model's, top ids + 'other')"),
     d_model: int | None = typer.Option(None, "--d-model", help="residual width (default 128; synthetic 64)"),
-    heads: int | None = typer.Option(None, "--heads", help="attention heads per layer (default 4)"),
+    heads: int | None = typer.Option(None, "--heads", help="attention heads per layer (default 2; synthetic 4)"),
     positions: str | None = typer.Option(None, "--positions", help="shortformer (GPT-2 with sinusoidal positions in "
                                          "q and k only; default for text), learned (GPT-2; default --synthetic) or "
                                          "rotary (Llama)"),

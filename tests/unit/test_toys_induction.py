@@ -97,7 +97,7 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
     ids = tok(held_out, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == held_out and 0 not in ids  # lossless on unseen text, bytes as fallback
     assert len(ids) < 0.8 * len(held_out.encode())  # merges compress
-    cfg = InductionConfig(corpus=("pydoc",), vocab=300, context_len=64, d_model=32, n_heads=2, steps=6, batch=4,
+    cfg = InductionConfig(corpus=("pydoc",), vocab=300, context_len=64, d_model=32, n_heads=4, steps=6, batch=4,
                           eval_every=3, eval_contexts=8, icl_early=10, repeat_len=8, repeat_batch=4, positions="rotary")
     tr, ev, kept = text_data(cfg)
     assert kept == 1.0 and tr.shape[1] == 64 and (tr[:, 0] == 0).all() and ev.shape == (8, 64)
@@ -110,8 +110,8 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
     hist = r["metrics"]["history"]
     assert hist["step"] == [0, 3, 6] and all(isinstance(v, float) for v in hist["icl"])
     assert "byte-level BPE trained on the training split of pydoc" in r["notes"][0]
-    assert r["command"] == ("mechscope toy induction --seed 0 --steps 6 --batch 4 --lr 0.001 --eval-every 3 "
-                            "--context-len 64 --vocab 300 --d-model 32 --heads 2 --positions rotary --corpus pydoc")
+    assert r["command"] == ("mechscope toy induction --seed 0 --steps 6 --batch 4 --lr 0.003 --eval-every 3 "
+                            "--context-len 64 --vocab 300 --d-model 32 --heads 4 --positions rotary --corpus pydoc")
     assert rerun_command(SYNTHETIC) == "mechscope toy induction --seed 0 --synthetic --steps 2000 --batch 32 --lr 0.003 --eval-every 250"
 
 
