@@ -110,6 +110,7 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
     hist = r["metrics"]["history"]
     assert hist["step"] == [0, 3, 6] and all(isinstance(v, float) for v in hist["icl"])
     assert "byte-level BPE trained on the training split of pydoc" in r["notes"][0]
+    assert r["comparisons"][0]["note"] == "loss@500 - loss@10 on 8 held-out rows, each averaged over +-5 tokens"
     assert r["command"] == ("mechscope toy induction --seed 0 --steps 6 --batch 4 --lr 0.003 --eval-every 3 "
                             "--context-len 64 --vocab 300 --d-model 32 --heads 4 --positions rotary --corpus pydoc")
     assert rerun_command(SYNTHETIC) == "mechscope toy induction --seed 0 --synthetic --steps 2000 --batch 32 --lr 0.003 --eval-every 250"

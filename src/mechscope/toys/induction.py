@@ -2,7 +2,7 @@
 
 A two-layer attention-only transformer is trained on real text from mechscope's corpora, and checkpoints
 are scored as it learns: the in-context-learning score (loss at token 500 minus loss at token 50, on
-held-out text), and every head's induction (prefix-matching) and previous-token scores on repeated random
+held-out text, each averaged over +-5 tokens), and every head's induction (prefix-matching) and previous-token scores on repeated random
 tokens (the core's :func:`~mechscope.analysis.head_scores.head_scores`). The phase change is located as
 the step where the training loss bump, the ICL score and the induction score move together; the circuit
 is confirmed by ablating the previous-token head and the induction head (mechscope's ``Ablate`` on
@@ -10,6 +10,8 @@ is confirmed by ablating the previous-token head and the induction head (mechsco
 
 The model is a ``transformers`` GPT-2 whose MLPs are width 1 with output weights fixed at zero, so every
 block adds attention only (and every canonical hook name still exists; ``hook_mlp_out`` is exactly zero).
+Text runs give it shortformer positions (sinusoidal, added to the queries' and keys' input only,
+:class:`PositionalQK`); ``positions`` chooses GPT-2's learned positions or a rotary Llama instead.
 Text is tokenized with a small byte-level BPE trained on the training split (``vocab`` ids, a few
 seconds), which keeps the unembedding small enough for a CPU and gives every token its own id; the
 alternative (``tokenizer="smollm2"``) maps the default model's tokens onto the ``vocab - 1`` most frequent
@@ -25,10 +27,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 
 from mechscope.core.errors import InputError
 from mechscope.toys.common import figure, finish, seed_everything
+from mechscope.toys.induction_model import (  # noqa: F401  (re-exported: the toy's public names)
+    PositionalQK, _check_device, build_model, sinusoidal_positions,
+)
 from mechscope.toys.induction_data import (  # noqa: F401  (re-exported: the toy's public names)
     _synthetic_batch, probe_tokens, remap_vocab, repeated_tokens, text_data, train_bpe, trigram_sequences,
 )
@@ -120,104 +125,10 @@ class InductionConfig:
             raise InputError(f"repeat_len {self.repeat_len} does not fit twice in context_len {self.context_len}.")
 
 
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'.") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                             "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
-        if dev.index is not None and dev.index >= n:
-            raise InputError(f"device {device!r} asked for, but there are only {n} CUDA GPUs (cuda:0..cuda:{n - 1}).")
-    elif dev.type in ("mps", "xpu"):
-        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
-        if backend is None or not backend.is_available():
-            raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) cannot use it here; "
-                             "use --device cpu, or a machine and torch build that have it.")
-    elif dev.type != "cpu":
-        raise InputError(f"device {device!r}: the induction toy runs on 'cpu' or a GPU ('cuda', 'cuda:N', 'mps', 'xpu').")
-    return dev
-
-
 #: The quick setting: a trigram-language sequence repeated after a filler; a previous-token head and an
 #: induction head form in about 1,000 of its 2,000 steps (about a minute on one CPU thread).
 SYNTHETIC = InductionConfig(synthetic=True, vocab=64, context_len=97, repeat_len=8, d_model=64, n_heads=4, steps=2000,
                             batch=32, lr=3e-3, warmup=20, eval_every=250, repeat_batch=16, positions="learned")
-
-
-def sinusoidal_positions(n: int, d: int) -> Float[Tensor, "n d"]:
-    """The fixed position code of Vaswani et al. 2017: row t holds sin(t / 10000^(2i/d)) in column 2i and
-    cos(t / 10000^(2i/d)) in column 2i + 1 (float32; ``d`` even)."""
-    t = torch.arange(n, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)
-    out = torch.empty(n, d, dtype=torch.float64)
-    out[:, 0::2], out[:, 1::2] = torch.sin(t * freq), torch.cos(t * freq)
-    return out.float()
-
-
-class PositionalQK(nn.Module):
-    """GPT-2's fused q/k/v projection (``attn.c_attn``, a Conv1D) with position-infused attention (Press et al.
-    2021, "Shortformer"): fixed sinusoidal positions are added to the attention's input for the queries and
-    keys only, so q = (x + p) W_Q + b_Q, k = (x + p) W_K + b_K and v = x W_V + b_V for the layer-normalised
-    residual x; the residual stream carries no position. Positions are 0..pos-1 of each row (no padding,
-    no KV cache).
-
-    Args:
-        proj: the block's Conv1D, weight [d_model, 3 d_model]. n_positions: rows of the position table.
-    """
-
-    def __init__(self, proj: nn.Module, n_positions: int):
-        super().__init__()
-        self.proj = proj
-        d = proj.weight.shape[0]
-        self.register_buffer("pos", sinusoidal_positions(n_positions, d).to(proj.weight.device), persistent=False)
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos three_d_model"]:
-        n, d = x.shape[-2], self.pos.shape[1]
-        qk = self.pos[:n].to(x.dtype) @ self.proj.weight[:, :2 * d]
-        return self.proj(x) + F.pad(qk, (0, d))
-
-
-def build_model(cfg: InductionConfig):
-    """A ``cfg.n_layers``-layer attention-only transformer as a HookedModel (seeded by ``cfg.seed``): a GPT-2
-    (``positions="learned"``), a GPT-2 with shortformer positions (``"shortformer"``: GPT-2's position table
-    is fixed at zero, so the residual stream carries tokens only, and each block's q/k projection adds
-    fixed sinusoidal positions, :class:`PositionalQK`) or a Llama (``"rotary"``), whose MLPs write exactly zero and
-    are frozen."""
-    import mechscope
-
-    seed_everything(cfg.seed)
-    if cfg.positions == "rotary":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hf = LlamaForCausalLM(LlamaConfig(
-            vocab_size=cfg.vocab, hidden_size=cfg.d_model, intermediate_size=1, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.context_len,
-            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=None))
-        blocks = hf.model.layers
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel(GPT2Config(
-            vocab_size=cfg.vocab, n_positions=cfg.context_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-            n_head=cfg.n_heads, n_inner=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-            bos_token_id=0, eos_token_id=0))
-        blocks = hf.transformer.h
-        if cfg.positions == "shortformer":
-            wpe = hf.transformer.wpe
-            wpe.weight.data.zero_()
-            wpe.weight.requires_grad_(False)
-            for block in blocks:
-                block.attn.c_attn = PositionalQK(block.attn.c_attn, cfg.context_len)
-    for block in blocks:  # attention only: the MLP writes exactly zero
-        for prm in block.mlp.parameters():
-            prm.data.zero_()
-            prm.requires_grad_(False)
-    name = f"attn-only-{cfg.n_layers}L" + ("" if cfg.positions == "learned" else f"-{cfg.positions}")
-    return mechscope.HookedModel(hf.to(_check_device(cfg.device)), name=name)
 
 
 @torch.no_grad()
@@ -460,10 +371,13 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
                "best_induction_score": best_ind, "peak_induction_score": peak_ind, "ablation": abl, "history": hist,
                "vocab_coverage": kept, "final_loss_by_position": by_pos_last}
     cases = abl["cases"]
+    icl_note = "no held-out text (synthetic)" if eval_rows is None else (
+        f"loss@{cfg.icl_late} - loss@{cfg.icl_early} on {len(eval_rows)} held-out rows"
+        + (f", each averaged over +-{cfg.icl_window} tokens" if cfg.icl_window else ""))
     ind_name, prev_name = "induction heads", "previous-token heads"
     comparisons = [
         {"quantity": "ICL score after the phase change (loss@500 - loss@50, nats)", "paper": -0.4,
-         "ours": hist["icl"][-1], "note": f"loss@{cfg.icl_late} - loss@{cfg.icl_early} on held-out text"},
+         "ours": hist["icl"][-1], "note": icl_note},
         {"quantity": "best induction (prefix-matching) score, layer >= 1", "paper": "high for induction heads",
          "ours": best_ind, "note": f"final model (peak over training {peak_ind:.3f}); repeated random tokens, "
                                    f"{cfg.repeat_len} tokens repeated"},
