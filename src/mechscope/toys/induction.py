@@ -2,8 +2,9 @@
 
 A two-layer attention-only transformer is trained on real text from mechscope's corpora, and checkpoints
 are scored as it learns: the in-context-learning score (loss at token 500 minus loss at token 50, on
-held-out text, each averaged over +-5 tokens), and every head's induction (prefix-matching) and previous-token scores on repeated random
-tokens (the core's :func:`~mechscope.analysis.head_scores.head_scores`). The phase change is located as
+held-out text, each averaged over +-5 tokens), and every head's induction (prefix-matching) and
+previous-token scores on repeated random tokens (the core's
+:func:`~mechscope.analysis.head_scores.head_scores`). The phase change is located as
 the step where the training loss bump, the ICL score and the induction score move together; the circuit
 is confirmed by ablating the previous-token head and the induction head (mechscope's ``Ablate`` on
 ``hook_z``).
@@ -67,9 +68,9 @@ class InductionConfig:
             another device sees the same data and the same initial weights).
         positions: ``"learned"`` (GPT-2's absolute position embeddings added to the residual stream),
             ``"shortformer"`` (GPT-2 with fixed sinusoidal positions added to the queries' and keys' input
-            only, Press et al. 2021; the residual stream carries tokens only, as in the Transformer Circuits
-            papers' small models and TransformerLens's attn-only models) or ``"rotary"`` (a Llama attention
-            stack: rotary positions, RMSNorm, no biases). On text, shortformer positions grew the
+            only, Press et al. 2021; the residual stream carries tokens only, like TransformerLens's
+            ``positional_embedding_type="shortformer"``) or ``"rotary"`` (a Llama attention stack: rotary
+            positions, RMSNorm, no biases). On text, shortformer positions grew the
             previous-token head fastest here (README).
         device: where the model trains and is scored (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). One CPU
             thread here trains the small text models at 12-57k tokens a second, and runs of up to 102M

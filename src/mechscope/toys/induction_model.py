@@ -40,8 +40,6 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-
-
 def sinusoidal_positions(n: int, d: int) -> Float[Tensor, "n d"]:
     """The fixed position code of Vaswani et al. 2017: row t holds sin(t / 10000^(2i/d)) in column 2i and
     cos(t / 10000^(2i/d)) in column 2i + 1 (float32; ``d`` even)."""
@@ -79,8 +77,8 @@ def build_model(cfg: InductionConfig):
     """A ``cfg.n_layers``-layer attention-only transformer as a HookedModel (seeded by ``cfg.seed``): a GPT-2
     (``positions="learned"``), a GPT-2 with shortformer positions (``"shortformer"``: GPT-2's position table
     is fixed at zero, so the residual stream carries tokens only, and each block's q/k projection adds
-    fixed sinusoidal positions, :class:`PositionalQK`) or a Llama (``"rotary"``), whose MLPs write exactly zero and
-    are frozen."""
+    fixed sinusoidal positions, :class:`PositionalQK`) or a Llama (``"rotary"``), whose MLPs write exactly
+    zero and are frozen."""
     import mechscope
 
     seed_everything(cfg.seed)
