@@ -39,7 +39,10 @@ from mechscope.toys.induction_data import (  # noqa: F401  (re-exported: the toy
     _synthetic_batch, probe_tokens, remap_vocab, repeated_tokens, text_data, train_bpe, trigram_sequences,
 )
 
-POSITIONS = ("learned", "shortformer", "rotary")
+#: ``positions`` values -> the architecture they build (the result page's note names it).
+POSITIONS = {"learned": "GPT-2 (learned positions)",
+             "shortformer": "GPT-2 (shortformer: sinusoidal positions in queries and keys only)",
+             "rotary": "Llama (rotary positions)"}
 PAPER = {"cite": "Olsson et al. 2022, In-context Learning and Induction Heads (Transformer Circuits Thread)",
          "url": "https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html"}
 
@@ -294,10 +297,12 @@ def phase_change(hist: dict, cfg: InductionConfig) -> dict:
 
 
 @torch.no_grad()
-def ablate_circuit(model, probe: Tensor, eval_rows: Tensor | None, cfg: InductionConfig) -> dict:
+def ablate_circuit(model, probe: Tensor, eval_rows: Tensor | None, cfg: InductionConfig,
+                   loss_by_pos: Tensor | None = None) -> dict:
     """Zero-ablate (mechscope's ``Ablate`` on ``blocks.L.attn.hook_z``) the circuit's heads and report, for
     each case, the strongest induction head's score, the loss on the repeated half of the probe and (text
-    runs) the ICL score.
+    runs) the ICL score. ``loss_by_pos``: the unablated model's :func:`per_position_loss` on ``eval_rows``
+    where the caller has it already (the "none" case reuses it instead of a second pass).
 
     Roles: previous-token heads are the layer-0 heads whose previous-token score is at least half the
     best; induction heads are the heads of later layers whose induction score is at least half the best.
@@ -332,8 +337,9 @@ def ablate_circuit(model, probe: Tensor, eval_rows: Tensor | None, cfg: Inductio
         row = {"induction_score": float(s["induction"][top_l, top_h]),
                "repeat_loss": float(per_position_loss(model, probe, interventions=iv)[cfg.repeat_len + 1:].mean())}
         if eval_rows is not None:
-            row["icl"] = icl_score(per_position_loss(model, eval_rows, interventions=iv), cfg.icl_early, cfg.icl_late,
-                                   cfg.icl_window)
+            by_pos = loss_by_pos if name == "none" and loss_by_pos is not None else (
+                per_position_loss(model, eval_rows, interventions=iv))
+            row["icl"] = icl_score(by_pos, cfg.icl_early, cfg.icl_late, cfg.icl_window)
         out["cases"][name] = row
     return out
 
@@ -361,13 +367,12 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
     model, hist = train(cfg, progress=progress, data=data, probe=probe)
     eval_rows = None if cfg.synthetic else data[1]
     pc = phase_change(hist, cfg)
-    abl = ablate_circuit(model, probe, eval_rows, cfg)
+    by_pos = None if eval_rows is None else per_position_loss(model, eval_rows)
+    abl = ablate_circuit(model, probe, eval_rows, cfg, loss_by_pos=by_pos)
     best_ind = max(max(row) for row in hist["induction"][-1][1:])
     peak_ind = max(pc["induction_curve"])
     tokens_per_step = cfg.batch * cfg.context_len
-    by_pos_last = None
-    if eval_rows is not None:
-        by_pos_last = per_position_loss(model, eval_rows).tolist()
+    by_pos_last = None if by_pos is None else by_pos.tolist()
     metrics = {"phase_change": pc, "tokens_per_step": tokens_per_step, "final_icl": hist["icl"][-1],
                "best_induction_score": best_ind, "peak_induction_score": peak_ind, "ablation": abl, "history": hist,
                "vocab_coverage": kept, "final_loss_by_position": by_pos_last}
@@ -395,8 +400,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
          "ours": cases[ind_name]["repeat_loss"], "note": f"unablated {cases['none']['repeat_loss']:.3f}; "
                                                          f"heads {abl['induction_heads']}"},
     ]
-    arch = {"rotary": "Llama (rotary positions)", "learned": "GPT-2 (learned positions)",
-            "shortformer": "GPT-2 (shortformer: sinusoidal positions in queries and keys only)"}[cfg.positions]
+    arch = POSITIONS[cfg.positions]
     notes = [f"Model: transformers {arch}, {cfg.n_layers} layers, attention only (MLP output fixed at 0), d_model "
              f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.context_len}, vocabulary {cfg.vocab} "
              + _vocab_note(cfg, kept)]
