@@ -322,9 +322,46 @@ def test_pydoc_corpus_and_registry(pydoc_docs):
 
     assert len(pydoc_docs) == sum(bool(v.strip()) for v in topics.values()) > 50
     assert pydoc_docs[0] == topics[sorted(topics)[0]].strip()
-    assert set(CORPORA) == {"pydoc", "wikipedia", "austen", "shakespeare"}
+    assert set(CORPORA) == {"pydoc", "wikipedia", "austen", "shakespeare", "pysource"}
     for spec in CORPORA.values():
         assert spec.licence and spec.description and spec.version
+
+
+def test_pysource_reads_the_stdlib_as_python_decodes_it(tmp_path, monkeypatch):
+    root = tmp_path / "lib"
+    files = {"zeta.py": b"z = 1\n",
+             "alpha/__init__.py": b"",  # empty: no document
+             "alpha/beta.py": b"# -*- coding: latin-1 -*-\nname = '\xe9t\xe9'\n",  # its cookie, not UTF-8
+             "alpha/bad.py": b"# coding: utf-8\nx = '\xff'\n",  # does not decode: skipped
+             "test/__init__.py": b"", "test/test_x.py": b"def test(): pass\n",  # the test suite is code too
+             "encodings/cp1252.py": b"table = 1\n", "pydoc_data/topics.py": b"topics = {}\n",
+             "site-packages/pkg/m.py": b"import os\n", "__pycache__/y.py": b"y = 2\n", "notes.txt": b"no\n"}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    monkeypatch.setattr(corpora_mod, "_stdlib_dir", lambda: root)
+    assert corpora_mod.fetch_pysource() == ["# -*- coding: latin-1 -*-\nname = '\u00e9t\u00e9'\n",
+                                            "def test(): pass\n", "z = 1\n"]
+    assert corpora_mod._pysource_version() == f"python-{sys.version.split()[0]}"
+    (root / "test" / "__init__.py").unlink()
+    assert corpora_mod._pysource_version().endswith("-no-test-suite")  # no test/__init__.py: Debian's layout
+    for f in sorted(root.rglob("*.py"), reverse=True):
+        f.unlink()
+    with pytest.raises(CorpusUnavailableError, match="(?s)corpus 'pysource': no readable .py file.*Fix:"):
+        corpora_mod.fetch_pysource()
+
+
+def test_pysource_is_the_real_stdlib():
+    import os
+    import pydoc_data.topics
+    import tokenize
+
+    docs = load_documents("pysource")
+    with tokenize.open(os.__file__) as f:
+        assert f.read() in docs
+    with tokenize.open(pydoc_data.topics.__file__) as f:
+        assert f.read() not in docs  # that is the pydoc corpus
+    assert len(docs) > 300
 
 
 def test_available_corpora_without_downloading(cache, monkeypatch):
