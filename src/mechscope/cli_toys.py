@@ -85,13 +85,14 @@ def modular_cmd(
 def induction_cmd(
     out_dir: Path = OUT,
     seed: int = SEED,
-    steps: int | None = typer.Option(None, "--steps", help="training steps (default: 8000; synthetic 2000)"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps (default: 4000; synthetic 2000)"),
     batch: int | None = typer.Option(None, "--batch", help="contexts per step (default: 8; synthetic 32)"),
     lr: float | None = typer.Option(None, "--lr", help="peak AdamW learning rate (default: 3e-3)"),
     context_len: int | None = typer.Option(None, "--context-len",
                                            help="tokens per context (default 512: the paper's ICL score needs >= 501)"),
-    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
-                                     help="training text: corpus names or files (repeatable)"),
+    corpus: list[str] = typer.Option(["pysource"], "--corpus", "-c",
+                                     help="training text: corpus names or files (repeatable; default pysource, "
+                                          "the Python standard library's source)"),
     synthetic: bool = typer.Option(False, "--synthetic", help="the quick setting: repeated trigram-language sequences "
                                                               "instead of text (about a minute)"),
     eval_every: int | None = typer.Option(None, "--eval-every", help="steps between scored checkpoints (default: 250)"),
@@ -103,8 +104,7 @@ def induction_cmd(
     positions: str | None = typer.Option(None, "--positions", help="shortformer (GPT-2 with sinusoidal positions in "
                                          "q and k only; default for text), learned (GPT-2; default --synthetic) or "
                                          "rotary (Llama)"),
-    device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda or cuda:N (real text needs far "
-                                                       "more tokens than a CPU gives in an hour; see the README)"),
+    device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda or cuda:N"),
     threads: int | None = THREADS,
 ) -> None:
     """Induction heads from scratch (Olsson et al. 2022): a 2-layer attention-only model, the ICL score and

@@ -111,6 +111,15 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
     assert hist["step"] == [0, 3, 6] and all(isinstance(v, float) for v in hist["icl"])
     assert "byte-level BPE trained on the training split of pydoc" in r["notes"][0]
     assert r["comparisons"][0]["note"] == "loss@500 - loss@10 on 8 held-out rows, each averaged over +-5 tokens"
+    cases = r["metrics"]["ablation"]["cases"]
+    assert r["comparisons"][-1]["quantity"] == "ablating the induction heads: ICL score (nats)"
+    assert r["comparisons"][-1]["ours"] == cases["induction heads"]["icl"]
+    figs = {f["id"]: f for f in r["figures"]}
+    held_out = [t for t in figs["loss"]["fig"]["data"] if t["name"] == "held-out loss"]
+    assert len(held_out) == 1 and held_out[0]["y"] == hist["eval_loss"]
+    bars = {t["name"]: t for t in figs["ablation"]["fig"]["data"]}
+    assert bars["ICL score"]["y"] == [c["icl"] for c in cases.values()]
+    assert bars["repeated-token loss (nats)"]["yaxis"] == "y2" and bars["ICL score"]["yaxis"] == "y"
     assert r["command"] == ("mechscope toy induction --seed 0 --steps 6 --batch 4 --lr 0.003 --eval-every 3 "
                             "--context-len 64 --vocab 300 --d-model 32 --heads 4 --positions rotary --corpus pydoc")
     assert rerun_command(SYNTHETIC) == "mechscope toy induction --seed 0 --synthetic --steps 2000 --batch 32 --lr 0.003 --eval-every 250"

@@ -1,6 +1,7 @@
 """Induction heads from scratch (Olsson et al. 2022, "In-context Learning and Induction Heads").
 
-A two-layer attention-only transformer is trained on real text from mechscope's corpora, and checkpoints
+A two-layer attention-only transformer is trained on real text from mechscope's corpora (by default
+``pysource``, the Python standard library's source code), and checkpoints
 are scored as it learns: the in-context-learning score (loss at token 500 minus loss at token 50, on
 held-out text, each averaged over +-5 tokens), and every head's induction (prefix-matching) and
 previous-token scores on repeated random tokens (the core's
@@ -31,7 +32,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.core.errors import InputError
-from mechscope.toys.common import figure, finish, seed_everything
+from mechscope.toys.common import finish, seed_everything
+from mechscope.toys.induction_figures import induction_figures
 from mechscope.toys.induction_model import (  # noqa: F401  (re-exported: the toy's public names)
     PositionalQK, _check_device, build_model, sinusoidal_positions,
 )
@@ -49,11 +51,14 @@ PAPER = {"cite": "Olsson et al. 2022, In-context Learning and Induction Heads (T
 
 @dataclass(frozen=True)
 class InductionConfig:
-    """Settings of the induction-head run (defaults: the paper's setting scaled to a CPU, 33M tokens of text, 41
-    minutes on one thread here, which formed no induction head; see the README).
+    """Settings of the induction-head run (defaults: the paper's setting scaled to a CPU, 16M tokens of the
+    Python standard library's source, about 20 minutes on one thread here; the phase change comes at about
+    8M tokens, see the README).
 
     Attributes:
-        corpus: mechscope corpus names (or paths) of the training text. vocab: token ids (text runs: the
+        corpus: mechscope corpus names (or paths) of the training text (default ``pysource``: code repeats
+            its identifiers within a file, and on it the circuit forms on a CPU; on the four prose corpora,
+            about 5M tokens in all, no run up to 102M tokens formed one). vocab: token ids (text runs: the
             BPE's size, or the SmolLM2 ids kept, see ``tokenizer``). context_len: tokens per row (>= 501 for
             the paper's ICL score; shorter rows use ``icl_late`` = the last position).
         tokenizer: ``"bpe"`` (a byte-level BPE of ``vocab`` ids trained on the training split, so every
@@ -73,22 +78,20 @@ class InductionConfig:
             ``"shortformer"`` (GPT-2 with fixed sinusoidal positions added to the queries' and keys' input
             only, Press et al. 2021; the residual stream carries tokens only, like TransformerLens's
             ``positional_embedding_type="shortformer"``) or ``"rotary"`` (a Llama attention stack: rotary
-            positions, RMSNorm, no biases). On text, shortformer positions grew the
+            positions, RMSNorm, no biases). On prose, shortformer positions grew the
             previous-token head fastest here (README).
         device: where the model trains and is scored (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). One CPU
-            thread here trains the small text models at 12-57k tokens a second, and runs of up to 102M
-            tokens formed no induction head (README); the paper's small models trained on billions of
-            tokens of far more varied text (the four built-in corpora hold about 5M tokens), so a GPU run
-            on a larger corpus is the way to the real-text phase change.
+            thread here trains the default model at 13-18k tokens a second; a GPU is for larger models,
+            longer runs and larger corpora.
     """
 
-    corpus: tuple[str, ...] = ("pydoc", "wikipedia", "austen", "shakespeare")
+    corpus: tuple[str, ...] = ("pysource",)
     vocab: int = 1024
     context_len: int = 512
     n_layers: int = 2
     d_model: int = 128
     n_heads: int = 2
-    steps: int = 8000
+    steps: int = 4000
     batch: int = 8
     lr: float = 3e-3
     warmup: int = 100
@@ -400,6 +403,10 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
          "ours": cases[ind_name]["repeat_loss"], "note": f"unablated {cases['none']['repeat_loss']:.3f}; "
                                                          f"heads {abl['induction_heads']}"},
     ]
+    if "icl" in cases["none"]:
+        comparisons.append({"quantity": "ablating the induction heads: ICL score (nats)",
+                            "paper": "in-context learning goes", "ours": cases[ind_name]["icl"],
+                            "note": f"unablated {cases['none']['icl']:.3f}"})
     arch = POSITIONS[cfg.positions]
     notes = [f"Model: transformers {arch}, {cfg.n_layers} layers, attention only (MLP output fixed at 0), d_model "
              f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.context_len}, vocabulary {cfg.vocab} "
@@ -408,7 +415,7 @@ def run_induction(cfg: InductionConfig = InductionConfig(), *, progress: bool = 
         notes.append(f"The located steps span {pc['span']:.0f} steps (checkpoints every {cfg.eval_every}).")
     result = {"toy": "induction", "title": "Induction heads and the phase change", "paper": PAPER, "seed": cfg.seed,
               "settings": asdict(cfg), "metrics": metrics, "comparisons": comparisons,
-              "figures": _figures(model, hist, pc, abl, probe, by_pos_last, cfg), "notes": notes,
+              "figures": induction_figures(model, hist, pc, abl, probe, by_pos_last, cfg), "notes": notes,
               "command": rerun_command(cfg)}
     return finish(result, t0)
 
@@ -430,55 +437,3 @@ def rerun_command(cfg: InductionConfig) -> str:
     if not cfg.synthetic and cfg.corpus != base.corpus:
         parts += [f"--corpus {c}" for c in cfg.corpus]
     return " ".join(parts)
-
-
-def _vline(x) -> list[dict]:
-    return [] if x is None else [{"type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
-                                  "line": {"dash": "dot", "color": "#c0392b"}}]
-
-
-def _figures(model, hist, pc, abl, probe, by_pos_last, cfg) -> list[dict]:
-    steps = hist["step"]
-    tl = hist["train_loss"]
-    every = max(1, len(tl) // 2000)
-    shapes = _vline(pc.get("induction"))
-    figs = [figure("loss", "Training loss", [
-        {"type": "scatter", "mode": "lines", "name": "train loss", "x": list(range(0, len(tl), every)), "y": tl[::every]},
-        {"type": "scatter", "mode": "lines", "name": "repeated-token loss (2nd half)", "x": steps, "y": hist["repeat_loss"]},
-    ], {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "nats"}}, "shapes": shapes, "height": 380},
-        caption="Dotted line: where the induction score rises fastest.")]
-    if hist["icl"] and hist["icl"][0] is not None:
-        figs.append(figure("icl", "In-context learning score", [
-            {"type": "scatter", "mode": "lines+markers", "x": steps, "y": hist["icl"]}],
-            {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": f"loss@{cfg.icl_late} - loss@{cfg.icl_early}"}},
-             "shapes": shapes, "height": 340}))
-    traces = []
-    for layer in range(cfg.n_layers):
-        for h in range(cfg.n_heads):
-            traces.append({"type": "scatter", "mode": "lines", "name": f"{layer}.{h} induction", "x": steps,
-                           "y": [c[layer][h] for c in hist["induction"]]})
-            if layer == 0:
-                traces.append({"type": "scatter", "mode": "lines", "name": f"{layer}.{h} prev-token", "x": steps,
-                               "y": [c[layer][h] for c in hist["previous_token"]], "line": {"dash": "dash"}})
-    figs.append(figure("heads", "Head scores over training", traces,
-                       {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "mean attention"}, "range": [0, 1]},
-                        "shapes": shapes, "height": 420},
-                       caption="Induction (prefix-matching) score of every head, previous-token score of layer-0 heads."))
-    if by_pos_last is not None:
-        figs.append(figure("by_position", "Loss by token index (held-out text, final model)", [
-            {"type": "scatter", "mode": "lines", "x": list(range(1, len(by_pos_last) + 1)), "y": by_pos_last}],
-            {"xaxis": {"title": {"text": "token index"}, "type": "log"}, "yaxis": {"title": {"text": "nats"}}, "height": 340}))
-    names = list(abl["cases"])
-    figs.append(figure("ablation", "Ablating the circuit (zero-ablation of each role's heads at hook_z)", [
-        {"type": "bar", "name": "induction score", "x": names, "y": [abl["cases"][n]["induction_score"] for n in names]},
-        {"type": "bar", "name": "repeated-token loss", "x": names, "y": [abl["cases"][n]["repeat_loss"] for n in names]},
-    ], {"barmode": "group", "height": 360}))
-    L, h = abl["top_induction_head"]
-    _, cache = model.run(probe[:1], cache=[f"blocks.{L}.attn.hook_pattern"])
-    pat = cache[f"blocks.{L}.attn.hook_pattern"][0, h].float()
-    figs.append(figure("pattern", f"Attention of induction head {L}.{h} on a repeated sequence", [
-        {"type": "heatmap", "z": pat.tolist(), "colorscale": "Viridis"}],
-        {"xaxis": {"title": {"text": "key position"}}, "yaxis": {"title": {"text": "query position"}, "autorange": "reversed"},
-         "height": 440, "width": 500},
-        caption="The off-diagonal stripe: each token of the second copy attends to the token after its earlier copy."))
-    return figs
