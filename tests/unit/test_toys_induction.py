@@ -115,8 +115,8 @@ def test_text_runs_use_a_bpe_trained_on_the_train_split():
     assert r["comparisons"][-1]["quantity"] == "ablating the induction heads: ICL score (nats)"
     assert r["comparisons"][-1]["ours"] == cases["induction heads"]["icl"]
     figs = {f["id"]: f for f in r["figures"]}
-    held_out = [t for t in figs["loss"]["fig"]["data"] if t["name"] == "held-out loss"]
-    assert len(held_out) == 1 and held_out[0]["y"] == hist["eval_loss"]
+    eval_trace = [t for t in figs["loss"]["fig"]["data"] if t["name"] == "held-out loss"]
+    assert len(eval_trace) == 1 and eval_trace[0]["y"] == hist["eval_loss"]
     bars = {t["name"]: t for t in figs["ablation"]["fig"]["data"]}
     assert bars["ICL score"]["y"] == [c["icl"] for c in cases.values()]
     assert bars["repeated-token loss (nats)"]["yaxis"] == "y2" and bars["ICL score"]["yaxis"] == "y"
