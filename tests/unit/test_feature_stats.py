@@ -298,7 +298,7 @@ def test_cli_build(tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from mechscope.cli_features import features_app
+    from mechscope.cli.features import features_app
     from mechscope.dictionaries import save_dictionary
     from tests.unit.test_cli import _save_tiny_llama
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from mechscope.cli_common import clean_errors as _clean_errors
+from mechscope.cli.common import auto_threads, clean_errors, out
 
 toys_app = typer.Typer(no_args_is_help=True, help="Classic results from scratch: superposition, grokking, induction.")
 
@@ -21,15 +21,12 @@ def _group() -> None:
 def _threads(threads: int | None) -> None:
     import torch
 
-    from mechscope.cli import auto_threads, out
-
     n, why = (threads, "--threads") if threads else auto_threads()
     torch.set_num_threads(n)
     out.print(Text(f"torch threads: {n} ({why})"))
 
 
 def _write(result: dict, out_dir: Path) -> None:
-    from mechscope.cli import out
     from mechscope.report.toys import write_toy_report
 
     html, js = write_toy_report(result, out_dir)
@@ -45,7 +42,7 @@ THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (defaul
 
 
 @toys_app.command("superposition")
-@_clean_errors
+@clean_errors
 def superposition_cmd(
     out_dir: Path = OUT,
     seed: int = SEED,
@@ -62,7 +59,7 @@ def superposition_cmd(
 
 
 @toys_app.command("modular")
-@_clean_errors
+@clean_errors
 def modular_cmd(
     out_dir: Path = OUT,
     seed: int = SEED,
@@ -81,7 +78,7 @@ def modular_cmd(
 
 
 @toys_app.command("induction")
-@_clean_errors
+@clean_errors
 def induction_cmd(
     out_dir: Path = OUT,
     seed: int = SEED,
@@ -124,7 +121,7 @@ def induction_cmd(
 
 
 @toys_app.command("render")
-@_clean_errors
+@clean_errors
 def render_cmd(
     results: Path = typer.Argument(..., help="a <toy>.json written by mechscope toy ... (e.g. docs/toys/modular.json)"),
     out_dir: Path = OUT,
@@ -132,7 +129,6 @@ def render_cmd(
     """Re-render a toy's HTML page from its saved JSON (no training)."""
     import json
 
-    from mechscope.cli import out
     from mechscope.core.errors import InputError
     from mechscope.report.toys import write_toy_report
     from mechscope.toys.common import REQUIRED

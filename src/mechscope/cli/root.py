@@ -1,20 +1,17 @@
-"""The ``mechscope`` command line: ``report``, ``hooks``, ``lens``, ``version``, ``sae train|eval``.
+"""The top-level ``mechscope`` commands: ``version``, ``hooks``, ``lens``, ``report`` and ``serve``.
 
-Errors that mechscope raises on purpose (:class:`~mechscope.core.errors.MechscopeError`) are printed
-as one red line on stderr and exit with status 2; anything else is a bug and keeps its traceback.
+:data:`app` is the root command; :mod:`mechscope.cli` adds the ``sae``, ``features`` and ``toy`` groups to it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli_common import clean_errors
+from mechscope.cli.common import auto_threads, clean_errors, err, out, print_table
 
 app = typer.Typer(
     add_completion=False,
@@ -22,38 +19,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Mechanistic interpretability on real HuggingFace models.",
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-_clean_errors = clean_errors
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf file or hub id")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 or bfloat16 (bfloat16 is ~4x faster on CPU)")
-
-
-def _print_table(table: Table) -> None:
-    """Print a table without wrapping cells, even when stdout is a pipe (rich then assumes 80 columns)."""
-    from rich.measure import Measurement
-
-    need = Measurement.get(out, out.options.update(width=10_000), table).maximum
-    Console(highlight=False, width=max(out.width, need)).print(table)
-
-
-def auto_threads() -> tuple[int, str]:
-    """Torch threads for a long CPU job: the cores that other processes leave idle (1-minute load average).
-
-    On an oversubscribed CPU, OpenMP threads that wait for each other make every op slower; measured
-    on a 2-core machine at load ~4: 2 threads were 8x slower than 1 on small forwards, and no faster on
-    large ones. Returns (threads, reason).
-    """
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every platform
-        return n, "torch default"
-    cores = os.cpu_count() or n
-    return max(1, min(n, cores - int(load))), f"auto: load {load:.1f} on {cores} cores"
 
 
 def _shape(axes: str, cfg) -> str:
@@ -63,7 +31,7 @@ def _shape(axes: str, cfg) -> str:
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def version() -> None:
     """Print the versions of mechscope, torch and transformers."""
     import torch
@@ -75,7 +43,7 @@ def version() -> None:
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def hooks(model: str = ModelOpt, dtype: str = DtypeOpt) -> None:
     """Print every hook point of a model: name, axes and shape."""
     import mechscope
@@ -86,11 +54,11 @@ def hooks(model: str = ModelOpt, dtype: str = DtypeOpt) -> None:
         table.add_column(col, no_wrap=True)
     for name, axes in m.hook_names().items():
         table.add_row(Text(name), Text(axes), Text(_shape(axes, m.cfg)))
-    _print_table(table)
+    print_table(table)
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def lens(
     text: str = typer.Argument(..., help="prompt to read the residual stream of"),
     target: str | None = typer.Option(None, "--target", "-t", help="token to track, e.g. ' Paris' (mind the space)"),
@@ -117,11 +85,11 @@ def lens(
         if r.target_prob is not None:
             row += [Text(f"{float(r.target_prob[i]):.3f}"), Text(str(int(r.target_rank[i])))]
         table.add_row(*row)
-    _print_table(table)
+    print_table(table)
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def report(
     model: str = ModelOpt,
     out_dir: Path = typer.Option(Path("mechscope-report"), "--out", "-o", help="folder for report.html and results.json"),
@@ -148,7 +116,7 @@ def report(
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def serve(
     model: str = ModelOpt,
     dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
@@ -185,24 +153,3 @@ def serve(
         err.print(Text(f"warning: binding to {host}: anyone who can reach it can run the model.", style="yellow"))
     out.print(Text(f"mechscope serving on http://{host}:{port}  (torch threads: {n}, {why})", style="bold green"))
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
-
-
-from mechscope.cli_sae import sae_app  # noqa: E402 (after _clean_errors, which it uses)
-
-app.add_typer(sae_app, name="sae")
-
-from mechscope.cli_features import features_app  # noqa: E402
-
-app.add_typer(features_app, name="features")
-
-from mechscope.cli_toys import toys_app  # noqa: E402
-
-app.add_typer(toys_app, name="toy")
-
-
-def main() -> None:  # pragma: no cover - `python -m mechscope.cli`
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli_common import clean_errors as _clean_errors
+from mechscope.cli.common import auto_threads, clean_errors, out, print_table
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train and evaluate sparse autoencoders and transcoders.")
 
@@ -41,7 +41,7 @@ def _write_eval(folder: Path, e) -> None:
 
 
 @sae_app.command("train")
-@_clean_errors
+@clean_errors
 def train_cmd(
     hook: list[str] = typer.Option(..., "--hook", help="input hook, e.g. blocks.15.hook_resid_post (repeatable)"),
     arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk or jumprelu"),
@@ -73,7 +73,6 @@ def train_cmd(
     import torch
 
     import mechscope
-    from mechscope.cli import auto_threads, out
     from mechscope.dictionaries import DictionaryConfig
     from mechscope.dictionaries.splice import site_width
     from mechscope.training import DictionarySpec, TrainConfig
@@ -104,13 +103,11 @@ def train_cmd(
             e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=eval_tokens)
             _write_eval(out_dir / name, e)
             rows[name] = e.summary()
-        from mechscope.cli import _print_table
-
-        _print_table(_eval_table(rows))
+        print_table(_eval_table(rows))
 
 
 @sae_app.command("eval")
-@_clean_errors
+@clean_errors
 def eval_cmd(
     dictionary: list[Path] = typer.Argument(..., help="dictionary folder(s): mechscope, SAELens or sparsify"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="the model the dictionary belongs to"),
@@ -128,7 +125,6 @@ def eval_cmd(
     import torch
 
     import mechscope
-    from mechscope.cli import _print_table, auto_threads, out
     from mechscope.dictionaries import load_dictionary
     from mechscope.training.pipeline import CorpusConfig, evaluate_on_corpus
 
@@ -142,5 +138,5 @@ def eval_cmd(
         e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=tokens)
         _write_eval(folder, e)
         rows[folder.name] = e.summary()
-    _print_table(_eval_table(rows))
+    print_table(_eval_table(rows))
     out.print(json.dumps(rows, indent=1))

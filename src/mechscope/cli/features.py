@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from mechscope.cli_common import clean_errors as _clean_errors
+from mechscope.cli.common import auto_threads, clean_errors, out, print_table
 
 features_app = typer.Typer(no_args_is_help=True, help="Feature statistics and the feature database.")
 
@@ -18,7 +18,7 @@ def _group() -> None:
 
 
 @features_app.command("build")
-@_clean_errors
+@clean_errors
 def build_cmd(
     dictionary: Path | None = typer.Argument(None, help="dictionary folder (mechscope, SAELens or sparsify)"),
     out_path: Path = typer.Option(Path("features.duckdb"), "--out", "-o", help="the database file to write"),
@@ -48,7 +48,6 @@ def build_cmd(
     import torch
 
     import mechscope
-    from mechscope.cli import auto_threads, out
     from mechscope.core.errors import InputError
     from mechscope.data import corpus_tokens
     from mechscope.features.build import build_feature_db
@@ -91,7 +90,7 @@ def build_cmd(
 
 
 @features_app.command("explain")
-@_clean_errors
+@clean_errors
 def explain_cmd(
     database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
     dictionary: Path = typer.Option(..., "--dictionary", "-d", help="the dictionary the database describes"),
@@ -111,7 +110,6 @@ def explain_cmd(
     import torch
 
     import mechscope
-    from mechscope.cli import _print_table, auto_threads, out
     from mechscope.core.errors import InputError
     from mechscope.data import corpus_tokens
     from mechscope.dictionaries import load_dictionary
@@ -147,12 +145,12 @@ def explain_cmd(
         else:
             auroc = "" if r.score.auroc is None else f"{r.score.auroc:.2f}"
             table.add_row(str(latent), Text(r.label), f"{r.score.balanced_accuracy:.2f}", auroc)
-    _print_table(table)
+    print_table(table)
     out.print(Text(f"scorer: {backend.name}", style="dim"))
 
 
 @features_app.command("export")
-@_clean_errors
+@clean_errors
 def export_cmd(
     database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
     latents: str = typer.Option("0-99", "--latents", help="ids and ranges, e.g. 0-99,250,4000-4010"),
@@ -171,7 +169,6 @@ def export_cmd(
     Upload the Neuronpedia folder with Neuronpedia's convert-saedashboard-to-neuronpedia-export.py
     --saedashboard-output-dir FOLDER.
     """
-    from mechscope.cli import out
     from mechscope.core.errors import InputError
     from mechscope.features.db import FeatureDB
     from mechscope.features.export import export_dashboard, export_neuronpedia
