@@ -117,6 +117,9 @@ def test_format_example_marks_peak_runs():
     long = Example([f" t{i}" for i in range(100)], [float(i == 90) for i in range(100)])
     s = format_example(long, context_tokens=8)
     assert "<<t90>>" in s and len(re.findall(r"t\d+", s)) == 8
+    # a split character (empty spans, then the token that completes it) is marked as one, whole
+    split = Example(["<s>", " I", " ", "", "😀", " it"], [0, 0, 0, 4.0, 0.5, 0])
+    assert format_example(split) == "<s> I <<😀>> it"
 
 
 @pytest.mark.parametrize("reply, want", [

@@ -229,7 +229,10 @@ def test_db_queries_return_what_was_stored(model, sae, tokens, tmp_path, compute
     assert [e["context_id"] for e in f["top"]] == [c for c in final.top["ctx"][i].tolist() if c >= 0]
     e = f["top"][0]
     c = e["context_id"]
-    assert e["tokens"] == [model.tokenizer.decode([t]) for t in tokens[c].tolist()]
+    # the exact text of the context, and each token's span of it (this word-level tokenizer joins with spaces)
+    assert e["text"] == model.tokenizer.decode(tokens[c].tolist(), skip_special_tokens=False)
+    assert "".join(e["tokens"]) == e["text"] and len(e["tokens"]) == tokens.shape[1]
+    assert [t.strip() for t in e["tokens"]] == [model.tokenizer.decode([t]) for t in tokens[c].tolist()]
     assert np.allclose(e["acts"], acts[c, :, i].numpy()) and e["max_token"] == e["tokens"][e["max_pos"]]
     assert len(f["quantiles"]) == int((final.quant["ctx"][i] >= 0).sum())
     assert [x["token_id"] for x in f["logits"]["up"]] == final.logits[1][i].tolist()
@@ -318,7 +321,7 @@ def test_cli_build(tmp_path, monkeypatch):
     with FeatureDB(tmp_path / "f.duckdb") as db:
         assert db.n_latents == 24 and db.meta["corpus"] == [str(corpus)] and db.meta["n_tokens"] > 0
         f = db.feature(int(db.list_latents("density", 0, 1)[0]["id"]))
-        assert f["top"] and all(t.startswith(("w", "<bos>", "<eos>")) for t in f["top"][0]["tokens"])
+        assert f["top"] and all(t.strip().startswith(("w", "<bos>", "<eos>")) for t in f["top"][0]["tokens"])
     r = runner.invoke(features_app, ["build", "--neurons", "blocks.1.mlp.hook_post", "--out", str(tmp_path / "n.duckdb"),
                                      *common])
     assert r.exit_code == 0, r.output

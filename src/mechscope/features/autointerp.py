@@ -54,7 +54,8 @@ class Example:
     """One context and the per-token activations of one latent on it.
 
     Args:
-        tokens: the context's token strings (decoded pieces, leading spaces included); stored as a tuple.
+        tokens: the context's token strings (each token's span of the exact text, leading spaces included;
+            empty for leading bytes of a split character, see :mod:`mechscope.data.detokenize`); a tuple.
         acts: the latent's activation at each token (the dictionary's units); same length as ``tokens``.
 
     Raises:
@@ -262,12 +263,22 @@ def _clean(s: str) -> str:
 def format_example(ex: Example, *, context_tokens: int = 32, mark_fraction: float = 0.5) -> str:
     """One example as text, tokens with activation >= ``mark_fraction`` x the example's peak marked <<so>>.
 
-    Runs of marked tokens share one marker; a token's leading spaces stay outside it.
+    Runs of marked tokens share one marker; a token's leading spaces stay outside it. A token with an empty
+    span (leading bytes of a character another token completes, see :mod:`mechscope.data.detokenize`) is
+    merged into the next token, which takes the larger of their activations.
     """
     toks, acts = _window(ex, context_tokens)
     thr = max(ex.max_act * mark_fraction, 1e-12)
-    out, open_ = [], False
+    merged, carry = [], None
     for t, a in zip(toks, acts):
+        a = a if carry is None else max(a, carry)
+        carry = None
+        if t == "":
+            carry = a
+        else:
+            merged.append((t, a))
+    out, open_ = [], False
+    for t, a in merged:
         t = _clean(t)
         marked = ex.max_act > 0 and a >= thr
         if marked and not open_:

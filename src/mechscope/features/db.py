@@ -12,18 +12,24 @@ Tables (one row per item; ``latent_id`` orders every table, so each latent's row
 - ``meta(key, value)``: JSON values: model, source (dictionary path, weight hash, hook), corpus,
   tokens fingerprint, n_tokens, config, notes, created, format_version.
 - ``latents(id, density, max_act, mean_act, n_fired, histogram INTEGER[], quantile_edges FLOAT[])``.
-- ``contexts(context_id, token_ids INTEGER[], str_tokens VARCHAR[], text)``: only the contexts that
-  examples use. Token strings are decoded once at build time (each id alone with the tokenizer) so
-  readers need no tokenizer; ``text`` is their concatenation, for text search.
+- ``contexts(context_id, token_ids INTEGER[], str_tokens VARCHAR[], text, offsets INTEGER[])``: only the
+  contexts that examples use, decoded once at build time so readers need no tokenizer. ``text`` is the
+  whole context decoded at once (exact: emoji, combining accents, right-to-left and zero-width characters
+  kept), ``offsets`` the code-point offset where each token's span of ``text`` starts, and ``str_tokens``
+  those spans (they join to ``text``; a token holding only leading bytes of a character has an empty
+  span, see :mod:`mechscope.data.detokenize`).
 - ``examples(latent_id, kind 'top'|'quantile', bin, rank, context_id, max_pos, max_token, max_act,
-  acts FLOAT[])``: ``acts`` are the latent's activations at every position of the context (BOS: 0).
-- ``logit_effects(latent_id, direction 'up'|'down', rank, token_id, token_str, value)``.
+  acts FLOAT[])``: ``acts`` are the latent's activations at every position of the context (BOS: 0);
+  ``max_token`` is the text of the token at ``max_pos`` (its span, or for a byte fragment its label).
+- ``logit_effects(latent_id, direction 'up'|'down', rank, token_id, token_str, value)``: ``token_str``
+  is the token's label (:func:`~mechscope.data.detokenize.token_label`: byte fragments as escapes).
 - ``coactivation(latent_id, other_id, rank, count, jaccard)``.
 - ``labels(latent_id, label, score, score_kind, explainer, prompt, date, n_scored)``: written later by
   auto-interpretation (:meth:`FeatureDB.add_label`).
 
 Strings are stored exactly as decoded (``<script>`` stays ``<script>``): escaping is the job of
-whatever renders them.
+whatever renders them. Format 1 (before exact text) is still read: its spans are per-token decodes, with
+U+FFFD for split characters; rebuild to get the exact text.
 """
 
 from __future__ import annotations
@@ -39,14 +45,18 @@ from typing import Any
 import numpy as np
 
 from mechscope.core.errors import CorruptFileError, DiskFullError, InputError
+from mechscope.data.detokenize import decode_spans, token_labels
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this version reads (1: per-token decodes, no ``offsets`` column).
+READABLE_VERSIONS = (1, 2)
 
 SCHEMA = """
 CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE latents (id INTEGER, density DOUBLE, max_act FLOAT, mean_act FLOAT, n_fired BIGINT,
                       histogram INTEGER[], quantile_edges FLOAT[]);
-CREATE TABLE contexts (context_id INTEGER, token_ids INTEGER[], str_tokens VARCHAR[], text VARCHAR);
+CREATE TABLE contexts (context_id INTEGER, token_ids INTEGER[], str_tokens VARCHAR[], text VARCHAR,
+                       offsets INTEGER[]);
 CREATE TABLE examples (latent_id INTEGER, kind VARCHAR, bin SMALLINT, rank SMALLINT, context_id INTEGER,
                        max_pos SMALLINT, max_token VARCHAR, max_act FLOAT, acts FLOAT[]);
 CREATE TABLE logit_effects (latent_id INTEGER, direction VARCHAR, rank SMALLINT, token_id INTEGER,
@@ -82,8 +92,9 @@ def write_feature_db(path: str | Path, tables: dict[str, Any], meta: dict[str, A
 
     Args:
         path: the ``.duckdb`` file to create or replace.
-        tables: table name -> a pyarrow Table (or anything DuckDB can scan) whose columns are those of
-            :data:`SCHEMA` in order; each should be sorted by latent id. Missing tables stay empty.
+        tables: table name -> a pyarrow Table (or anything DuckDB can scan) whose columns are named as in
+            :data:`SCHEMA` (matched by name; a column left out is NULL); each should be sorted by latent id.
+            Missing tables stay empty.
         meta: JSON-able values for the ``meta`` table.
 
     Raises:
@@ -109,7 +120,7 @@ def write_feature_db(path: str | Path, tables: dict[str, Any], meta: dict[str, A
                             [(k, json.dumps(v, ensure_ascii=False)) for k, v in meta.items()])
             for name, table in tables.items():
                 con.register("_src", table)
-                con.execute(f"INSERT INTO {name} SELECT * FROM _src")
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _src")
                 con.unregister("_src")
             con.execute(INDEXES)
             con.execute("CHECKPOINT")
@@ -133,7 +144,7 @@ def stats_tables(final, tokens, tokenizer) -> dict[str, Any]:
     Args:
         final: the finalised statistics.
         tokens: ``[n_contexts, context_len]`` the token ids the statistics were computed on.
-        tokenizer: decodes token strings (each id alone); None writes ``"#<id>"``.
+        tokenizer: decodes the contexts and token labels; None writes ``"#<id>"``.
     """
     import pyarrow as pa
 
@@ -165,21 +176,25 @@ def stats_tables(final, tokens, tokenizer) -> dict[str, Any]:
     ex = {k: v[order] for k, v in ex.items()}
     used = np.unique(ex["context_id"])
     tok_np = tokens.numpy()
-    vocab_ids = set(np.unique(tok_np[used]).tolist())
+    ctx_tok = tok_np[used]
+    decoded = decode_spans(tokenizer, ctx_tok.tolist())
+    str_rows = [d.pieces for d in decoded]
+    label_ids = set(np.unique(ctx_tok).tolist())
     logit_tables = None
     if final.logits is not None:
         up_v, up_i, down_v, down_i = (x.numpy() for x in final.logits)
-        vocab_ids |= set(np.unique(up_i).tolist()) | set(np.unique(down_i).tolist())
-    strs = _decode_each(tokenizer, sorted(vocab_ids))
-    ctx_tok = tok_np[used]
-    str_rows = [[strs[t] for t in row] for row in ctx_tok.tolist()]
+        label_ids |= set(np.unique(up_i).tolist()) | set(np.unique(down_i).tolist())
+    labels = token_labels(tokenizer, label_ids)
     contexts = pa.table({"context_id": used.astype(np.int32), "token_ids": _list_array(ctx_tok.astype(np.int32), pa.int32()),
                          "str_tokens": pa.array(str_rows, type=pa.list_(pa.string())),
-                         "text": pa.array(["".join(r) for r in str_rows], type=pa.string())})
-    max_tok = tok_np[ex["context_id"], ex["max_pos"].astype(np.int64)]
+                         "text": pa.array([d.text for d in decoded], type=pa.string()),
+                         "offsets": pa.array([list(d.starts) for d in decoded], type=pa.list_(pa.int32()))})
+    row_of = {int(c): r for r, c in enumerate(used.tolist())}
+    max_token = [_shown_token(str_rows[row_of[c]][p], labels[int(ctx_tok[row_of[c], p])])
+                 for c, p in zip(ex["context_id"].tolist(), ex["max_pos"].astype(np.int64).tolist())]
     examples = pa.table({"latent_id": ex["latent_id"], "kind": pa.array(ex["kind"].tolist(), type=pa.string()),
                          "bin": ex["bin"], "rank": ex["rank"], "context_id": ex["context_id"], "max_pos": ex["max_pos"],
-                         "max_token": pa.array([strs[t] for t in max_tok.tolist()], type=pa.string()),
+                         "max_token": pa.array(max_token, type=pa.string()),
                          "max_act": ex["max_act"], "acts": _list_array(ex["acts"], pa.float32())})
     out = {"latents": latents, "contexts": contexts, "examples": examples}
     if final.logits is not None:
@@ -191,7 +206,7 @@ def stats_tables(final, tokens, tokenizer) -> dict[str, Any]:
         val = np.concatenate([up_v, down_v], axis=1).reshape(-1).astype(np.float32)
         logit_tables = pa.table({"latent_id": lat, "direction": pa.array(direction.tolist(), type=pa.string()),
                                  "rank": rank, "token_id": tid,
-                                 "token_str": pa.array([strs[t] for t in tid.tolist()], type=pa.string()), "value": val})
+                                 "token_str": pa.array([labels[t] for t in tid.tolist()], type=pa.string()), "value": val})
         out["logit_effects"] = logit_tables
     if final.coact is not None:
         oid = final.coact["ids"].numpy()
@@ -205,11 +220,10 @@ def stats_tables(final, tokens, tokenizer) -> dict[str, Any]:
     return out
 
 
-def _decode_each(tokenizer, ids: list[int]) -> dict[int, str]:
-    """Each token id decoded on its own (a byte-level token that is part of a character gives U+FFFD)."""
-    if tokenizer is None:
-        return {i: f"#{i}" for i in ids}
-    return {i: tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids}
+def _shown_token(span: str, label: str) -> str:
+    """The text a token stands for in a list: its span of the context, unless that is empty or blank while
+    the token alone is more (a byte fragment such as ``' \\xd7'``): then its label."""
+    return span if span.strip() or span == label else label
 
 
 class FeatureDB:
@@ -221,8 +235,9 @@ class FeatureDB:
             :meth:`add_label`.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        CorruptFileError: the file is not a mechscope feature database.
+        InputError: no file at ``path`` (or a folder), or another process holds the file open for writing.
+        CorruptFileError: the file is truncated, is not a DuckDB file, is not a mechscope feature database,
+            or has a format this version does not read; the message gives its size and the fix.
     """
 
     def __init__(self, path: str | Path, read_only: bool = True):
@@ -230,22 +245,39 @@ class FeatureDB:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no feature database at {self.path}; build one with `mechscope features build`.")
+            what = "is a folder, not" if self.path.is_dir() else "does not exist; expected"
+            raise InputError(f"{self.path} {what} a feature database (.duckdb). Build one with `mechscope features "
+                             "build DICTIONARY --out FILE.duckdb`, or check the path.")
+        size = self.path.stat().st_size
         try:
             self.con = duckdb.connect(str(self.path), read_only=read_only)
-            rows = self.con.execute("SELECT key, value FROM meta").fetchall()
-        except (duckdb.ConnectionException, duckdb.IOException) as e:
-            raise InputError(f"cannot open {self.path}: {e}. Another connection holds it with other settings (a "
-                             "writer, FeatureDB(path, read_only=False), excludes every other connection); close "
-                             "it first.") from e
         except duckdb.Error as e:
-            raise CorruptFileError(f"{self.path} is not a readable feature database ({e}); rebuild it with "
-                                   "`mechscope features build`.") from e
-        self.meta = {k: json.loads(v) for k, v in rows}
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise CorruptFileError(f"{self.path} has feature-database format {self.meta.get('format_version')}, "
-                                   f"this mechscope reads {FORMAT_VERSION}; rebuild it.")
-        self.n_latents = int(self.con.execute("SELECT count(*) FROM latents").fetchone()[0])
+            if "lock" in str(e).lower():
+                raise InputError(f"cannot open {self.path}: another process holds it open for writing ({e}). A "
+                                 "writer (FeatureDB(path, read_only=False), e.g. `mechscope features explain`) "
+                                 "excludes every other connection; wait for it to finish or stop it.") from e
+            raise CorruptFileError(f"{self.path} ({size:,} bytes) is not a readable DuckDB file: {e}. It may be "
+                                   "truncated (an interrupted copy or download) or another kind of file; copy it "
+                                   "again or rebuild it with `mechscope features build`.") from e
+        try:
+            rows = self.con.execute("SELECT key, value FROM meta").fetchall()
+            self.meta = {k: json.loads(v) for k, v in rows}
+            version = self.meta.get("format_version")
+            if version not in READABLE_VERSIONS:
+                raise CorruptFileError(f"{self.path} has feature-database format {version!r}; this mechscope reads "
+                                       f"{list(READABLE_VERSIONS)}. Rebuild it with `mechscope features build`.")
+            self.format_version = int(version)
+            self.n_latents = int(self.con.execute("SELECT count(*) FROM latents").fetchone()[0])
+        except (duckdb.Error, json.JSONDecodeError, TypeError, ValueError) as e:
+            self.con.close()
+            if isinstance(e, CorruptFileError):
+                raise
+            raise CorruptFileError(f"{self.path} ({size:,} bytes) is a DuckDB file but not a readable mechscope "
+                                   f"feature database ({type(e).__name__}: {e}); rebuild it with `mechscope features "
+                                   "build`.") from e
+        except BaseException:
+            self.con.close()
+            raise
 
     @classmethod
     def create(cls, path: str | Path, final, tokens, tokenizer, meta: dict[str, Any]) -> "FeatureDB":
@@ -284,8 +316,9 @@ class FeatureDB:
 
         Returns:
             dict with ``id, density, max_act, mean_act, n_fired, histogram {edges (log10 act), counts},
-            quantile_edges, top [..], quantiles [..]`` (each example: ``context_id, max_pos, max_act,
-            tokens [str], acts [float]``, quantile examples also ``bin``), ``logits {up, down}`` (each
+            quantile_edges, top [..], quantiles [..]`` (each example: ``context_id, max_pos, max_token,
+            max_act, text`` (the exact context), ``tokens [str]`` (each token's span of ``text``; they join
+            to it), ``acts [float]``, quantile examples also ``bin``), ``logits {up, down}`` (each
             ``token, token_id, value``), ``coactivation [{id, count, jaccard}]``, ``labels [..]``.
 
         Raises:
@@ -298,8 +331,8 @@ class FeatureDB:
         ex = c.execute("SELECT kind, bin, rank, context_id, max_pos, max_token, max_act, acts FROM examples "
                        "WHERE latent_id = ? ORDER BY kind DESC, bin, rank", [i]).fetchall()
         ctx_ids = sorted({r[3] for r in ex})
-        ctx = dict(c.execute("SELECT context_id, str_tokens FROM contexts WHERE context_id IN "
-                             f"({','.join(map(str, ctx_ids))})").fetchall()) if ctx_ids else {}
+        ctx = {r[0]: r[1:] for r in c.execute("SELECT context_id, str_tokens, text FROM contexts WHERE context_id IN "
+                                              f"({','.join(map(str, ctx_ids))})").fetchall()} if ctx_ids else {}
         logits = c.execute("SELECT direction, token_str, token_id, value FROM logit_effects WHERE latent_id = ? "
                            "ORDER BY direction DESC, rank", [i]).fetchall()
         coact = c.execute("SELECT other_id, count, jaccard FROM coactivation WHERE latent_id = ? ORDER BY rank",
@@ -309,8 +342,8 @@ class FeatureDB:
         c.close()
 
         def example(r):
-            d = {"context_id": r[3], "max_pos": r[4], "max_token": r[5], "max_act": r[6], "tokens": ctx[r[3]],
-                 "acts": r[7]}
+            d = {"context_id": r[3], "max_pos": r[4], "max_token": r[5], "max_act": r[6], "text": ctx[r[3]][1],
+                 "tokens": ctx[r[3]][0], "acts": r[7]}
             if r[0] == "quantile":
                 d["bin"] = r[1]
             return d

@@ -10,6 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.core.errors import InputError
+from mechscope.data.detokenize import decode_spans
 from mechscope.features.autointerp import ScoredLabel, explain_and_score, sample_detection_set
 
 
@@ -48,7 +49,7 @@ def label_latents(model, dictionary, db, latents: Sequence[int], contexts: Int[T
     """
     scorer = scorer or explainer
     acts = latent_activations(model, dictionary, contexts, latents)
-    str_tokens = [model.to_str_tokens(row)[1:] for row in contexts]
+    str_tokens = [d.pieces[1:] for d in decode_spans(model.tokenizer, contexts.tolist())]  # exact text, BOS dropped
     from tqdm.auto import tqdm
 
     results: dict[int, ScoredLabel | str] = {}
