@@ -12,12 +12,15 @@ const ms = {
   vis(t) { return String(t).replace(/\n/g, "\\n").replace(/\t/g, "\\t").replace(/\r/g, "\\r"); },
   async api(path, body) {
     const opts = body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
-    const r = await fetch(path, opts);
-    const data = await r.json().catch(() => ({detail: r.statusText}));
-    if (!r.ok) throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail));
+    let r;
+    try { r = await fetch(path, opts); } catch (e) {
+      throw new Error(`the server did not answer (${e.message}); is \`mechscope serve\` still running?`);
+    }
+    const data = await r.json().catch(() => ({detail: `HTTP ${r.status} ${r.statusText}`.trim()}));
+    if (!r.ok) throw new Error(ms.errorText(data.detail, r.status));
     return data;
   },
-  fail(where, e) { where.replaceChildren(ms.el("p", {cls: "err", text: "error: " + e.message})); },
+  fail(where, e) { where.replaceChildren(ms.el("p", {cls: "err", text: "error: " + (e && e.message ? e.message : String(e))})); },
   // one context: tokens with a background whose opacity follows the activation (max = full colour)
   context(tokens, acts, maxAct, cls) {
     const p = ms.el("div", {cls: "ctx " + (cls || "")});
@@ -36,5 +39,16 @@ const ms = {
     for (const [href, label] of [["/", "features"], ["/inspect", "prompt inspector"], ["/steer", "steering"], ["/patching", "patching"]]) {
       h.append(ms.el("a", {href, text: label, cls: href === active ? "on" : ""}));
     }
+  },
+  // an error response's detail as text: a string as it is; a FastAPI validation list as "field: message" lines
+  errorText(detail, status) {
+    if (typeof detail === "string" && detail) return detail;
+    if (Array.isArray(detail) && detail.length) {
+      return detail.map(d => {
+        const field = (d.loc || []).filter((p, i) => !(i === 0 && ["body", "query", "path"].includes(p))).join(".");
+        return `${field || "request"}: ${d.msg || "invalid"}`;
+      }).join("\n");
+    }
+    return `the server answered HTTP ${status} without a message.`;
   },
 };
