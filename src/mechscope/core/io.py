@@ -45,6 +45,39 @@ def jsonable(x: Any, digits: int = 6) -> Any:
     return str(x)
 
 
+def current_umask() -> int:
+    """The process's umask (e.g. 0o022), read without changing it where the platform allows."""
+    try:  # Linux: no window in which another thread sees a zero umask
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def shared_mode(*, is_dir: bool) -> int:
+    """The mode ``mkdir``/``open`` would give a new folder (0o777) or file (0o666) under the user's umask.
+
+    ``tempfile.mkdtemp``/``mkstemp`` create 0o700/0o600 whatever the umask, which leaves an artefact renamed
+    into place from them unreadable to collaborators; chmod such a folder or file to this mode.
+    """
+    return (0o777 if is_dir else 0o666) & ~current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new empty folder in ``parent`` (created if needed) with a unique name, to be filled and then renamed
+    into place; unlike ``tempfile.mkdtemp`` its mode follows the umask (:func:`shared_mode`)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    os.chmod(tmp, shared_mode(is_dir=True))
+    return tmp
+
+
 def write_atomic(path: Path, write, *, mode: str = "text") -> None:
     """Write through a temporary file in the same folder, then rename: readers see the old or the new file.
 
@@ -71,9 +104,7 @@ def write_atomic(path: Path, write, *, mode: str = "text") -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, shared_mode(is_dir=False))  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,11 +139,10 @@ class PackedTokens:
         Raises:
             DiskFullError: the disk filled up; nothing is left behind.
         """
-        from mechscope.core.io import save_safetensors_atomic, write_json_atomic
+        from mechscope.core.io import make_temp_dir, save_safetensors_atomic, write_json_atomic
 
         out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+        tmp = make_temp_dir(out.parent, prefix=out.name + ".tmp-")  # mode follows the umask
         try:
             save_safetensors_atomic({"tokens": self.tokens}, tmp / "tokens.safetensors")
             write_json_atomic(self.metadata(), tmp / "meta.json")

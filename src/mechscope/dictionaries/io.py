@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mechscope.core.errors import CorruptFileError, InputError
-from mechscope.core.io import load_safetensors, save_safetensors_atomic, write_json_atomic
+from mechscope.core.io import load_safetensors, make_temp_dir, save_safetensors_atomic, write_json_atomic
 from mechscope.dictionaries.config import DictionaryConfig
 from mechscope.dictionaries.model import SparseDictionary
 
@@ -79,8 +78,7 @@ def from_tensors(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], *, sou
 def _write_folder(folder: Path, write) -> Path:
     """Write files into a temporary sibling folder with ``write(tmp)``, then swap it into place."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".", suffix=".tmp"))
+    tmp = make_temp_dir(folder.parent, prefix=folder.name + ".", suffix=".tmp")  # mode follows the umask
     try:
         write(tmp)
         old = None

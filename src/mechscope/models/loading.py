@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -74,8 +73,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(src.state_dict(), assign=True)
     fresh.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    from mechscope.core.io import make_temp_dir
+
+    tmp = make_temp_dir(out.parent, prefix=out.name + ".tmp-")  # mode follows the umask
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
