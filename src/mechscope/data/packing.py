@@ -51,6 +51,7 @@ from torch import Tensor
 from mechscope.core.errors import InputError
 from mechscope.data.corpora import CORPORA
 from mechscope.data.sources import load_documents, source_files
+from mechscope.data.textfiles import first_surrogate
 
 #: Target size of the chunks of the fallback split (characters, about 1,000 tokens of English).
 CHUNK_CHARS = 4000
@@ -360,8 +361,8 @@ def pack(documents: Iterable[str], tokenizer, *, context_len: int, bos: Literal[
         identical tensor.
 
     Raises:
-        InputError: a single string instead of a list, a bad argument, ``bos=True`` without a BOS token, or
-            too little text for one row.
+        InputError: a single string instead of a list, a bad argument, ``bos=True`` without a BOS token, a
+            document with a lone surrogate (names its index), or too little text for one row.
     """
     if isinstance(documents, (str, bytes)):
         raise InputError("pack() takes a list of documents, got one string; use load_documents(source) for a corpus "
@@ -372,6 +373,12 @@ def pack(documents: Iterable[str], tokenizer, *, context_len: int, bos: Literal[
         raise InputError(f"documents must be strings, got {type(bad).__name__}.")
     if not docs:
         raise InputError("pack() got no documents.")
+    for i, d in enumerate(docs):
+        at = first_surrogate(d)
+        if at is not None:
+            raise InputError(f"document {i} holds a lone surrogate \\u{ord(d[at]):04x} at character {at}: not Unicode "
+                             "text, so it can be neither hashed for the split nor tokenized. Repair it (e.g. "
+                             "text.encode('utf-8', 'replace').decode('utf-8')) or leave the document out.")
     chosen = split_documents(docs, split, eval_fraction=eval_fraction, seed=seed)
     return _pack(chosen, tokenizer, context_len=context_len, bos=bos, split=split, eval_fraction=eval_fraction,
                  seed=seed, max_tokens=max_tokens, shuffle=shuffle, sources=tuple(map(str, sources)))

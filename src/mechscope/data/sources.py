@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from mechscope.core.errors import InputError
-from mechscope.data.corpora import _FILE_SUFFIXES, CORPORA, _read_jsonl, _tail, _unknown_corpus, load_corpus
+from mechscope.data.corpora import CORPORA, _tail, _unknown_corpus, load_corpus
+from mechscope.data.textfiles import FILE_SUFFIXES, read_jsonl, read_text_file
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
@@ -19,7 +20,7 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
     schema = pq.read_schema(path)
     if text_field not in schema.names:
         raise InputError(f"{path}: no column {text_field!r} (columns: {schema.names}). "
-                         "Pass text_field= to name the column that holds the text.")
+                         "Pass text_field= (--text-field on the command line) to name the column that holds the text.")
     values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
     bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
     if bad is not None:
@@ -30,15 +31,10 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
 def _read_file(path: Path, text_field: str, split_lines: bool) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        if split_lines:
-            return [line for line in text.splitlines() if line.strip()]
-        return [text] if text.strip() else []
+        return read_text_file(path, split_lines)
     if suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
-    if suffix == ".parquet":
-        return _read_parquet(path, text_field)
-    raise InputError(f"{path}: unsupported file type {suffix!r}; use one of {list(_FILE_SUFFIXES)}.")
+        return read_jsonl(path, text_field)
+    return _read_parquet(path, text_field)  # _local_files admits no other suffix
 
 
 def _read_hf(spec: str, text_field: str, dataset_split: str, max_documents: int | None) -> list[str]:
@@ -85,7 +81,68 @@ def _read_hf(spec: str, text_field: str, dataset_split: str, max_documents: int 
 
 def source_files(path: Path) -> list[Path]:
     """The text files a directory source reads: every .txt/.jsonl/.parquet below it, sorted by path."""
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _FILE_SUFFIXES)
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+
+
+def _local_files(source: str | os.PathLike) -> list[Path]:
+    """The files a source that is neither ``hf:`` nor a corpus name reads (a file, or a directory's files).
+
+    Raises:
+        InputError: no such path (an unknown corpus name when it looks like one), an unsupported file type,
+            an unreadable file, or a directory with no text files.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = source_files(path)
+        if not files:
+            raise InputError(f"directory {path} holds no {'/'.join(FILE_SUFFIXES)} files; put the text in such "
+                             "files, or pass the files themselves.")
+    elif path.is_file():
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise InputError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(FILE_SUFFIXES)} "
+                             "(plain text must be UTF-8 .txt).")
+        files = [path]
+    elif isinstance(source, str) and os.sep not in source and not source.lower().endswith(FILE_SUFFIXES):
+        raise _unknown_corpus(source)
+    else:
+        raise InputError(f"no such file or directory: {path}. Check the path, or pass a built-in corpus name "
+                         f"({', '.join(sorted(CORPORA))}).")
+    unreadable = next((f for f in files if not os.access(f, os.R_OK)), None)
+    if unreadable is not None:
+        raise InputError(f"{unreadable} is not readable by this user; fix its permissions (chmod a+r) or copy it.")
+    return files
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Check a source as far as can be done without reading, fetching or downloading anything.
+
+    A corpus name must be known, and cached or fetchable here (:func:`available_corpora`; the network is not
+    checked); a path must exist and be (or hold) readable ``.txt``/``.jsonl``/``.parquet`` files; an ``hf:``
+    spec must be well formed, with the ``datasets`` package installed. Cheap enough to run before loading a
+    model, so that a typo costs no model load.
+
+    Raises:
+        InputError: what :func:`load_documents` would raise for these reasons, with the same messages.
+        CorpusUnavailableError: a built-in corpus that is not cached and cannot be fetched here.
+    """
+    import importlib.util
+
+    from mechscope.core.errors import CorpusUnavailableError
+    from mechscope.data.corpora import available_corpora
+
+    if isinstance(source, str) and source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if not parts[0] or len(parts) > 2:
+            raise InputError(f"bad dataset spec {source!r}: write 'hf:NAME' or 'hf:NAME:CONFIG'.")
+        if importlib.util.find_spec("datasets") is None:
+            raise InputError(f"{source!r} needs the HuggingFace `datasets` package: pip install datasets.")
+    elif isinstance(source, str) and source in CORPORA:
+        ok, why = available_corpora()[source]
+        if not ok:
+            raise CorpusUnavailableError(f"corpus {source!r} is {why}. Fix: install what it needs, or use 'pydoc' "
+                                         "(always available) or your own .txt/.jsonl/.parquet files.")
+    else:
+        _local_files(source)
 
 
 def load_documents(source: str | os.PathLike, *, text_field: str = "text", split_lines: bool = False,
@@ -123,18 +180,7 @@ def load_documents(source: str | os.PathLike, *, text_field: str = "text", split
     elif isinstance(source, str) and source in CORPORA:
         docs = load_corpus(source)
     else:
-        path = Path(source)
-        if path.is_dir():
-            files = source_files(path)
-            if not files:
-                raise InputError(f"directory {path} holds no {'/'.join(_FILE_SUFFIXES)} files.")
-            docs = [d for f in files for d in _read_file(f, text_field, split_lines)]
-        elif path.is_file():
-            docs = _read_file(path, text_field, split_lines)
-        elif isinstance(source, str) and os.sep not in source and not source.lower().endswith(_FILE_SUFFIXES):
-            raise _unknown_corpus(source)
-        else:
-            raise InputError(f"no such file or directory: {path}.")
+        docs = [d for f in _local_files(source) for d in _read_file(f, text_field, split_lines)]
     if not docs:
         raise InputError(f"source {str(source)!r} holds no text (no non-blank documents).")
     return docs[:max_documents] if max_documents is not None else docs
