@@ -337,11 +337,19 @@ def model_dict(arch="relu", *, d_in=64, seed=0, hook="blocks.1.hook_resid_post",
     return d.eval()
 
 
-def test_splice_width_mismatch_is_input_error():
+def test_splice_width_mismatch_is_input_error(tmp_path):
     model = tiny_hooked("llama")
     d = model_dict(d_in=32)
-    with pytest.raises(InputError, match=r"d_in=32 does not match blocks\.1\.hook_resid_post .*width 64"):
+    with pytest.raises(InputError, match=r"the dictionary's config says d_in=32, but blocks\.1\.hook_resid_post of "
+                                         r"tiny-llama is 64 wide \(d_model=64\).*Fix: pass the model"):
         model.run(random_tokens(), saes=[d])
+    # loaded from a folder, the message names its cfg.json (where the user can read what it was trained on)
+    save_dictionary(model_dict("topk", d_in=48, k=4, hook="blocks.0.attn.hook_z", model_name="other-model"),
+                    tmp_path / "z")
+    with pytest.raises(InputError, match=rf"{tmp_path / 'z' / 'cfg.json'} says d_in=48, but blocks\.0\.attn\.hook_z of "
+                                         r"tiny-llama is 64 wide \(n_heads\*d_head=4\*16\).*trained on \(other-model\) "
+                                         r"\(--model on the command line\), or a dictionary trained on tiny-llama"):
+        model.run(random_tokens(), saes=[load_dictionary(tmp_path / "z")])
 
 
 def test_splice_error_term_keeps_logits():

@@ -151,6 +151,9 @@ def load_dictionary(folder: str | Path, *, device=None, hook: str | None = None)
         hook: for SAELens/sparsify files that do not record their hook name, the hook to attach
             (e.g. ``blocks.6.hook_resid_post``); overrides the recorded one if given.
 
+    Returns:
+        The dictionary, in eval mode; its ``source`` is ``folder`` (error messages name its cfg.json).
+
     Raises:
         InputError: unknown layout, a bad cfg.json.
         CorruptFileError: a truncated or corrupted weights file, or tensors that do not match the cfg.
@@ -160,10 +163,13 @@ def load_dictionary(folder: str | Path, *, device=None, hook: str | None = None)
     if fmt != "mechscope":
         from mechscope.dictionaries import interop
 
-        return interop.load_foreign(folder, fmt, device=device, hook=hook)
-    cfg = DictionaryConfig.from_dict(read_cfg_json(folder))
-    if hook is not None:
-        cfg = cfg.replace(hook_in=hook, hook_out=hook if cfg.is_sae else cfg.hook_out)
-    tensors = load_safetensors(folder / WEIGHTS, what="dictionary weights")
-    return from_tensors(cfg, tensors, source=str(folder / WEIGHTS), device=device)
+        d = interop.load_foreign(folder, fmt, device=device, hook=hook)
+    else:
+        cfg = DictionaryConfig.from_dict(read_cfg_json(folder))
+        if hook is not None:
+            cfg = cfg.replace(hook_in=hook, hook_out=hook if cfg.is_sae else cfg.hook_out)
+        tensors = load_safetensors(folder / WEIGHTS, what="dictionary weights")
+        d = from_tensors(cfg, tensors, source=str(folder / WEIGHTS), device=device)
+    d.source = str(folder)
+    return d
 

@@ -132,6 +132,8 @@ class SparseDictionary(nn.Module):
         #: BatchTopK's inference threshold: while training, the running mean of the smallest kept
         #: activation per batch (Bussmann et al. 2024, section 3); used instead of the batch TopK in eval mode.
         self.batchtopk_use_threshold = False
+        #: The folder it was loaded from (set by ``load_dictionary``), so that errors can name its cfg.json.
+        self.source: str | None = None
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()

@@ -42,6 +42,43 @@ def site_width(model, site: str) -> int:
     return w
 
 
+def _width_terms(model, site: str) -> str:
+    """How a site's width is made, e.g. ``d_model=576`` or ``n_heads*d_head=9*64``."""
+    c = model.cfg
+    feat = [a for a in axes(site) if a not in ("batch", "pos")]
+    return "*".join(feat) + "=" + "*".join(str(getattr(c, a)) for a in feat)
+
+
+def check_fits(model, dictionary) -> None:
+    """Check that ``model`` has the hooks a dictionary reads and writes, at the widths it was trained on.
+
+    Raises:
+        InputError: a hook the model lacks (closest valid names), or a width that differs; the message names
+            the dictionary's cfg.json (when it was loaded from a folder), its width, the hook, the model's
+            width, and the fix: the model the dictionary was trained on, or a dictionary of this model.
+    """
+    from pathlib import Path
+
+    from mechscope.core.errors import MechscopeError
+
+    cfg = dictionary.cfg
+    source = getattr(dictionary, "source", None)
+    where = str(Path(source) / "cfg.json") if source else "the dictionary's config"
+    trained = f" ({cfg.model_name})" if cfg.model_name else ""
+    fix = (f"Fix: pass the model the dictionary was trained on{trained} (--model on the command line), or a "
+           f"dictionary trained on {model.cfg.name}.")
+    for hook, d, what in ((cfg.hook_in, cfg.d_in, "d_in"), (cfg.hook_out, cfg.d_out, "d_out")):
+        try:
+            model.resolve([hook])
+        except MechscopeError as e:  # an unknown name, a layer past the last, a site this family lacks
+            raise InputError(f"{where} says the dictionary reads {hook}, which {model.cfg.name} does not have "
+                             f"({str(e).rstrip('.')}). {fix}") from None
+        w = site_width(model, hook)
+        if w != d:
+            raise InputError(f"{where} says {what}={d}, but {hook} of {model.cfg.name} is {w} wide "
+                             f"({_width_terms(model, hook)}): the dictionary was trained on another model or hook. {fix}")
+
+
 @dataclass(frozen=True, eq=False)
 class Splice:
     """Replace a dictionary's output site with its reconstruction (an intervention).
@@ -76,13 +113,7 @@ class Splice:
     def check_model(self, model) -> None:
         cfg = self.dictionary.cfg
         model.resolve([cfg.hook_in, cfg.hook_out])
-        for hook, d, what in ((cfg.hook_in, cfg.d_in, "d_in"), (cfg.hook_out, cfg.d_out, "d_out")):
-            w = site_width(model, hook)
-            if w != d:
-                raise InputError(
-                    f"the dictionary's {what}={d} does not match {hook} of {model.cfg.name} (width {w}); it was "
-                    f"trained on another model or hook (cfg model_name={cfg.model_name!r})."
-                )
+        check_fits(model, self.dictionary)
 
     def captures(self) -> dict[str, Callable[[Tensor], None]]:
         """For transcoders: a hook at ``hook_in`` that keeps the input for the output site."""

@@ -42,10 +42,10 @@ class FeatureSource:
             raise InputError("give exactly one of a dictionary or a neuron hook (e.g. blocks.3.mlp.hook_post).")
         self.model, self.dictionary = model, dictionary
         if dictionary is not None:
+            from mechscope.dictionaries.splice import check_fits
+
             self.kind, self.hook = "dictionary", dictionary.cfg.hook_in
-            if self.hook not in model.hook_names():
-                raise InputError(f"the dictionary reads {self.hook!r}, which {model.cfg.name} does not have; is it "
-                                 f"the dictionary of another model ({dictionary.cfg.model_name or 'unknown'})?")
+            check_fits(model, dictionary)  # the hook exists and has the dictionary's width (names its cfg.json)
             self.n_latents = dictionary.cfg.d_sae
             w = dictionary.W_dec.detach().float().cpu().contiguous()
             self.identity = {"kind": "dictionary", "path": dictionary_path, "hook_in": self.hook,
