@@ -92,6 +92,8 @@ def test_logit_lens_input_errors():
         logit_lens(m, tokens(1, pos=5), position=5)
     with pytest.raises(InputError, match="vocabulary"):
         logit_lens(m, tokens(1), target=V + 3)
+    with pytest.raises(InputError, match=r"the prompt is empty \(0 tokens\)"):  # not "position -1 is outside"
+        logit_lens(m, tokens(1, pos=5)[:, :0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -86,7 +86,7 @@ def logit_lens(
         LogitLensResult (float32 tensors on CPU).
 
     Raises:
-        InputError: more than one prompt, a position out of range, a multi-token target, k < 1.
+        InputError: more than one prompt, an empty prompt, a position out of range, a multi-token target, k < 1.
 
     References:
         nostalgebraist 2020, "interpreting GPT: the logit lens" (LessWrong).
@@ -95,6 +95,9 @@ def logit_lens(
     if tokens.shape[0] != 1:
         raise InputError(f"logit_lens reads one prompt; got a batch of {tokens.shape[0]}. Pass one text or [1, pos] ids.")
     n_pos = tokens.shape[1]
+    if n_pos == 0:
+        raise InputError("the prompt is empty (0 tokens), so there is no position to read; pass some text, e.g. "
+                         "'The capital of France is'.")
     if not -n_pos <= position < n_pos:
         raise InputError(f"position {position} is outside the prompt of {n_pos} tokens.")
     if k < 1:
