@@ -99,7 +99,8 @@ def logit_lens(
         raise InputError("the prompt is empty (0 tokens), so there is no position to read; pass some text, e.g. "
                          "'The capital of France is'.")
     if not -n_pos <= position < n_pos:
-        raise InputError(f"position {position} is outside the prompt of {n_pos} tokens.")
+        raise InputError(f"position {position} is outside the prompt of {n_pos} tokens; use a position in "
+                         f"{-n_pos}..{n_pos - 1} (-1: the last token).")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}.")
     target_id = _target_id(model, target) if target is not None else None

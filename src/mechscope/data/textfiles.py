@@ -91,7 +91,8 @@ def read_jsonl(path: Path, text_field: str) -> list[str]:
                 raise InputError(
                     f"{path}, line {i}: field {text_field!r} holds a lone surrogate \\u{ord(text[at]):04x} at "
                     f"character {at}: valid JSON, but not Unicode text, so it cannot be encoded or tokenized "
-                    "(it is what a writer leaves that decoded bytes with errors='surrogateescape'). Fix the line "
+                    "(a writer leaves one when it cuts text inside a UTF-16 pair, or decodes bytes with "
+                    "errors='surrogateescape'). Fix the line "
                     "(e.g. re-encode the text with errors='replace') or remove it, and pass the file again.")
             if text.strip():
                 docs.append(text)

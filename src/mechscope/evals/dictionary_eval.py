@@ -52,7 +52,8 @@ class DictionaryEval:
     (dimensionless); mse (activation units squared); ce_* and delta_lm_loss, kl_to_clean (nats per token);
     ce_loss_recovered (dimensionless, 1 is perfect); dead_fraction, dense_fraction (of latents);
     density (fraction of tokens each latent fires on, one per latent); density_histogram (counts of
-    log10 density of the live latents in ``histogram_edges`` bins).
+    log10 density of the live latents in ``histogram_edges`` bins); n_tokens_requested (what the caller
+    asked for, when it gave a number: ``n_tokens`` is smaller when the text held fewer held-out tokens).
     """
 
     n_tokens: int
@@ -77,6 +78,7 @@ class DictionaryEval:
     density: list[float] = field(repr=False)
     density_histogram: list[int] = field(repr=False)
     histogram_edges: list[float] = field(repr=False)
+    n_tokens_requested: int | None = None
 
     def summary(self) -> dict[str, float | int]:
         """The scalar metrics (no per-latent lists)."""

@@ -16,6 +16,49 @@ from torch import Tensor
 from mechscope.core.errors import InputError
 
 
+def weights_digest(dictionary) -> str:
+    """First 16 hex digits of the SHA-256 of the decoder ``W_dec`` as float32: what a feature database records
+    (``meta["source"]["weights_sha256"]``) of the dictionary it was built from."""
+    w = dictionary.W_dec.detach().float().cpu().contiguous()
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+
+
+def check_database_matches(db, dictionary) -> None:
+    """Refuse to pair a feature database with a dictionary it was not built from.
+
+    Its latent ids would point at other features: labels, top contexts and steering would describe different
+    latents. Compares what the database records of its source (``db.meta["source"]``: kind, hook, number of
+    latents, decoder hash) with ``dictionary``.
+
+    Args:
+        db: a :class:`~mechscope.features.db.FeatureDB` (``path``, ``meta``, ``n_latents``).
+        dictionary: a loaded dictionary (``source`` names its folder in the message).
+
+    Raises:
+        InputError: a database of neurons, or of a dictionary with another number of latents, another hook or
+            other weights; names both files and the fix.
+    """
+    src = db.meta.get("source") or {}
+    here = getattr(dictionary, "source", None) or "the dictionary"
+    c = dictionary.cfg
+    fix = (f"Fix: pass the database built from {here} (`mechscope features build {here} --out FILE.duckdb`)"
+           + (f", or the dictionary the database was built from (-d {src['path']})." if src.get("path") else "."))
+    if src.get("kind") == "neurons":
+        raise InputError(f"{db.path} describes the neurons of {src.get('hook')} (built with --neurons), not the "
+                         f"latents of {here}. {fix}")
+    origin = f" ({src['path']})" if src.get("path") else ""
+    if db.n_latents != c.d_sae:
+        raise InputError(f"{here} has {c.d_sae} latents but the database has {db.n_latents}: {db.path} was built "
+                         f"from another dictionary{origin}, so its latent ids would name other features. {fix}")
+    if src.get("hook_in", c.hook_in) != c.hook_in:
+        raise InputError(f"{here} reads {c.hook_in} but the database {db.path} was built from a dictionary of "
+                         f"{src['hook_in']}{origin}, so its latent ids would name other features. {fix}")
+    recorded = src.get("weights_sha256")
+    if recorded and recorded != weights_digest(dictionary):
+        raise InputError(f"{here} has other weights than the dictionary {db.path} was built from{origin} (decoder "
+                         f"hash {weights_digest(dictionary)}, recorded {recorded}): was it retrained since? {fix}")
+
+
 class FeatureSource:
     """What the latents are: a dictionary's latents or the neurons of an MLP hook.
 
@@ -47,11 +90,10 @@ class FeatureSource:
             self.kind, self.hook = "dictionary", dictionary.cfg.hook_in
             check_fits(model, dictionary)  # the hook exists and has the dictionary's width (names its cfg.json)
             self.n_latents = dictionary.cfg.d_sae
-            w = dictionary.W_dec.detach().float().cpu().contiguous()
             self.identity = {"kind": "dictionary", "path": dictionary_path, "hook_in": self.hook,
                              "hook_out": dictionary.cfg.hook_out, "d_sae": self.n_latents,
                              "architecture": dictionary.cfg.architecture,
-                             "weights_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]}
+                             "weights_sha256": weights_digest(dictionary)}
         else:
             template, layer = parse(neurons)
             if template != "blocks.{L}.mlp.hook_post" or neurons not in model.hook_names():

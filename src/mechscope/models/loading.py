@@ -22,8 +22,9 @@ from mechscope.models.hooked import HookedModel
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+#: Names of the dtypes a model loads in (float16 works but is slow on CPU).
+MODEL_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -34,9 +35,9 @@ def cache_dir() -> Path:
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[dtype]
+    if dtype not in MODEL_DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(MODEL_DTYPES)}.")
+    return MODEL_DTYPES[dtype]
 
 
 def smollm2_gguf() -> Path:

@@ -71,7 +71,8 @@ class TrainConfig:
     """The schedule shared by every dictionary trained in one run.
 
     Attributes:
-        n_tokens: training tokens (activation rows) seen by each dictionary.
+        n_tokens: training tokens (activation rows) asked for; each dictionary sees :attr:`n_tokens_trained`,
+            this rounded down to whole steps of ``batch_tokens``.
         batch_tokens: tokens per optimizer step.
         lr_warmup_steps: linear warm-up from 0; None = 1% of the steps (at least 1).
         lr_decay_fraction: linear decay to 0 over this final fraction of steps (Anthropic: 0.2).
@@ -115,7 +116,8 @@ class TrainConfig:
             if not isinstance(v, int) or v <= 0:
                 raise InputError(f"{f} must be a positive int, got {v!r}.")
         if self.n_tokens < self.batch_tokens:
-            raise InputError(f"n_tokens={self.n_tokens} is less than one batch (batch_tokens={self.batch_tokens}).")
+            raise InputError(f"n_tokens={self.n_tokens} is less than one batch (batch_tokens={self.batch_tokens}); "
+                             "raise n_tokens (--tokens) or lower batch_tokens (--batch-tokens).")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise InputError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}.")
         if self.dtype not in ("float32", "bfloat16"):
@@ -127,6 +129,11 @@ class TrainConfig:
     @property
     def n_steps(self) -> int:
         return self.n_tokens // self.batch_tokens
+
+    @property
+    def n_tokens_trained(self) -> int:
+        """Tokens actually trained on: whole steps only, ``n_steps * batch_tokens`` (<= ``n_tokens``)."""
+        return self.n_steps * self.batch_tokens
 
     @property
     def warmup_steps(self) -> int:

@@ -37,12 +37,16 @@ class CorpusConfig:
         context_len: tokens per context, BOS included.
         eval_fraction: fraction of documents held out for evaluation (never trained on).
         seed: split and shuffle seed.
+        text_field: the JSONL field / Parquet or dataset column that holds the text.
+        split_lines: ``.txt`` files hold one document per non-blank line (else one per file).
     """
 
     sources: tuple[str, ...] | list[str] = DEFAULT_CORPORA
     context_len: int = 128
     eval_fraction: float = 0.05
     seed: int = 0
+    text_field: str = "text"
+    split_lines: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -50,6 +54,8 @@ class CorpusConfig:
             raise InputError("sources is empty; name at least one corpus or file.")
         if not isinstance(self.context_len, int) or self.context_len < 3:
             raise InputError(f"context_len must be an int >= 3, got {self.context_len!r}.")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise InputError(f"text_field must name a field or column, got {self.text_field!r}.")
 
 
 def contexts_for(model, corpus: CorpusConfig, split: str, n_tokens: int | None) -> tuple[PackedTokens, int]:
@@ -63,7 +69,8 @@ def contexts_for(model, corpus: CorpusConfig, split: str, n_tokens: int | None) 
     per_ctx = corpus.context_len - 1
     max_tokens = None if n_tokens is None else int(n_tokens * 1.02) + corpus.context_len * 4
     packed = corpus_tokens(list(corpus.sources), model.tokenizer, corpus.context_len, split,
-                           eval_fraction=corpus.eval_fraction, seed=corpus.seed, max_tokens=max_tokens)
+                           eval_fraction=corpus.eval_fraction, seed=corpus.seed, max_tokens=max_tokens,
+                           text_field=corpus.text_field, split_lines=corpus.split_lines)
     n_ctx = packed.tokens.shape[0] if n_tokens is None else min(packed.tokens.shape[0], math.ceil(n_tokens / per_ctx))
     if n_ctx == 0:
         raise InputError(f"the {split} split of {list(corpus.sources)} has no full context of {corpus.context_len} tokens.")
@@ -121,6 +128,7 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(jsonable({"model": model.cfg.name, "model_dtype": model.cfg.dtype, "hooks": hooks,
                                 "corpus": corpus, "unique_tokens": unique, "train_tokens": cfg.n_tokens,
+                                "train_tokens_used": cfg.n_tokens_trained,
                                 "activations": str(folder) if folder else "streamed",
                                 "tokens_fingerprint": packed.fingerprint}),
                       out / "data.json")
@@ -132,7 +140,15 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
 
 def evaluate_on_corpus(model, dictionary: SparseDictionary, *, corpus: CorpusConfig = CorpusConfig(),
                        n_tokens: int = 25_000, batch_contexts: int = 8, progress: bool = True) -> DictionaryEval:
-    """Evaluate a dictionary on the held-out (eval) split of a corpus, about ``n_tokens`` positions."""
+    """Evaluate a dictionary on the held-out (eval) split of a corpus, about ``n_tokens`` positions.
+
+    Returns:
+        The metrics; ``n_tokens`` is what was evaluated and ``n_tokens_requested`` what was asked: fewer when
+        the split holds fewer tokens (the held-out split is ``eval_fraction`` of the documents).
+    """
+    import dataclasses
+
     packed, n_ctx = contexts_for(model, corpus, "eval", n_tokens)
-    return evaluate_dictionary(model, dictionary, packed.tokens[:n_ctx], batch_contexts=batch_contexts,
-                               progress=progress)
+    e = evaluate_dictionary(model, dictionary, packed.tokens[:n_ctx], batch_contexts=batch_contexts,
+                            progress=progress)
+    return dataclasses.replace(e, n_tokens_requested=n_tokens)
