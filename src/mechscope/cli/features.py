@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from mechscope.cli.common import auto_threads, clean_errors, out, print_table
+from mechscope.cli.common import (CorpusOpt, SplitLinesOpt, TextFieldOpt, check_choice, check_corpora, check_hook_name,
+                                  check_model_dtype, check_out_dir, check_out_file, clean_errors, expand_latents,
+                                  load_dictionaries, note, open_database, out, parse_latents, print_table, set_threads)
 
 features_app = typer.Typer(no_args_is_help=True, help="Feature statistics and the feature database.")
 
@@ -23,8 +25,9 @@ def build_cmd(
     dictionary: Path | None = typer.Argument(None, help="dictionary folder (mechscope, SAELens or sparsify)"),
     out_path: Path = typer.Option(Path("features.duckdb"), "--out", "-o", help="the database file to write"),
     neurons: str | None = typer.Option(None, "--neurons", help="instead of a dictionary: an MLP hook, e.g. blocks.3.mlp.hook_post"),
-    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
-                                     help="corpus name, text/JSONL/Parquet file, folder, or hf:DATASET (repeatable)"),
+    corpus: list[str] = CorpusOpt,
+    text_field: str = TextFieldOpt,
+    split_lines: bool = SplitLinesOpt,
     tokens: int = typer.Option(1_000_000, "--tokens", help="tokens of text to compute statistics on"),
     context_len: int = typer.Option(128, "--context-len", help="tokens per context (BOS included)"),
     split: str = typer.Option("train", "--split", help="corpus split: train or eval"),
@@ -45,8 +48,6 @@ def build_cmd(
     latent of a dictionary (or every neuron of --neurons) in one pass, and write a DuckDB feature database."""
     import time
 
-    import torch
-
     import mechscope
     from mechscope.core.errors import InputError
     from mechscope.data import corpus_tokens
@@ -54,37 +55,50 @@ def build_cmd(
     from mechscope.features.sources import FeatureSource
     from mechscope.features.stats import StatsConfig
 
+    # every check that needs no model first (a typo costs no model load)
     if (dictionary is None) == (neurons is None):
         raise InputError("give a dictionary folder or --neurons blocks.L.mlp.hook_post (exactly one of them).")
-    n, why = (threads, "--threads") if threads else auto_threads()
-    torch.set_num_threads(n)
-    out.print(Text(f"torch threads: {n} ({why})"))
     if encode_dtype not in ("auto", "float32", "bfloat16"):
         raise InputError(f"--encode-dtype must be auto, float32 or bfloat16, got {encode_dtype!r}.")
+    check_model_dtype(dtype)
+    check_choice(split, ("train", "eval"), "--split")
+    if tokens < 1 or context_len < 2:
+        raise InputError(f"--tokens must be >= 1 and --context-len >= 2, got {tokens} and {context_len}.")
+    if neurons is not None:
+        check_hook_name(neurons, "--neurons")
+        if not neurons.endswith(".mlp.hook_post"):
+            raise InputError(f"--neurons takes an MLP hidden hook like 'blocks.3.mlp.hook_post', got {neurons!r}.")
+    if hook is not None:
+        check_hook_name(hook)
+    cfg = StatsConfig(top_k=top_k, batch_contexts=batch_contexts, checkpoint_every=checkpoint_every, seed=seed)
+    check_corpora(corpus)
+    check_out_file(out_path, "--out", "features.duckdb")
+    d = load_dictionaries([dictionary], hook=hook)[0] if dictionary is not None else None
     if encode_dtype == "auto":
         # the activations already carry bf16 rounding; a bf16 encoder matmul then keeps 99% of each latent's
         # top token and a mean Jaccard of 0.994 between active sets (measured: README), at ~1/8 of the cost
         encode_dtype = "bfloat16" if dtype in ("bfloat16", "bf16") else "float32"
+    set_threads(threads)
     m = mechscope.load(model, dtype=dtype)
-    if dictionary is not None:
-        from mechscope.dictionaries import load_dictionary
-
-        d = load_dictionary(dictionary, hook=hook)
+    if d is not None:
         source = FeatureSource(m, dictionary=d, dictionary_path=str(Path(dictionary).resolve()),
                                encode_dtype=encode_dtype)
     else:
         source = FeatureSource(m, neurons=neurons)
     if m.tokenizer is None:
         raise InputError(f"{model} has no tokenizer; feature statistics need one to read the corpus.")
-    packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed)
-    cfg = StatsConfig(top_k=top_k, batch_contexts=batch_contexts, checkpoint_every=checkpoint_every, seed=seed)
+    packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed,
+                           text_field=text_field, split_lines=split_lines)
+    if tokens - packed.n_tokens >= packed.context_len:  # more than the rounding down to whole contexts
+        note(f"statistics over {packed.n_tokens:,} tokens, not the {tokens:,} asked: the {split} split of "
+             f"{', '.join(corpus)} holds no more. Add text with --corpus for more.")
     t0 = time.perf_counter()
     db = build_feature_db(source, packed.tokens, out_path, cfg, resume=resume,
                           meta={"corpus": list(corpus), "split": split, "context_len": context_len, "dtype": dtype})
     msg = (f"{db.n_latents} latents over {db.meta['n_tokens']:,} tokens in {time.perf_counter() - t0:.0f} s -> "
            f"{out_path.resolve()}")
-    for note in db.meta.get("notes", []):
-        out.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    for n in db.meta.get("notes", []):
+        note(n)
     db.close()
     out.print(Text(msg, style="bold green"), soft_wrap=True)
 
@@ -94,44 +108,51 @@ def build_cmd(
 def explain_cmd(
     database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
     dictionary: Path = typer.Option(..., "--dictionary", "-d", help="the dictionary the database describes"),
-    latents: str = typer.Option(..., "--latents", help="comma-separated latent ids, e.g. 3,17,250"),
+    latents: str = typer.Option(..., "--latents", help="latent ids and ranges, e.g. 3,17,250-255"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="the model the dictionary belongs to"),
     dtype: str = typer.Option("bfloat16", "--dtype"),
     explainer: str | None = typer.Option(None, "--explainer", help="local chat model for explaining and scoring (default: --model)"),
     endpoint: str | None = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL (…/v1) instead of a local model"),
     endpoint_model: str | None = typer.Option(None, "--endpoint-model", help="model name at --endpoint"),
-    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c"),
+    corpus: list[str] = CorpusOpt,
+    text_field: str = TextFieldOpt,
+    split_lines: bool = SplitLinesOpt,
     n_contexts: int = typer.Option(300, "--contexts", help="held-out contexts to draw examples from"),
     context_len: int = typer.Option(64, "--context-len"),
     threads: int | None = typer.Option(None, "--threads", min=1),
 ) -> None:
     """Label latents: explain each from its top contexts, score the label by detection on held-out contexts,
     and store label, score and provenance in the database."""
-    import torch
-
     import mechscope
     from mechscope.core.errors import InputError
     from mechscope.data import corpus_tokens
-    from mechscope.dictionaries import load_dictionary
+    from mechscope.dictionaries.splice import check_fits
     from mechscope.features.autointerp import LocalChatBackend, OpenAIChatBackend
     from mechscope.features.db import FeatureDB
     from mechscope.features.labeling import label_latents
+    from mechscope.features.sources import check_database_matches
 
-    try:
-        ids = [int(x) for x in latents.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--latents must be comma-separated integers, got {latents!r}.") from None
-    n, _ = (threads, "") if threads else auto_threads()
-    torch.set_num_threads(n)
+    # every check that needs no model first (a typo costs no model load)
+    ranges = parse_latents(latents)
+    if endpoint and not endpoint_model:
+        raise InputError("--endpoint needs --endpoint-model (the model name the server expects).")
+    if n_contexts < 1:
+        raise InputError(f"--contexts must be at least 1, got {n_contexts}.")
+    check_model_dtype(dtype)
+    check_corpora(corpus)
+    d = load_dictionaries([dictionary])[0]
+    with open_database(database) as db:
+        ids = expand_latents(ranges, db.n_latents, str(database))
+        check_database_matches(db, d)
+    set_threads(threads, announce=False)
     m = mechscope.load(model, dtype=dtype)
-    d = load_dictionary(dictionary)
+    check_fits(m, d)
     if endpoint:
-        if not endpoint_model:
-            raise InputError("--endpoint needs --endpoint-model (the model name the server expects).")
         backend = OpenAIChatBackend(endpoint, endpoint_model)
     else:
         backend = LocalChatBackend(m if explainer is None else mechscope.load(explainer, dtype=dtype))
-    contexts = corpus_tokens(list(corpus), m.tokenizer, context_len, "eval").tokens[:n_contexts]
+    contexts = corpus_tokens(list(corpus), m.tokenizer, context_len, "eval", text_field=text_field,
+                             split_lines=split_lines).tokens[:n_contexts]
     db = FeatureDB(database, read_only=False)
     results = label_latents(m, d, db, ids, contexts, explainer=backend)
     from rich.table import Table
@@ -153,7 +174,8 @@ def explain_cmd(
 @clean_errors
 def export_cmd(
     database: Path = typer.Argument(..., help="feature database (mechscope features build)"),
-    latents: str = typer.Option("0-99", "--latents", help="ids and ranges, e.g. 0-99,250,4000-4010"),
+    latents: str | None = typer.Option(None, "--latents", help="ids and ranges, e.g. 0-99,250,4000-4010 (default: "
+                                                               "the first 100 latents, or all if fewer)"),
     dashboard: Path | None = typer.Option(None, "--dashboard", help="write a self-contained HTML dashboard here"),
     neuronpedia: Path | None = typer.Option(
         None, "--neuronpedia", help="write Neuronpedia's upload format (SAEDashboard batch-N.json + explanations.json) here"),
@@ -170,33 +192,32 @@ def export_cmd(
     --saedashboard-output-dir FOLDER.
     """
     from mechscope.core.errors import InputError
-    from mechscope.features.db import FeatureDB
-    from mechscope.features.export import export_dashboard, export_neuronpedia
 
     if dashboard is None and neuronpedia is None:
         raise InputError("nothing to do: pass --dashboard FILE.html and/or --neuronpedia FOLDER.")
-    ids: list[int] = []
-    try:
-        for part in latents.split(","):
-            a, _, b = part.strip().partition("-")
-            ids += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise InputError(f"--latents must be ids and ranges like 0-99,250; got {latents!r}.") from None
-    db = FeatureDB(database)
-    ids = [i for i in ids if i < db.n_latents] or ids
+    ranges = parse_latents(latents) if latents is not None else None
+    if dashboard is not None:
+        check_out_file(dashboard, "--dashboard", "features.html")
+    if neuronpedia is not None:
+        check_out_dir(neuronpedia, "--neuronpedia")
+    d = load_dictionaries([sae])[0] if sae is not None else None
+    with open_database(database) as db:
+        _export(db, ranges, d, database, dashboard, neuronpedia, model_id, sae_set, layer)
+
+
+def _export(db, ranges, d, database: Path, dashboard: Path | None, neuronpedia: Path | None, model_id: str,
+            sae_set: str | None, layer: int | None) -> None:
+    from mechscope.features.export import export_dashboard, export_neuronpedia
+    from mechscope.features.sources import check_database_matches
+
+    ids = expand_latents(ranges, db.n_latents, str(database)) if ranges else list(range(min(100, db.n_latents)))
+    if d is not None:
+        check_database_matches(db, d)
     if dashboard is not None:
         export_dashboard(db, ids, dashboard, title=f"mechscope features: {database.name}")
         out.print(Text(f"dashboard: {dashboard.resolve()}", style="bold green"), soft_wrap=True)
     if neuronpedia is not None:
-        vectors = None
-        if sae is not None:
-            from mechscope.dictionaries import load_dictionary
-
-            d = load_dictionary(sae)
-            if d.cfg.d_sae != db.n_latents:
-                raise InputError(f"{sae} has {d.cfg.d_sae} latents but the database has {db.n_latents}; pass the "
-                                 "dictionary the database was built from.")
-            vectors = d.W_dec.detach().float()
+        vectors = None if d is None else d.W_dec.detach().float()
         if sae_set is None:
             src = db.meta.get("source") or {}
             hook = str(db.meta.get("hook", ""))

@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli.common import auto_threads, clean_errors, err, out, print_table
+from mechscope.cli.common import (check_model_dtype, check_out_dir, clean_errors, err, load_dictionaries,
+                                  open_database, out, print_table, set_threads)
 
 app = typer.Typer(
     add_completion=False,
@@ -48,6 +49,7 @@ def hooks(model: str = ModelOpt, dtype: str = DtypeOpt) -> None:
     """Print every hook point of a model: name, axes and shape."""
     import mechscope
 
+    check_model_dtype(dtype)
     m = mechscope.load(model, dtype=dtype)
     table = Table(title=f"{m.cfg.name}: {len(m.hook_names())} hook points", title_justify="left")
     for col in ("name", "axes", "shape"):
@@ -70,7 +72,16 @@ def lens(
     """Print a logit lens of TEXT: the top tokens that each layer's residual stream predicts."""
     import mechscope
     from mechscope.analysis import logit_lens
+    from mechscope.core.errors import InputError
 
+    if not text:
+        raise InputError('the prompt is empty, so there is no position to read; pass some text, e.g. '
+                         'mechscope lens "The capital of France is".')
+    if k < 1:
+        raise InputError(f"--k must be at least 1 (top tokens per layer), got {k}.")
+    if target == "":
+        raise InputError("--target is empty; pass the token to track, e.g. --target ' Paris' (mind the space).")
+    check_model_dtype(dtype)
     m = mechscope.load(model, dtype=dtype)
     r = logit_lens(m, text, position=position, target=target, k=k)
     table = Table(title=f"logit lens of {text!r} at position {position} ({m.cfg.name})", title_justify="left")
@@ -101,15 +112,14 @@ def report(
     sae: list[Path] = typer.Option([], "--sae", help="dictionary folder to add a sparse-dictionary section for (repeatable)"),
 ) -> None:
     """Run the standard analyses on a model and write a self-contained HTML report plus results.json."""
-    import torch
-
     from mechscope.report import ReportConfig, build_report
 
     cfg = ReportConfig(model=model, out=out_dir, dtype=dtype, n_prompts=n_prompts, patch_prompts=patch_prompts, seed=seed,
                        sae=tuple(sae))
-    n, why = (threads, "--threads") if threads else auto_threads()
-    torch.set_num_threads(n)
-    out.print(Text(f"torch threads: {n} ({why})"))
+    check_model_dtype(dtype)
+    check_out_dir(out_dir)
+    load_dictionaries(sae)  # a missing folder or broken file costs no model load
+    set_threads(threads)
     paths = build_report(cfg, console=out)
     out.print(Text(f"report:  {paths.html.resolve()}", style="bold green"), soft_wrap=True)
     out.print(Text(f"results: {paths.json.resolve()}", style="bold green"), soft_wrap=True)
@@ -128,27 +138,28 @@ def serve(
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
 ) -> None:
     """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering."""
-    import torch
     import uvicorn
 
     import mechscope
     from mechscope.app import AppState, create_app, load_report
 
-    n, why = (threads, "--threads") if threads else auto_threads()
-    torch.set_num_threads(n)
-    state = AppState(model=mechscope.load(model, dtype=dtype), report=load_report(report))
-    if dictionary is not None:
-        from mechscope.dictionaries import load_dictionary
+    check_model_dtype(dtype)
+    results = load_report(report)  # everything that needs no model first: a typo costs no model load
+    d = load_dictionaries([dictionary])[0] if dictionary is not None else None
+    db = open_database(features) if features is not None else None
+    if d is not None and db is not None:
+        from mechscope.features.sources import check_database_matches
 
-        state.dictionary = load_dictionary(dictionary)
-    if features is not None:
-        from mechscope.features.db import FeatureDB
-
-        state.db = FeatureDB(features, read_only=True)
-    if state.dictionary is not None:
+        check_database_matches(db, d)
+    n, why = set_threads(threads, announce=False)
+    state = AppState(model=mechscope.load(model, dtype=dtype), report=results)
+    state.dictionary, state.db = d, db
+    if d is not None:
         from mechscope.app.server import make_steer
+        from mechscope.dictionaries.splice import check_fits
 
-        state.steer = make_steer(state.model, state.dictionary)
+        check_fits(state.model, d)
+        state.steer = make_steer(state.model, d)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(Text(f"warning: binding to {host}: anyone who can reach it can run the model.", style="yellow"))
     out.print(Text(f"mechscope serving on http://{host}:{port}  (torch threads: {n}, {why})", style="bold green"))

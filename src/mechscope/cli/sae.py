@@ -10,12 +10,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli.common import auto_threads, clean_errors, out, print_table
+from mechscope.cli.common import (CorpusOpt, SplitLinesOpt, TextFieldOpt, check_choice, check_corpora, check_hook_name,
+                                  check_model_dtype, check_out_dir, clean_errors, load_dictionaries, note, out,
+                                  print_table, set_threads)
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train and evaluate sparse autoencoders and transcoders.")
-
-CorpusOpt = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus", "-c",
-                         help="corpus name, text/JSONL/Parquet file, folder, or hf:DATASET (repeatable)")
 
 
 def _site_tag(hook: str) -> str:
@@ -34,10 +33,15 @@ def _eval_table(rows: dict) -> Table:
     return table
 
 
-def _write_eval(folder: Path, e) -> None:
+def _write_eval(folder: Path, e, corpus) -> None:
+    """Write eval.json (it records the tokens asked and used) and say when fewer were used than asked."""
     from mechscope.core.io import jsonable, write_json_atomic
 
     write_json_atomic(jsonable(e), folder / "eval.json")
+    if e.n_tokens_requested and e.n_tokens < e.n_tokens_requested:
+        note(f"{folder.name}: evaluated on {e.n_tokens:,} held-out tokens, not the {e.n_tokens_requested:,} asked: "
+             f"the held-out split of {', '.join(corpus.sources)} (about {corpus.eval_fraction:.0%} of its documents) "
+             "holds no more. Add text with --corpus for a larger evaluation; eval.json records both numbers.")
 
 
 @sae_app.command("train")
@@ -47,7 +51,7 @@ def train_cmd(
     arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk or jumprelu"),
     k: list[int] = typer.Option([32], "--k", help="latents per token for topk/batchtopk (repeatable)"),
     width: list[int] = typer.Option([4608], "--width", help="number of latents d_sae (repeatable)"),
-    tokens: int = typer.Option(2_000_000, "--tokens", help="training tokens"),
+    tokens: int = typer.Option(2_000_000, "--tokens", help="training tokens (rounded down to whole --batch-tokens steps)"),
     hook_out: str | None = typer.Option(None, "--hook-out", help="output hook: trains a transcoder (e.g. blocks.N.hook_mlp_out)"),
     skip: bool = typer.Option(False, "--skip", help="transcoder with a linear skip connection"),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="tokens per optimizer step"),
@@ -58,6 +62,8 @@ def train_cmd(
     dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype for harvesting activations"),
     compute_dtype: str = typer.Option("bfloat16", "--compute-dtype", help="dictionary compute: float32 or bfloat16 (autocast)"),
     corpus: list[str] = CorpusOpt,
+    text_field: str = TextFieldOpt,
+    split_lines: bool = SplitLinesOpt,
     context_len: int = typer.Option(128, "--context-len", help="tokens per context (BOS included)"),
     out_dir: Path = typer.Option(Path("mechscope-sae"), "--out", "-o", help="run folder"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
@@ -70,30 +76,49 @@ def train_cmd(
     memory_budget_gib: float | None = typer.Option(None, "--memory-budget-gib", help="refuse a plan that needs more memory than this (GiB)"),
 ) -> None:
     """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass)."""
-    import torch
-
     import mechscope
-    from mechscope.dictionaries import DictionaryConfig
+    from mechscope.core.errors import InputError
+    from mechscope.dictionaries import ARCHITECTURES, DictionaryConfig
     from mechscope.dictionaries.splice import site_width
     from mechscope.training import DictionarySpec, TrainConfig
     from mechscope.training.pipeline import CorpusConfig, evaluate_on_corpus, train_on_corpus
 
-    n, why = (threads, "--threads") if threads else auto_threads()
-    torch.set_num_threads(n)
-    out.print(Text(f"torch threads: {n} ({why})"))
-    m = mechscope.load(model, dtype=dtype)
+    # every check that needs no model first (a typo costs no model load)
+    if eval_tokens < 0:
+        raise InputError(f"--eval-tokens must be 0 (no evaluation) or more, got {eval_tokens}.")
+    check_model_dtype(dtype)
+    check_choice(compute_dtype, ("float32", "bfloat16"), "--compute-dtype")
+    check_choice(arch, ARCHITECTURES, "--arch")
+    for h in hook:
+        check_hook_name(h, "--hook")
+    if hook_out is not None:
+        check_hook_name(hook_out, "--hook-out")
     ks = k if arch in ("topk", "batchtopk") else [None]
-    specs = []
+
+    def config(h: str, w: int, kk: int | None, d_in: int = 1, d_out: int = 1, name: str = "") -> DictionaryConfig:
+        return DictionaryConfig(arch, d_in, w, h, hook_out=hook_out or h, d_out=d_out, k=kk, skip=skip, model_name=name)
+
     for h, w, kk in itertools.product(hook, width, ks):
-        h_out = hook_out or h
-        cfg = DictionaryConfig(arch, site_width(m, h), w, h, hook_out=h_out, d_out=site_width(m, h_out), k=kk,
-                               skip=skip, model_name=m.cfg.name)
-        name = f"{arch}_{_site_tag(h)}" + (f"_to_{_site_tag(h_out)}" if h_out != h else "") + f"_w{w}" + (f"_k{kk}" if kk else "")
-        specs.append(DictionarySpec(name, cfg, lr=lr, l1_coefficient=l1, l0_coefficient=l0))
+        config(h, w, kk)  # --width, --k, --skip against the architecture, before the widths are known
     tcfg = TrainConfig(n_tokens=tokens, batch_tokens=batch_tokens, dtype=compute_dtype, seed=seed,
                        checkpoint_every_steps=checkpoint_every, wandb_project=wandb_project,
                        memory_budget_bytes=None if memory_budget_gib is None else int(memory_budget_gib * 2**30))
-    corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed)
+    corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed, text_field=text_field,
+                              split_lines=split_lines)
+    check_corpora(corpus)
+    check_out_dir(out_dir)
+    if tcfg.n_tokens_trained != tokens:
+        note(f"training on {tcfg.n_tokens_trained:,} tokens, not the {tokens:,} asked: {tcfg.n_steps:,} whole steps "
+             f"of --batch-tokens {batch_tokens:,} (a part-step is not trained). Pass a multiple of --batch-tokens to "
+             "train on exactly that many.")
+    set_threads(threads)
+    m = mechscope.load(model, dtype=dtype)
+    specs = []
+    for h, w, kk in itertools.product(hook, width, ks):
+        h_out = hook_out or h
+        cfg = config(h, w, kk, site_width(m, h), site_width(m, h_out), m.cfg.name)
+        name = f"{arch}_{_site_tag(h)}" + (f"_to_{_site_tag(h_out)}" if h_out != h else "") + f"_w{w}" + (f"_k{kk}" if kk else "")
+        specs.append(DictionarySpec(name, cfg, lr=lr, l1_coefficient=l1, l0_coefficient=l0))
     results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume, stream=stream)
     out.print(Text(f"trained {len(results)} dictionar{'y' if len(results) == 1 else 'ies'} in {out_dir.resolve()}",
                    style="bold green"), soft_wrap=True)
@@ -101,7 +126,7 @@ def train_cmd(
         rows = {}
         for name, d in results.items():
             e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=eval_tokens)
-            _write_eval(out_dir / name, e)
+            _write_eval(out_dir / name, e, corpus_cfg)
             rows[name] = e.summary()
         print_table(_eval_table(rows))
 
@@ -114,6 +139,8 @@ def eval_cmd(
     dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
     hook: str | None = typer.Option(None, "--hook", help="hook for files that do not record one (sparsify)"),
     corpus: list[str] = CorpusOpt,
+    text_field: str = TextFieldOpt,
+    split_lines: bool = SplitLinesOpt,
     context_len: int = typer.Option(128, "--context-len"),
     tokens: int = typer.Option(25_000, "--tokens", help="held-out tokens to evaluate on"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/eval split (use the training run's)"),
@@ -122,21 +149,28 @@ def eval_cmd(
     """Evaluate dictionaries on held-out text: L0, FVU, CE loss recovered, KL, dead/dense latents.
 
     Writes eval.json into each dictionary folder."""
-    import torch
-
     import mechscope
-    from mechscope.dictionaries import load_dictionary
+    from mechscope.core.errors import InputError
+    from mechscope.dictionaries.splice import check_fits
     from mechscope.training.pipeline import CorpusConfig, evaluate_on_corpus
 
-    n, why = (threads, "--threads") if threads else auto_threads()
-    torch.set_num_threads(n)
+    check_model_dtype(dtype)
+    if tokens < 1:
+        raise InputError(f"--tokens must be at least 1 (held-out tokens to evaluate on), got {tokens}.")
+    if hook is not None:
+        check_hook_name(hook)
+    corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed, text_field=text_field,
+                              split_lines=split_lines)
+    check_corpora(corpus)
+    dicts = load_dictionaries(dictionary, hook=hook)
+    set_threads(threads, announce=False)
     m = mechscope.load(model, dtype=dtype)
-    corpus_cfg = CorpusConfig(tuple(corpus), context_len=context_len, seed=seed)
+    for d in dicts:
+        check_fits(m, d)
     rows = {}
-    for folder in dictionary:
-        d = load_dictionary(folder, hook=hook)
+    for folder, d in zip(dictionary, dicts):
         e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=tokens)
-        _write_eval(folder, e)
+        _write_eval(folder, e, corpus_cfg)
         rows[folder.name] = e.summary()
     print_table(_eval_table(rows))
     out.print(json.dumps(rows, indent=1))

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from mechscope.cli.common import auto_threads, clean_errors, out
+from mechscope.cli.common import check_corpora, check_out_dir, clean_errors, out, set_threads
 
 toys_app = typer.Typer(no_args_is_help=True, help="Classic results from scratch: superposition, grokking, induction.")
 
@@ -18,12 +18,10 @@ def _group() -> None:
     """Classic results from scratch (a group, so each toy keeps its name)."""
 
 
-def _threads(threads: int | None) -> None:
-    import torch
-
-    n, why = (threads, "--threads") if threads else auto_threads()
-    torch.set_num_threads(n)
-    out.print(Text(f"torch threads: {n} ({why})"))
+def _start(threads: int | None, out_dir: Path) -> None:
+    """Check the output folder before any training, then set the threads."""
+    check_out_dir(out_dir)
+    set_threads(threads)
 
 
 def _write(result: dict, out_dir: Path) -> None:
@@ -54,7 +52,7 @@ def superposition_cmd(
     from mechscope.toys.superposition import SuperpositionConfig, run_superposition
 
     cfg = SuperpositionConfig(seed=seed, steps=steps)  # checks itself
-    _threads(threads)
+    _start(threads, out_dir)
     _write(run_superposition(cfg), out_dir)
 
 
@@ -73,7 +71,7 @@ def modular_cmd(
 
     cfg = ModularConfig(p=p, epochs=epochs, train_fraction=train_fraction, seed=seed)
     cfg.check()
-    _threads(threads)
+    _start(threads, out_dir)
     _write(run_modular(cfg), out_dir)
 
 
@@ -116,7 +114,9 @@ def induction_cmd(
     cfg = dataclasses.replace(base, seed=seed, device=device, tokenizer=tokenizer,
                               **{k: v for k, v in given.items() if v is not None})
     cfg.check()
-    _threads(threads)
+    if not cfg.synthetic:
+        check_corpora(cfg.corpus)
+    _start(threads, out_dir)
     _write(run_induction(cfg), out_dir)
 
 
@@ -140,5 +140,6 @@ def render_cmd(
     missing = [k for k in (*REQUIRED, "runtime_s", "date", "machine", "version") if k not in result]
     if missing:
         raise InputError(f"{results} is not a toy result (missing {missing}); pass a <toy>.json from mechscope toy.")
+    check_out_dir(out_dir)
     html, _ = write_toy_report(result, out_dir)
     out.print(Text(f"report: {html.resolve()}", style="bold green"), soft_wrap=True)
