@@ -3,7 +3,6 @@ directory of those (sorted), or a HuggingFace dataset ``hf:NAME[:CONFIG]`` (hub 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
