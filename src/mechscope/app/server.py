@@ -10,25 +10,31 @@ as HTML, so token strings such as ``<script>`` are shown as text):
 - ``/patching`` the patching results of a ``mechscope report`` run (its results.json);
 - ``/steer`` steering playground: generate with latents added or clamped, beside the unsteered text.
 
-JSON API under ``/api``. Malformed requests get a 4xx with a message (FastAPI's validation gives 422;
-an unknown latent 404; a mechscope error 400); the model is used by one request at a time (a lock),
-database reads use their own cursor per request. The server binds to 127.0.0.1 unless told otherwise.
+JSON API under ``/api`` (its OpenAPI schema at ``/openapi.json``). A malformed request gets a 4xx whose
+``detail`` is readable text, never a 500 (:mod:`mechscope.app.web`): validation 422, an unknown latent 404,
+a mechscope error 400. The model is used by one request at a time (a lock); database reads use their own
+cursor per request. Pages carry a Content-Security-Policy and load their scripts from ``/static``; assets
+are cached by versioned URL. The server binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from fastapi import Request  # at module level: route signatures are resolved here (postponed annotations)
+from pydantic import BaseModel, Field, field_validator
 
-from mechscope.core.errors import InputError, MechscopeError
+from mechscope.core.errors import InputError
 
-STATIC = Path(__file__).parent / "static"
 PAGES = ("index", "feature", "inspect", "patching", "steer")
+MAX_INT32 = 2**31 - 1  # bound of every id and offset: DuckDB's INTEGER, and far past any dictionary
+N_TOP_TOKENS = 5  # tokens shown per latent in lists
+_STEER_LINK = re.compile(r'(<a id="steer-link"[^>]*\bhref=")/steer(")')
 
 
 @dataclass
@@ -52,27 +58,38 @@ class AppState:
 
 
 class InspectBody(BaseModel):
-    """POST /api/inspect: a prompt, the layer whose attention to return (None: the middle), top latents per token."""
+    """POST /api/inspect: a prompt, the layer whose attention to return (None: the middle), top latents per token.
+
+    Numbers in request bodies are strict: ``true`` or ``"3"`` is refused rather than read as 1 or 3.
+    """
 
     text: str = Field(..., min_length=1, max_length=2000)
-    layer: int | None = None
-    top: int = Field(5, ge=1, le=20)
+    layer: int | None = Field(None, strict=True)
+    top: int = Field(5, ge=1, le=20, strict=True)
 
 
 class LatentSteerBody(BaseModel):
-    id: int = Field(..., ge=0)
-    value: float = Field(..., ge=-1e4, le=1e4)
-    mode: str = Field("add", pattern="^(add|clamp)$")
+    """One steered latent: its id (required: there is no default latent), the value, add or clamp."""
+
+    id: int = Field(..., ge=0, le=MAX_INT32, strict=True)  # strict: true/false/1.5/"3" are not latent ids
+    value: float = Field(..., ge=-1e4, le=1e4, allow_inf_nan=False, strict=True)
+    mode: Literal["add", "clamp"] = "add"
 
 
 class SteerBody(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=2000)
     latents: list[LatentSteerBody] = Field(..., min_length=1, max_length=16)
-    max_new_tokens: int = Field(30, ge=1, le=128)
+    max_new_tokens: int = Field(30, ge=1, le=128, strict=True)
 
-
-def _page(name: str) -> str:
-    return (STATIC / f"{name}.html").read_text(encoding="utf-8")
+    @field_validator("latents")
+    @classmethod
+    def _each_latent_once(cls, latents: list[LatentSteerBody]) -> list[LatentSteerBody]:
+        seen = set()
+        for s in latents:
+            if s.id in seen:  # a second entry would silently replace the first
+                raise ValueError(f"latent {s.id} is given twice; give each latent once, with one value")
+            seen.add(s.id)
+        return latents
 
 
 def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | None = None,
@@ -138,6 +155,9 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
     from mechscope.features.steering import decoder_direction, measure_steering, promoted_tokens, steer_latents
 
     def steer(prompt: str, latents: list[dict], max_new_tokens: int) -> dict:
+        if model.to_tokens(prompt).shape[1] == 0:  # generation cannot start from nothing
+            raise InputError(f"the prompt {prompt[:40]!r} has no tokens (only whitespace, for this tokenizer); "
+                             "type some text.")
         by_mode: dict[str, dict[int, float]] = {}
         for s in latents:
             by_mode.setdefault(s["mode"], {})[int(s["id"])] = float(s["value"])
@@ -162,10 +182,33 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
     return steer
 
 
-def _summary(f: dict) -> dict:
-    """A latent's row for lists: id, density, max activation, best label, tokens its top contexts peak on."""
-    tops = list(dict.fromkeys(ex["max_token"] for ex in f.get("top", [])))[:5]
-    return {"id": f["id"], "density": f["density"], "max_act": f["max_act"], **_best_label(f), "top_tokens": tops}
+def _summaries(db, ids: list[int] | None = None, *, order: str = "id", offset: int = 0, limit: int = 50) -> list[dict]:
+    """Latents' rows for lists, from one query: id, density, max and mean activation, the best label with its
+    score and provenance, and the first distinct tokens their top examples peak on.
+
+    Args:
+        db: a FeatureDB.
+        ids: these latents, in this order (unknown ids are left out); None: a page of all latents in ``order``
+            (``id``, ``density``, ``density_asc``, ``max_act``), from ``offset``, ``limit`` rows.
+    """
+    from mechscope.features.db import ORDERS
+
+    sql = ("SELECT l.id, l.density, l.max_act, l.mean_act, l.n_fired, "
+           "(SELECT list(e.max_token ORDER BY e.rank) FROM examples e WHERE e.latent_id = l.id AND e.kind = 'top'), "
+           "(SELECT list({'label': b.label, 'score': b.score, 'score_kind': b.score_kind, 'explainer': b.explainer, "
+           "'date': b.date}) FROM labels b WHERE b.latent_id = l.id) FROM latents l ")
+    c = db.con.cursor()
+    try:
+        if ids is None:
+            rows = c.execute(sql + f"ORDER BY {ORDERS[order]} LIMIT ? OFFSET ?", [limit, offset]).fetchall()
+        else:
+            found = {r[0]: r for r in c.execute(sql + "WHERE l.id IN (SELECT unnest(?::INTEGER[]))", [ids]).fetchall()}
+            rows = [found[i] for i in ids if i in found]
+    finally:
+        c.close()
+    return [{"id": i, "density": density, "max_act": max_act, "mean_act": mean_act, "n_fired": n_fired,
+             **_best_label({"labels": labels}), "top_tokens": list(dict.fromkeys(tops or []))[:N_TOP_TOKENS]}
+            for i, density, max_act, mean_act, n_fired, tops, labels in rows]
 
 
 def _best_label(f: dict) -> dict:
@@ -180,41 +223,56 @@ def _best_label(f: dict) -> dict:
 
 def create_app(state: AppState):
     """The FastAPI application for ``state`` (see the module docstring)."""
-    from fastapi import FastAPI, HTTPException, Query, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from fastapi.staticfiles import StaticFiles
-    app = FastAPI(title="mechscope", docs_url=None, redoc_url=None, openapi_url=None)
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    from fastapi import FastAPI, HTTPException, Path as PathParam, Query
 
-    @app.exception_handler(MechscopeError)
-    async def mechscope_error(request: Request, exc: MechscopeError):  # bad input -> 400 with the message
-        return JSONResponse(status_code=400, content={"detail": " ".join(str(exc).split())})
+    from mechscope.app import web
+
+    app = FastAPI(title="mechscope", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.add_middleware(web.SecurityHeaders)
+    app.mount("/static", web.make_static_files(), name="static")
+    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching")
 
     def need(what: str, value):
         if value is None:
             raise HTTPException(status_code=404, detail=f"this server was started without {what}.")
         return value
 
+    def need_db():
+        return need("a feature database (--features)", state.db)
+
+    def check_latent(db, latent: int) -> int:
+        if latent >= db.n_latents:
+            raise HTTPException(status_code=404, detail=f"latent {latent} does not exist; this database has latents "
+                                                        f"0..{db.n_latents - 1}.")
+        return latent
+
+    Latent = PathParam(..., ge=0, le=MAX_INT32, description="a latent id")
+
     # -- pages -------------------------------------------------------------------------------
     for name in PAGES:
+        if name == "feature":
+            continue
         route = "/" if name == "index" else f"/{name}"
 
         def page(name=name):
-            return HTMLResponse(_page(name))
+            return web.page_response(web.page_html(name))
 
-        app.get(route, response_class=HTMLResponse, include_in_schema=False)(page)
+        app.get(route, include_in_schema=False)(page)
 
-    @app.get("/feature/{latent}", response_class=HTMLResponse, include_in_schema=False)
-    def feature_page(latent: int):
-        return HTMLResponse(_page("feature"))
+    @app.get("/feature/{latent}", include_in_schema=False)
+    def feature_page(latent: int = Latent):
+        html = web.page_html("feature")  # the steering link carries the id, so it works without the page script
+        return web.page_response(_STEER_LINK.sub(rf"\g<1>/steer?latent={latent}\g<2>", html))
 
-    @app.get("/plotly.min.js", include_in_schema=False)
-    def plotly_js():
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # none, said without a 404 in every browser console
         from fastapi.responses import Response
 
-        from mechscope.report.render import plotly_js as js
+        return Response(status_code=204, headers={"Cache-Control": web.IMMUTABLE})
 
-        return Response(js(), media_type="application/javascript")
+    @app.get("/plotly.min.js", include_in_schema=False)
+    def plotly_js(request: Request):
+        return web.plotly_response(request)
 
     # -- API ---------------------------------------------------------------------------------
     @app.get("/api/info")
@@ -227,28 +285,30 @@ def create_app(state: AppState):
                 "has_report": state.report is not None, "can_steer": state.steer is not None}
 
     @app.get("/api/features")
-    def features(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
-                 order: str = Query("id", pattern="^(id|density|density_asc|max_act)$")):
-        db = need("a feature database (--features)", state.db)
-        rows = db.list_latents(order_by=order, offset=offset, limit=limit)
-        for r in rows:
-            if r.get("label"):
-                r.update(_best_label(db.feature(r["id"])))
-        return {"latents": rows, "total": db.n_latents}
+    def features(offset: int = Query(0, ge=0, le=MAX_INT32, description="rows to skip; past the end: an empty page"),
+                 limit: int = Query(50, ge=1, le=500),
+                 order: Literal["id", "density", "density_asc", "max_act"] = "id"):
+        db = need_db()
+        return {"latents": _summaries(db, order=order, offset=offset, limit=limit), "total": db.n_latents,
+                "offset": offset, "limit": limit, "order": order}
 
     @app.get("/api/search")
-    def search(q: str = Query(..., min_length=1, max_length=200), by: str = Query("token", pattern="^(token|text|label)$"),
-               limit: int = Query(50, ge=1, le=500)):
-        db = need("a feature database (--features)", state.db)
+    def search(q: str = Query(..., min_length=1, max_length=200),
+               by: Literal["token", "text", "label"] = "token", limit: int = Query(50, ge=1, le=500)):
+        db = need_db()
         fn = {"token": db.search_tokens, "text": db.search_text, "label": db.search_labels}[by]
-        return {"query": q, "by": by, "latents": [_summary(db.feature(i)) for i in fn(q, limit=limit)]}
+        return {"query": q, "by": by, "latents": _summaries(db, fn(q, limit=limit))}
 
     @app.get("/api/feature/{latent}")
-    def feature(latent: int):
-        db = need("a feature database (--features)", state.db)
-        if not 0 <= latent < db.n_latents:
-            raise HTTPException(status_code=404, detail=f"latent {latent} does not exist (0..{db.n_latents - 1}).")
-        return db.feature(latent)
+    def feature(latent: int = Latent):
+        db = need_db()
+        return db.feature(check_latent(db, latent))
+
+    @app.get("/api/feature/{latent}/summary")
+    def feature_summary(latent: int = Latent):
+        """One latent's list row (density, max and mean activation, label, top tokens): the steering page's scale."""
+        db = need_db()
+        return _summaries(db, [check_latent(db, latent)])[0]
 
     @app.post("/api/inspect")
     def inspect(body: InspectBody):
@@ -268,7 +328,8 @@ def create_app(state: AppState):
         d_sae = state.dictionary.cfg.d_sae
         for s in body.latents:
             if s.id >= d_sae:
-                raise HTTPException(status_code=404, detail=f"latent {s.id} does not exist (0..{d_sae - 1}).")
+                raise HTTPException(status_code=404, detail=f"latent {s.id} does not exist; the dictionary has "
+                                                            f"latents 0..{d_sae - 1}.")
         with state.lock:
             return fn(body.prompt, [s.model_dump() for s in body.latents], body.max_new_tokens)
 
