@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,8 @@ def printable(s: str) -> str:
 
 
 def _shown(value: Any, limit: int = 60) -> str:
-    """A short ASCII repr of an offending input, or '' for inputs too big to echo (objects, lists)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if not isinstance(value, (str, int, float, bool)) or value is None:
+    """A short ASCII repr of an offending input (NaN as ``nan``), or '' for objects and lists."""
+    if not isinstance(value, (str, int, float)):  # bool is an int
         return ""
     r = ascii(value)
     return r if len(r) <= limit else r[:limit - 3] + "..."
