@@ -107,7 +107,8 @@ def test_inspector_returns_the_models_values(client, state):
     body = r.json()
     m, d = state.model, state.dictionary
     toks = m.to_tokens(text, prepend_bos=True)
-    assert body["tokens"] == m.to_str_tokens(toks)
+    assert "".join(body["tokens"]) == body["text"] == m.tokenizer.decode(toks[0], skip_special_tokens=False)
+    assert [t.strip() for t in body["tokens"]] == m.to_str_tokens(toks) == body["labels"]
     _, cache = m.run(toks, cache=[f"{HOOK}.sae.hook_sae_acts_post", "blocks.0.attn.hook_pattern"],
                      saes=[Splice(d, error_term=True)])
     acts = cache[f"{HOOK}.sae.hook_sae_acts_post"][0]
@@ -362,8 +363,6 @@ def test_steering_several_latents_at_once(full, full_state):
 
 # -- headers: CSP, nosniff, caching -----------------------------------------------------------------------
 PAGES = ("/", "/inspect", "/steer", "/patching", "/feature/3")
-FEATURE_INLINE = ("feature.html still runs its page script inline, which the CSP blocks; its move to "
-                  "static/feature.js is under way (the feature page's owner). Remove this xfail then.")
 
 
 def test_every_page_has_a_csp_and_no_inline_script(full):
@@ -379,8 +378,6 @@ def test_every_page_has_a_csp_and_no_inline_script(full):
         assert "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0] and "'unsafe-eval'" not in csp
         assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-cache"
         inline = [s for s in re.findall(r"<script([^>]*)>", r.text) if "src=" not in s]
-        if inline and path.startswith("/feature"):  # the last of PAGES
-            pytest.xfail(FEATURE_INLINE)
         assert inline == [], f"{path} has an inline script, which the CSP blocks; move it to static/"
         assert "innerHTML" not in r.text
 

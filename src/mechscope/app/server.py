@@ -96,7 +96,10 @@ def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | N
                    max_tokens: int = 128) -> dict:
     """Per-token firing latents, the logit lens at the last position, and one layer's attention patterns.
 
-    Returns JSON-ready lists: ``tokens`` [pos]; ``features`` [pos][top] of {id, act} (none at BOS, a
+    Returns JSON-ready lists: ``text`` (the prompt's tokens decoded at once, BOS included), ``tokens`` [pos]
+    (each token's span of ``text``: they join to it, and a token holding only leading bytes of a character
+    has an empty span; see :mod:`mechscope.data.detokenize`), ``labels`` [pos] (each token shown alone, byte
+    fragments as escapes); ``features`` [pos][top] of {id, act} (none at BOS, a
     position dictionaries are not trained on); ``lens`` {labels,
     top_tokens [n_layers][5], top_probs}; ``attention`` {layer, n_heads, pattern [n_heads][pos][pos]}.
 
@@ -115,7 +118,12 @@ def inspect_prompt(model, dictionary, text: str, *, top: int = 5, layer: int | N
     layer = n_layers // 2 if layer is None else layer
     if not 0 <= layer < n_layers:
         raise InputError(f"layer must be in 0..{n_layers - 1}, got {layer}.")
-    out: dict[str, Any] = {"tokens": model.to_str_tokens(tokens)}
+    from mechscope.data.detokenize import decode_spans, token_labels
+
+    (decoded,) = decode_spans(model.tokenizer, tokens.tolist())
+    labels = token_labels(model.tokenizer, tokens[0].tolist())
+    out: dict[str, Any] = {"text": decoded.text, "tokens": decoded.pieces,
+                           "labels": [labels[int(i)] for i in tokens[0].tolist()]}
     cache_sites = [f"blocks.{layer}.attn.hook_pattern"]
     saes = []
     if dictionary is not None:

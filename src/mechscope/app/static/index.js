@@ -33,7 +33,7 @@ function show(rows) {
     list.append(ms.el("tr", {cls: "lat-row"}, ms.el("td", {}, ms.latLink(r.id)), ms.el("td", {}, ...(r.label ? [ms.el("span", {cls: "feature-label", text: r.label}),
       ms.el("div", {cls: "note", text: `${r.label_score == null ? "not scored" : (r.label_score_kind || "score") + " " + Number(r.label_score).toFixed(2)} · ${r.label_explainer || "?"}`})] : [])),
       ms.el("td", {cls: "n", text: (r.density ?? 0).toExponential(2)}), ms.el("td", {cls: "n", text: (r.max_act ?? 0).toFixed(2)}),
-      ms.el("td", {}, ...(r.top_tokens || []).map(t => ms.el("span", {cls: "pill tok", text: ms.vis(t)})))));
+      ms.el("td", {}, ...(r.top_tokens || []).map(t => ms.el("span", {cls: "pill"}, ms.tok(t))))));
   }
 }
 

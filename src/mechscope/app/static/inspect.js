@@ -52,13 +52,14 @@ $("f").addEventListener("submit", ev => {
   ms.api("/api/inspect", body).then(r => {
     last = r;
     t.replaceChildren(ms.el("tr", {}, ms.el("th", {text: "position"}), ms.el("th", {text: "token"}), ms.el("th", {text: "top latents (activation)"})));
-    r.tokens.forEach((tok, i) => t.append(ms.el("tr", {cls: "tok-row"}, ms.el("td", {cls: "n", text: String(i)}),
-      ms.el("td", {}, ms.el("span", {cls: "tok", text: ms.vis(tok)})),
+    // one row per position: the token shown alone (a byte fragment of a character as escapes)
+    (r.labels || r.tokens).forEach((tok, i) => t.append(ms.el("tr", {cls: "tok-row"}, ms.el("td", {cls: "n", text: String(i)}),
+      ms.el("td", {}, ms.tok(tok)),
       ms.el("td", {}, ...((r.features || [])[i] || []).map(f => ms.el("span", {cls: "pill"}, ms.latLink(f.id), ms.el("span", {text: " " + f.act.toFixed(2)})))))));
     const lens = $("lens");
     lens.replaceChildren(ms.el("tr", {}, ms.el("th", {text: "layer"}), ms.el("th", {text: "top tokens"})));
     r.lens.labels.forEach((l, i) => lens.append(ms.el("tr", {}, ms.el("td", {text: l}),
-      ms.el("td", {}, ...r.lens.top_tokens[i].map((tk, j) => ms.el("span", {cls: "pill tok", text: `${ms.vis(tk)} ${r.lens.top_probs[i][j].toFixed(2)}`}))))));
+      ms.el("td", {}, ...r.lens.top_tokens[i].map((tk, j) => ms.el("span", {cls: "pill"}, ms.tok(tk), ` ${r.lens.top_probs[i][j].toFixed(2)}`))))));
     $("atitle").textContent = `Attention, layer ${r.attention.layer}`;
     $("head").replaceChildren(...Array.from({length: r.attention.n_heads}, (_, h) => ms.el("option", {value: String(h), text: "head " + h})));
     drawHead();
