@@ -62,3 +62,18 @@ def serve(app) -> tuple[str, callable]:
         t.join(timeout=10)
 
     return f"http://127.0.0.1:{port}", stop
+
+
+def drawn_tokens(tokens: list[str]) -> list[str]:
+    """What the page draws for a context's token spans: a token with an empty span (leading bytes of a
+    character) merged with the tokens up to the one that completes it, as app.js's ``ms.groups`` does."""
+    out, pending = [], ""
+    for i, t in enumerate(tokens):
+        pending += t
+        if t != "" or i == len(tokens) - 1:
+            out.append(pending)
+            pending = ""
+    return out
+
+
+TEXTS = "els => els.map(e => e.textContent)"

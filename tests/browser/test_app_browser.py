@@ -9,7 +9,7 @@ import pytest
 import mechscope
 from mechscope.app import AppState, create_app, make_steer
 from mechscope.dictionaries import DictionaryConfig, SparseDictionary
-from tests.browser.conftest import serve
+from tests.browser.conftest import TEXTS, drawn_tokens, serve
 
 pytestmark = pytest.mark.browser
 
@@ -74,7 +74,8 @@ def test_search_a_feature_open_it_and_see_highlighted_contexts(page, base_url):
     f = db.feature(script_latent)
     assert page.locator(".top-example").count() == len(f["top"])
     first = page.locator(".top-example").first
-    assert first.locator(".tok").all_inner_texts() == [t.replace("\n", "\\n") for t in f["top"][0]["tokens"]]
+    assert first.locator(".tok").evaluate_all(TEXTS) == drawn_tokens(f["top"][0]["tokens"])
+    assert first.locator(".toks").evaluate("e => e.textContent") == f["top"][0]["text"]  # the exact text
     highlighted = first.locator(".tok[style*='background']").count()
     assert highlighted == sum(1 for a in f["top"][0]["acts"] if a > 0)  # exactly the active tokens are coloured
     assert "<script>alert(1)</script>" in page.inner_text("#top")  # shown as text
@@ -90,7 +91,7 @@ def test_prompt_inspector_shows_hostile_tokens_as_text(page, base_url):
     page.fill("#text", HOSTILE)
     page.click("button[type=submit]")
     page.wait_for_selector("tr.tok-row")
-    cells = page.locator("tr.tok-row td:nth-child(2)").all_inner_texts()
+    cells = page.locator("tr.tok-row td:nth-child(2)").evaluate_all(TEXTS)
     assert cells == ["<bos>", "w1", "<script>alert(1)</script>", "&amp;", "<b>bold</b>", "w2"]
     assert page.locator("tr.tok-row b").count() == 0 and page.locator("main script").count() == 0  # no markup injected
     assert page.locator("tr.tok-row a.lat").count() > 0  # latents fire and link to their pages

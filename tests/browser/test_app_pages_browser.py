@@ -14,7 +14,7 @@ import mechscope
 from mechscope.app import AppState, create_app, make_steer
 from mechscope.dictionaries import DictionaryConfig, SparseDictionary
 from tests.browser.conftest import serve
-from tests.unit.test_app import FEATURE_INLINE, tiny_model_dir  # noqa: F401 (fixture)
+from tests.unit.test_app import tiny_model_dir  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.browser
 N_LATENTS = 64
@@ -115,9 +115,7 @@ def test_every_page_works_under_the_csp(strict_page, app):
     pg.click("button[type=submit]")
     pg.wait_for_selector("#attn .main-svg")
     assert pg.js_errors == [] and pg.console_errors == [] and pg.failed == []
-    r = pg.goto(url + "/feature/5")
-    if "<script>" in r.text():
-        pytest.xfail(FEATURE_INLINE)
+    pg.goto(url + "/feature/5")
     pg.wait_for_selector("#hist .main-svg")
     pg.wait_for_selector(".top-example")
     assert pg.locator("a#steer-link").get_attribute("href") == "/steer?latent=5"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mechscope.app import AppState, create_app, make_steer
-from tests.browser.conftest import serve
+from tests.browser.conftest import TEXTS, drawn_tokens, serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.real]
 N_CONTEXTS, CONTEXT_LEN = 160, 128  # 20,480 tokens
@@ -70,10 +70,16 @@ def test_search_by_token_open_the_feature_and_see_highlighted_contexts(page, rea
     examples = page.locator(".top-example")
     assert examples.count() == len(f["top"]) == 10
     first = examples.first
-    assert first.locator(".tok").all_inner_texts() == [t.replace("\n", "\\n") for t in f["top"][0]["tokens"]]
+    assert first.locator(".tok").evaluate_all(TEXTS) == drawn_tokens(f["top"][0]["tokens"])
+    assert first.locator(".toks").evaluate("e => e.textContent") == f["top"][0]["text"]  # the exact text
     assert first.locator(".tok[style*='background']").count() == sum(a > 0 for a in f["top"][0]["acts"])
     peak = max(range(len(f["top"][0]["acts"])), key=f["top"][0]["acts"].__getitem__)
     assert f["top"][0]["tokens"][peak].strip().lower() == SEARCH_TOKEN.strip()  # it peaks where it was found
+    assert first.locator(".tok.peak").inner_text().strip().lower() == SEARCH_TOKEN.strip()  # outlined, on screen
+    assert first.locator(".tok.peak").is_visible()
+    box = first.locator(".tok.peak").bounding_box()  # on screen without scrolling sideways
+    assert box["x"] >= 0 and box["x"] + box["width"] <= page.viewport_size["width"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= page.viewport_size["width"]
     assert page.locator(".quantile-example").count() > 0
     assert page.locator("#up tr").count() > 0 and page.locator("#down tr").count() > 0  # logit effects
     page.wait_for_selector("#hist .main-svg")
@@ -108,8 +114,9 @@ def test_prompt_inspector_on_the_real_model(page, real_app, real_model):
     page.fill("#text", text)
     page.click("button[type=submit]")
     page.wait_for_selector("tr.tok-row")
-    shown = page.locator("tr.tok-row td:nth-child(2)").all_inner_texts()
-    assert shown == [t.replace("\n", "\\n") for t in real_model.to_str_tokens(real_model.to_tokens(text, prepend_bos=True))]
+    shown = page.locator("tr.tok-row td:nth-child(2)").evaluate_all(TEXTS)
+    assert shown == real_model.to_str_tokens(real_model.to_tokens(text, prepend_bos=True))  # ASCII: no fragments
+    assert page.locator("tr.tok-row .nl").count() == 1  # the newline is marked
     ret = shown.index(" return")
     lat_links = page.locator("tr.tok-row").nth(ret).locator("a.lat").all_inner_texts()
     assert len(lat_links) == 5  # top 5 of the k=32 firing latents

@@ -176,9 +176,9 @@ DASHBOARD = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title
 <style>%CSS%</style></head>
 <body><header><span class="brand">%TITLE%</span></header>
 <main><section><h1>Features</h1><select id="pick" aria-label="feature"></select><p class="note" id="stats"></p><div id="label"></div></section>
+<section><h2>Top-activating contexts</h2><p class="note">A window around each context's peak (outlined); the button shows the whole context. · marks a space, ↵ a newline, → a tab; invisible characters show their code point.</p><div id="top"></div></section>
 <div class="row"><section><h2>Activation histogram</h2><div id="hist"></div></section>
-<section><h2>Logit effects</h2><table id="logits"></table></section></div>
-<section><h2>Top-activating contexts</h2><div id="top"></div></section></main>
+<section><h2>Logit effects</h2><table id="logits"></table></section></div></main>
 <script>%PLOTLY%</script>
 <script>%APPJS%</script>
 <script type="application/json" id="features">%DATA%</script>
@@ -194,9 +194,9 @@ function show(j) {
   lab.replaceChildren(...(f.labels || []).map(l => ms.el("p", {}, ms.el("b", {text: "label: "}), ms.el("span", {text: l.label}),
     ms.el("span", {cls: "note", text: ` · ${l.score == null ? "not scored" : (l.score_kind || "score") + " " + Number(l.score).toFixed(2)} · ${l.explainer} · ${l.date}`}))));
   const top = document.getElementById("top");
-  top.replaceChildren(...(f.top || []).map(ex => ms.context(ex.tokens, ex.acts, f.max_act, "top-example")));
+  top.replaceChildren(...(f.top || []).map(ex => ms.context(ex, f.max_act, "top-example")));
   const t = document.getElementById("logits");
-  t.replaceChildren(...((f.logits || {}).up || []).map((r, i) => ms.el("tr", {}, ms.el("td", {}, ms.el("span", {cls: "tok", text: ms.vis(r.token)})),
+  t.replaceChildren(...((f.logits || {}).up || []).map((r, i) => ms.el("tr", {}, ms.el("td", {}, ms.tok(r.token)),
     ms.el("td", {cls: "n", text: Number(r.value).toFixed(3)}))));
   const h = f.histogram || {};
   if (h.edges && h.counts) Plotly.newPlot("hist", [{type: "bar", x: h.counts.map((_, i) => (h.edges[i] + h.edges[i + 1]) / 2), y: h.counts}],
