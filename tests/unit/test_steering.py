@@ -243,6 +243,8 @@ def test_generate_and_compare_with_text(worded):
     base, steered = compare_generations(worded, "w1 w2 w3", mechscope.Add(HOOK, direction=v, scale=20.0),
                                         max_new_tokens=5, stop_at_eos=False)
     assert base == gen.text and steered != base
+    with pytest.raises(mechscope.InputError, match="has no tokens"):  # this tokenizer drops whitespace, adds no BOS
+        generate(worded, "   ", max_new_tokens=2)
 
 
 # -- measured effect --------------------------------------------------------------------------------

@@ -163,9 +163,6 @@ def make_steer(model, dictionary, *, n_targets: int = 3):
     from mechscope.features.steering import decoder_direction, measure_steering, promoted_tokens, steer_latents
 
     def steer(prompt: str, latents: list[dict], max_new_tokens: int) -> dict:
-        if model.to_tokens(prompt).shape[1] == 0:  # generation cannot start from nothing
-            raise InputError(f"the prompt {prompt[:40]!r} has no tokens (only whitespace, for this tokenizer); "
-                             "type some text.")
         by_mode: dict[str, dict[int, float]] = {}
         for s in latents:
             by_mode.setdefault(s["mode"], {})[int(s["id"])] = float(s["value"])

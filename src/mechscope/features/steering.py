@@ -213,7 +213,10 @@ def _prompt_tokens(model, prompt) -> Tensor:
         return model._tokens(t, None)
     if not isinstance(prompt, str):
         raise InputError(f"a prompt must be a string or token ids, got {type(prompt).__name__}.")
-    return model.to_tokens(prompt)
+    tokens = model.to_tokens(prompt)
+    if tokens.shape[1] == 0:  # e.g. only whitespace for a tokenizer that drops it, and no BOS
+        raise InputError(f"the prompt {prompt[:40]!r} has no tokens for this tokenizer; give some text.")
+    return tokens
 
 
 def contrastive_direction(model, positive_prompts: Sequence, negative_prompts: Sequence,
