@@ -241,6 +241,19 @@ def test_train_says_the_tokens_it_trains_on(env, tmp_path):
     assert ev["n_tokens_requested"] == 9000 and "not the 9,000 asked" in r.stdout
 
 
+def test_train_says_when_it_repeats_its_text(env, tmp_path):
+    root = env["root"]
+    args = [a.format(root=root, model=env["model"], tmp=tmp_path) for a in TRAIN]
+    r = runner.invoke(app, [*args, "--tokens", "5120", "--corpus", str(root / "corpus.txt")], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    passes = 5120 / data["unique_tokens"]
+    assert passes > 1.5
+    said = r.stdout.index(f"note: the train split of {root / 'corpus.txt'} holds {data['unique_tokens']:,} tokens; "
+                          f"training on 5,120 makes {passes:.1f} passes over it")
+    assert said < r.stdout.index("trained 1 dictionary")
+
+
 def test_export_takes_each_latent_once_and_says_so(env, tmp_path, monkeypatch):
     import mechscope.features.export as export
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from mechscope.evals.dictionary_eval import DictionaryEval, evaluate_dictionary
 from mechscope.models.loading import cache_dir
 from mechscope.training.config import DictionarySpec, TrainConfig
 from mechscope.training.trainer import Trainer
+
+#: INFO when training repeats its text (the CLI shows it as a note).
+log = logging.getLogger(__name__)
 
 DEFAULT_CORPORA = ("pydoc", "wikipedia", "austen", "shakespeare")
 
@@ -90,7 +94,8 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
     """Harvest the hooks the dictionaries need over the train split, then train them all in one pass.
 
     If the train split has fewer tokens than ``cfg.n_tokens``, training runs several epochs over it
-    (``data.json`` records ``unique_tokens``).
+    (``data.json`` records ``unique_tokens``; an INFO log of ``mechscope.training.pipeline`` says how many
+    passes before training starts).
 
     Args:
         stream: read activations from the model while training, through a shuffle buffer of
@@ -124,6 +129,10 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
                         forward_batch_contexts=forward_batch_contexts, memory_budget_bytes=cfg.memory_budget_bytes,
                         progress=progress)
         unique = store.n_tokens
+    if unique < cfg.n_tokens_trained:
+        log.info("the train split of %s holds %s tokens; training on %s makes %.1f passes over it (add text with "
+                 "--corpus for fewer repeats)", ", ".join(corpus.sources), f"{unique:,}", f"{cfg.n_tokens_trained:,}",
+                 cfg.n_tokens_trained / unique)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(jsonable({"model": model.cfg.name, "model_dtype": model.cfg.dtype, "hooks": hooks,
