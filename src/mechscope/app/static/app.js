@@ -18,7 +18,7 @@ const ms = {
   // reading textContent gives the exact text); the marker is CSS generated content (app.css: .sp .nl .tab .cc).
   // Each invisible or control character is a bidi isolate, so an override (U+202E) reorders nothing else.
   tok(text, cls) {
-    const s = ms.el("span", {cls: "tok" + (cls ? " " + cls : "")});
+    const s = ms.el("span", {cls: "tok" + (String(text).length > ms.LONG_TOKEN ? " long" : "") + (cls ? " " + cls : "")});
     String(text).split(/([\p{Cc}\p{Cf}\p{Z}])/u).forEach((part, i) => {
       if (!part) return;
       if (i % 2 === 0) { s.append(part); return; }
@@ -44,7 +44,7 @@ const ms = {
     });
     return out;
   },
-  WINDOW_BEFORE: 30, WINDOW_AFTER: 10,
+  WINDOW_BEFORE: 30, WINDOW_AFTER: 10, LONG_TOKEN: 24,
   async api(path, body) {
     const opts = body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
     let r;
@@ -58,7 +58,7 @@ const ms = {
   fail(where, e) { where.replaceChildren(ms.el("p", {cls: "err", text: "error: " + (e && e.message ? e.message : String(e))})); },
   // One context (an example of FeatureDB.feature): tokens with a background whose opacity follows the
   // activation (max = full colour), the peak outlined. Shown: a window of WINDOW_BEFORE tokens before the
-  // peak and WINDOW_AFTER after it; a button shows the whole context. Lines wrap.
+  // peak and WINDOW_AFTER after it; a button shows the whole context. Lines wrap between tokens.
   context(ex, maxAct, cls) {
     const tokens = ex.tokens || [], acts = ex.acts || [];
     const groups = ms.groups(tokens, acts);
@@ -82,6 +82,7 @@ const ms = {
       }
       if (last < lo) { s.classList.add("out"); box.classList.add("cut-before"); hidden += 1; }
       if (first > hi) { s.classList.add("out"); box.classList.add("cut-after"); hidden += 1; }
+      if (k) line.append(document.createElement("wbr"));  // lines break between tokens, never inside a short one
       line.append(s);
     });
     box.append(line);

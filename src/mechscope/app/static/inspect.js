@@ -29,7 +29,7 @@ function drawHead() {
   const labelPx = 18 + 7 * Math.max(...ticks.map(t => t.length));
   const z = last.attention.pattern[h];
   Plotly.newPlot("attn", [{type: "heatmap", z, x: idx, y: idx, colorscale: ATTENTION_SCALE, reversescale: false,
-    zmin: 0, zmax: 1, colorbar: {title: {text: "attention"}, thickness: 14},
+    zmin: 0, zmax: 1, colorbar: {title: {text: "attention", side: "right"}, thickness: 14},
     text: z.map((row, q) => row.map((_, k) => `${full[q]} (${q}) → ${full[k]} (${k})`)),
     hovertemplate: "%{text}<br>attention %{z:.3f}<extra></extra>"}],
   {width: side + labelPx + 110, height: side + labelPx + 20, margin: {l: labelPx, r: 10, t: 10, b: labelPx},
