@@ -13,7 +13,7 @@ from torch import Tensor
 from mechscope.core.errors import InputError
 
 if TYPE_CHECKING:
-    from mechscope.toys.induction import InductionConfig
+    from mechscope.toys.induction_config import InductionConfig
 
 
 def remap_vocab(train: Int[Tensor, "n pos"], vocab: int) -> Tensor:

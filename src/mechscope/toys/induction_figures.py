@@ -9,7 +9,7 @@ from torch import Tensor
 from mechscope.toys.common import figure
 
 if TYPE_CHECKING:
-    from mechscope.toys.induction import InductionConfig
+    from mechscope.toys.induction_config import InductionConfig
 
 
 def _vline(x) -> list[dict]:

@@ -11,33 +11,11 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mechscope.core.errors import InputError
 from mechscope.toys.common import seed_everything
+from mechscope.toys.induction_config import _check_device
 
 if TYPE_CHECKING:
-    from mechscope.toys.induction import InductionConfig
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'.") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                             "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
-        if dev.index is not None and dev.index >= n:
-            raise InputError(f"device {device!r} asked for, but there are only {n} CUDA GPUs (cuda:0..cuda:{n - 1}).")
-    elif dev.type in ("mps", "xpu"):
-        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
-        if backend is None or not backend.is_available():
-            raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) cannot use it here; "
-                             "use --device cpu, or a machine and torch build that have it.")
-    elif dev.type != "cpu":
-        raise InputError(f"device {device!r}: the induction toy runs on 'cpu' or a GPU ('cuda', 'cuda:N', 'mps', 'xpu').")
-    return dev
+    from mechscope.toys.induction_config import InductionConfig
 
 
 def sinusoidal_positions(n: int, d: int) -> Float[Tensor, "n d"]:
