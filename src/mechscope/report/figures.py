@@ -9,23 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from mechscope.report.layout import layout as _layout
+
 Fig = dict[str, Any]
 
-_FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12}
 _DIVERGING = "RdBu"
-
-
-def _layout(title: str, **kw) -> dict[str, Any]:
-    base = {
-        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 14}},
-        "font": _FONT,
-        "margin": {"l": 60, "r": 20, "t": 48, "b": 50},
-        "paper_bgcolor": "#ffffff",
-        "plot_bgcolor": "#ffffff",
-        "hoverlabel": {"font": {"family": "ui-monospace, SFMono-Regular, Menlo, monospace"}},
-    }
-    base.update(kw)
-    return base
 
 
 def visible(token: str) -> str:

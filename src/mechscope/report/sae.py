@@ -62,7 +62,7 @@ def sae_section(folders, model=None, *, eval_tokens: int = 25_000, progress: boo
 
 def sae_figures(section: dict) -> dict:
     """Plotly specs: per dictionary, training curves (FVU, L0, dead fraction vs tokens) and the density histogram."""
-    from mechscope.report.figures import _layout
+    from mechscope.report.layout import layout as _layout
 
     figs = {}
     for i, e in enumerate(section["dictionaries"]):
