@@ -9,7 +9,8 @@
 
 from mechscope.dictionaries.config import ARCHITECTURES, DictionaryConfig
 from mechscope.dictionaries.interop import load_saelens, load_sparsify, save_saelens, save_sparsify
-from mechscope.dictionaries.io import load_dictionary, save_dictionary
+from mechscope.dictionaries.io import save_dictionary
+from mechscope.dictionaries.loader import load_dictionary
 from mechscope.dictionaries.model import SparseDictionary
 from mechscope.dictionaries.splice import Splice
 

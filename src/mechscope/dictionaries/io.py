@@ -7,7 +7,8 @@ weights before saving (see :meth:`SparseDictionary.fold_scaling`), so the file r
 
 A folder is written whole or not at all: into a temporary sibling folder, then renamed into place.
 SAELens and EleutherAI sparsify folders are read and written by :mod:`mechscope.dictionaries.interop`;
-:func:`load_dictionary` detects which format a folder holds.
+:func:`detect_format` says which a folder holds, and :func:`mechscope.dictionaries.loader.load_dictionary`
+reads any of them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mechscope.core.errors import CorruptFileError, InputError
-from mechscope.core.io import load_safetensors, make_temp_dir, save_safetensors_atomic, write_json_atomic
+from mechscope.core.io import make_temp_dir, save_safetensors_atomic, write_json_atomic
 from mechscope.dictionaries.config import DictionaryConfig
 from mechscope.dictionaries.model import SparseDictionary
 
@@ -142,34 +143,3 @@ def read_cfg_json(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{path} is not valid JSON ({e}); restore it or re-save the dictionary.") from e
-
-
-def load_dictionary(folder: str | Path, *, device=None, hook: str | None = None) -> SparseDictionary:
-    """Load a dictionary from a mechscope, SAELens or sparsify folder.
-
-    Args:
-        hook: for SAELens/sparsify files that do not record their hook name, the hook to attach
-            (e.g. ``blocks.6.hook_resid_post``); overrides the recorded one if given.
-
-    Returns:
-        The dictionary, in eval mode; its ``source`` is ``folder`` (error messages name its cfg.json).
-
-    Raises:
-        InputError: unknown layout, a bad cfg.json.
-        CorruptFileError: a truncated or corrupted weights file, or tensors that do not match the cfg.
-    """
-    folder = Path(folder)
-    fmt = detect_format(folder)
-    if fmt != "mechscope":
-        from mechscope.dictionaries import interop
-
-        d = interop.load_foreign(folder, fmt, device=device, hook=hook)
-    else:
-        cfg = DictionaryConfig.from_dict(read_cfg_json(folder))
-        if hook is not None:
-            cfg = cfg.replace(hook_in=hook, hook_out=hook if cfg.is_sae else cfg.hook_out)
-        tensors = load_safetensors(folder / WEIGHTS, what="dictionary weights")
-        d = from_tensors(cfg, tensors, source=str(folder / WEIGHTS), device=device)
-    d.source = str(folder)
-    return d
-
