@@ -9,16 +9,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.core.errors import InputError
+from mechscope.data.random_tokens import bos_id as _bos_id
+from mechscope.data.random_tokens import ordinary_token_ids
 
 SCORE_KINDS = ("induction", "previous_token", "duplicate_token")
-
-
-def _bos_id(model) -> int | None:
-    tok = model.tokenizer
-    if tok is not None and tok.bos_token_id is not None:
-        return int(tok.bos_token_id)
-    bos = getattr(model.hf.config, "bos_token_id", None)
-    return int(bos) if isinstance(bos, int) and 0 <= bos < model.cfg.d_vocab else None
 
 
 def repeated_random_tokens(
@@ -46,19 +40,10 @@ def repeated_random_tokens(
     """
     if seq_len < 2 or batch < 1:
         raise InputError(f"need seq_len >= 2 and batch >= 1, got seq_len={seq_len}, batch={batch}.")
-    n_vocab = model.cfg.d_vocab
-    special: set[int] = set()
-    if model.tokenizer is not None:
-        n_vocab = min(n_vocab, len(model.tokenizer))
-        special = set(model.tokenizer.all_special_ids)
-        added = getattr(model.tokenizer, "added_tokens_decoder", {}) or {}
-        special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
     bos = _bos_id(model) if prepend_bos else None
     if prepend_bos and bos is None:
         raise InputError(f"{model.cfg.name} has no BOS token; call repeated_random_tokens(..., prepend_bos=False).")
-    if bos is not None:
-        special.add(bos)
-    allowed = torch.tensor([i for i in range(n_vocab) if i not in special], dtype=torch.long)
+    allowed = ordinary_token_ids(model, exclude_bos=prepend_bos)
     g = torch.Generator().manual_seed(seed)
     seq = allowed[torch.randint(len(allowed), (batch, seq_len), generator=g)]
     parts = [seq, seq]
