@@ -54,16 +54,17 @@ def read_text_file(path: Path, split_lines: bool = False) -> list[str]:
     return [text] if text.strip() else []
 
 
-def read_jsonl(path: Path, text_field: str) -> list[str]:
-    """Documents of a JSONL file: one JSON object per line, the text in field ``text_field``; blank lines and
-    blank texts are skipped.
+def jsonl_objects(path: Path):
+    """The JSON objects of a JSONL file with their 1-based line numbers; blank lines are skipped.
+
+    Yields:
+        (line number, dict) per non-blank line.
 
     Raises:
-        InputError: a line that is not UTF-8 (with its byte offset), not a JSON object, lacks the field, holds
-            a non-string, or a string with a lone surrogate; each names the file, the line and the fix.
+        InputError: a line that is not UTF-8 (with its byte offset), not valid JSON or not a JSON object;
+            each names the file, the line and the fix.
     """
     path = Path(path)
-    docs = []
     offset = 0
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
@@ -78,22 +79,46 @@ def read_jsonl(path: Path, text_field: str) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}, line {i}: not valid JSON ({e}). Each line must be one JSON object.") from e
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise InputError(f"{path}, line {i}: no field {text_field!r} (found {keys}). "
-                                 "Pass text_field= (--text-field on the command line) to name the field that "
-                                 "holds the text.")
-            text = row[text_field]
-            if not isinstance(text, str):
-                raise InputError(f"{path}, line {i}: field {text_field!r} is {type(text).__name__}, expected a string.")
-            at = first_surrogate(text)
-            if at is not None:
-                raise InputError(
-                    f"{path}, line {i}: field {text_field!r} holds a lone surrogate \\u{ord(text[at]):04x} at "
-                    f"character {at}: valid JSON, but not Unicode text, so it cannot be encoded or tokenized "
-                    "(a writer leaves one when it cuts text inside a UTF-16 pair, or decodes bytes with "
-                    "errors='surrogateescape'). Fix the line "
-                    "(e.g. re-encode the text with errors='replace') or remove it, and pass the file again.")
-            if text.strip():
-                docs.append(text)
+            if not isinstance(row, dict):
+                raise InputError(f"{path}, line {i}: a JSON {type(row).__name__}, not an object. Each line must be "
+                                 "one JSON object, e.g. {\"text\": \"...\"}.")
+            yield i, row
+
+
+def check_text_field(path: Path, line: int, field: str, text) -> str:
+    """``text`` if it is a string of Unicode text; else an InputError naming the file, line and field.
+
+    Raises:
+        InputError: a non-string, or a string holding a lone surrogate (valid JSON, not Unicode text).
+    """
+    if not isinstance(text, str):
+        raise InputError(f"{path}, line {line}: field {field!r} is {type(text).__name__}, expected a string.")
+    at = first_surrogate(text)
+    if at is not None:
+        raise InputError(
+            f"{path}, line {line}: field {field!r} holds a lone surrogate \\u{ord(text[at]):04x} at "
+            f"character {at}: valid JSON, but not Unicode text, so it cannot be encoded or tokenized "
+            "(a writer leaves one when it cuts text inside a UTF-16 pair, or decodes bytes with "
+            "errors='surrogateescape'). Fix the line "
+            "(e.g. re-encode the text with errors='replace') or remove it, and pass the file again.")
+    return text
+
+
+def read_jsonl(path: Path, text_field: str) -> list[str]:
+    """Documents of a JSONL file: one JSON object per line, the text in field ``text_field``; blank lines and
+    blank texts are skipped.
+
+    Raises:
+        InputError: a line that is not UTF-8 (with its byte offset), not a JSON object, lacks the field, holds
+            a non-string, or a string with a lone surrogate; each names the file, the line and the fix.
+    """
+    docs = []
+    for i, row in jsonl_objects(path):
+        if text_field not in row:
+            raise InputError(f"{path}, line {i}: no field {text_field!r} (found {sorted(row)}). "
+                             "Pass text_field= (--text-field on the command line) to name the field that "
+                             "holds the text.")
+        text = check_text_field(path, i, text_field, row[text_field])
+        if text.strip():
+            docs.append(text)
     return docs
