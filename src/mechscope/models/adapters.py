@@ -42,6 +42,12 @@ class Adapter:
         post_attn_norm: attention output passes through a norm before joining the residual (Gemma 2/3);
             per-head results then sum to the *projection* output, not to ``hook_attn_out``.
         logit_softcap_config: config attribute of a final tanh logit soft-cap, if any.
+        qkv: the projection module(s) that read the normalised residual for attention: three paths
+            (query, key, value) or one fused module.
+        qkv_layout: where each head's columns sit in the projections' outputs: ``"separate"`` (one
+            module per q/k/v, heads in order), ``"concat"`` (one module, [q | k | v] blocks, GPT-2), or
+            ``"interleaved"`` (one module, [q k v] per head, GPT-NeoX). Circuit discovery recomputes one
+            head's query, key or value from its own input by these columns.
     """
 
     family: str
@@ -66,6 +72,8 @@ class Adapter:
     parallel_attn_default: bool = False
     post_attn_norm: bool = False
     logit_softcap_config: str | None = None
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    qkv_layout: str = "separate"
     examples: tuple[str, ...] = field(default=())
 
     def is_parallel(self, config) -> bool:
@@ -161,6 +169,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         mlp_out_proj="mlp.c_proj",
         conv1d=True,
         norm="layer",
+        qkv=("attn.c_attn",),
+        qkv_layout="concat",
     ),
     Adapter(
         family="gpt_neox",
@@ -181,6 +191,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         norm="layer",
         parallel_attn_config="use_parallel_residual",
         parallel_attn_default=True,
+        qkv=("attention.query_key_value",),
+        qkv_layout="interleaved",
     ),
 )
 

@@ -1,0 +1,385 @@
+"""Edge-level forward passes on the real `transformers` forward: patched edges, and per-receiver gradients.
+
+Every receiver of :class:`~mechscope.circuits.graph.Graph` gets its own input. For a head's query, key or
+value that means its own normalised input and its own columns of the projection: the layer's norm module
+runs on the receiver's input, the projection's rows for that head are applied, and the projection module's
+output is replaced in those columns only; the model's own code then applies everything after the
+projection (per-head q/k norms, rotary embeddings, attention, the output projection). An MLP receiver
+replaces its norm's output, the logits receiver the final norm's. Columns come from the adapter
+(``qkv``, ``qkv_layout``), so no family has code of its own here.
+
+Two uses:
+
+- **Patched edges, many masks per forward** (:func:`patched_logits`): variants are stacked along the batch
+  axis; at each receiver, input = input in this run + Σ over the variant's patched edges of (source output
+  on the corrupted run - source output in this run). Only receivers with a patched edge are recomputed,
+  so with nothing patched the forward is the model's own, bit for bit.
+- **Receiver gradients** (:class:`GradientRun`): every receiver reads a private copy of its residual
+  input, so the gradient of the metric with respect to each receiver's input is captured separately
+  (what EAP multiplies with the source differences), optionally with the input embeddings or one node
+  group's outputs interpolated (EAP-IG).
+
+Shape key: V variants, B prompts, P positions, D d_model, S sources, R receivers, H heads.
+
+References:
+    Hanna et al. 2024, "Have Faith in Faithfulness" (EAP-IG; its evaluate_graph is the mask trick);
+    Li et al. 2023 / auto-circuit (patching edges by their source difference in one forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.circuits.graph import Graph
+from mechscope.core.errors import InputError
+
+
+# -- the outputs of every node on one run --------------------------------------------------------------------
+@dataclass
+class Sources:
+    """What every node wrote on one run of ``B`` prompts.
+
+    Attributes:
+        input: ``[B, P, D]`` the residual stream entering block 0 (embeddings, with positions where learned).
+        z: per layer ``[B, P, H, d_head]``, the heads' mixed values (a head's output is ``z_h @ W_O[h]``).
+        mlp: per layer ``[B, P, D]``, the MLP's output.
+        logits: ``[B, k, d_vocab]`` the run's last ``k`` logits.
+    """
+
+    input: Tensor
+    z: list[Tensor]
+    mlp: list[Tensor]
+    logits: Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.input.shape[0]
+
+
+@torch.no_grad()
+def capture_sources(model, tokens: Tensor, *, logits_to_keep: int = 1) -> Sources:
+    """Run ``tokens`` once and keep every node's output (see :class:`Sources`)."""
+    n = model.cfg.n_layers
+    sites = ["blocks.0.hook_resid_pre", "blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+    logits, cache = model.run(tokens, cache=sites, logits_to_keep=logits_to_keep)
+    return Sources(cache["blocks.0.hook_resid_pre"], [cache[f"blocks.{L}.attn.hook_z"] for L in range(n)],
+                   [cache[f"blocks.{L}.hook_mlp_out"] for L in range(n)], logits)
+
+
+def head_outputs(model, layer: int, z: Tensor) -> Tensor:
+    """Per-head outputs ``[H, B, P, D]`` of ``z [B, P, H, d_head]`` (``z_h @ W_O[h]``, without b_O)."""
+    W_O = model.W_O(layer)
+    return torch.einsum("bphd,hdm->hbpm", z, W_O.to(z.dtype))
+
+
+# -- where each receiver's columns sit -----------------------------------------------------------------------
+def _weights(module: nn.Module, conv1d: bool) -> tuple[Tensor, Tensor | None]:
+    """(weight as [d_in, d_out], bias [d_out] or None)."""
+    w = module.weight if conv1d else module.weight.T
+    return w, getattr(module, "bias", None)
+
+
+def qkv_columns(model) -> dict[str, list[tuple[int, Tensor]]]:
+    """``kind -> [(projection module number, output columns)]`` per head (q) or key/value head (k, v)."""
+    a, c = model.adapter, model.cfg
+    H, G, dh = c.n_heads, c.n_kv_heads, c.d_head
+    ar = torch.arange(dh)
+    if a.qkv_layout == "separate":
+        return {"q": [(0, h * dh + ar) for h in range(H)], "k": [(1, g * dh + ar) for g in range(G)],
+                "v": [(2, g * dh + ar) for g in range(G)]}
+    if a.qkv_layout == "concat":
+        kv = G * dh
+        return {"q": [(0, h * dh + ar) for h in range(H)], "k": [(0, H * dh + g * dh + ar) for g in range(G)],
+                "v": [(0, H * dh + kv + g * dh + ar) for g in range(G)]}
+    if a.qkv_layout == "interleaved":
+        if G != H:
+            raise InputError(f"{model.cfg.name}: an interleaved q/k/v layout with grouped keys is not supported.")
+        return {"q": [(0, h * 3 * dh + ar) for h in range(H)], "k": [(0, h * 3 * dh + dh + ar) for h in range(H)],
+                "v": [(0, h * 3 * dh + 2 * dh + ar) for h in range(H)]}
+    raise InputError(f"unknown qkv_layout {a.qkv_layout!r} in the {a.family} adapter.")
+
+
+class _Layout:
+    """Per layer: the norm, MLP-norm and projection modules, and each attention receiver's columns."""
+
+    def __init__(self, model, graph: Graph):
+        a = model.adapter
+        cols = qkv_columns(model)
+        self.ln1 = [model.layer_module(L, a.ln1) for L in range(graph.n_layers)]
+        self.ln2 = [model.layer_module(L, a.ln2) for L in range(graph.n_layers)]
+        self.proj = [[model.layer_module(L, p) for p in a.qkv] for L in range(graph.n_layers)]
+        self.o_proj = [model.layer_module(L, a.o_proj) for L in range(graph.n_layers)]
+        self.mlp = [model.layer_module(L, a.mlp_branch) for L in range(graph.n_layers)]
+        self.final_norm = model.module(a.final_norm)
+        self.conv1d = a.conv1d
+        # per layer: attention receiver indices, and per receiver (module number, columns)
+        self.attn = [graph.receivers_of_layer(L) for L in range(graph.n_layers)]
+        self.cols = {}
+        for L in range(graph.n_layers):
+            for r in self.attn[L]:
+                rec = graph.receivers[r]
+                self.cols[r] = cols[rec.kind][rec.index]
+        self.mlp_receiver = [graph.receivers_of_layer(L, ("mlp",))[0] for L in range(graph.n_layers)]
+        self.logits_receiver = graph.n_receivers - 1
+
+
+def _project(module: nn.Module, conv1d: bool, x: Tensor, cols: Tensor) -> Tensor:
+    """``x @ W[:, cols] + b[cols]`` for one receiver's columns of a projection module."""
+    w, b = _weights(module, conv1d)
+    cols = cols.to(w.device)
+    out = x @ w[:, cols].to(x.dtype)
+    return out + b[cols].to(x.dtype) if b is not None else out
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, new):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def _input_arg(args, kwargs) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_input(args, kwargs, new):
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+# -- the hooks of one forward --------------------------------------------------------------------------------
+class _Hooks:
+    """Raw module hooks for one forward; ``remove()`` always runs (context manager)."""
+
+    def __init__(self):
+        self.handles = []
+
+    def pre(self, module, fn):
+        self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def post(self, module, fn):
+        self.handles.append(module.register_forward_hook(fn))
+
+    def remove(self):
+        for h in reversed(self.handles):
+            h.remove()
+        self.handles.clear()
+
+
+class _ReceiverInputs:
+    """Gives receivers their own inputs. Subclasses decide each receiver's input (``inputs``)."""
+
+    def __init__(self, model, graph: Graph, layout: _Layout):
+        self.model, self.graph, self.lay = model, graph, layout
+        self.x_attn: dict[int, Tensor] = {}
+        self.normed: dict[int, tuple[list[int], Tensor]] = {}
+
+    def inputs(self, receivers: list[int], x: Tensor) -> tuple[list[int], Tensor | None]:
+        """(the receivers whose input differs from ``x``, their inputs ``[R', B, P, D]``)."""
+        raise NotImplementedError
+
+    def install(self, hooks: _Hooks) -> None:
+        lay = self.lay
+        for L in range(self.graph.n_layers):
+            def ln1_pre(mod, args, kwargs, L=L):
+                x = _input_arg(args, kwargs)
+                self.on_layer_input(L, x)
+                recv, xr = self.inputs(lay.attn[L], x)
+                self.normed[L] = (recv, lay.ln1[L].forward(xr) if recv else None)
+            hooks.pre(lay.ln1[L], ln1_pre)
+            for m, module in enumerate(lay.proj[L]):
+                def proj_post(mod, args, out, L=L, m=m):
+                    recv, normed = self.normed[L]
+                    mine = [(i, r) for i, r in enumerate(recv) if lay.cols[r][0] == m]
+                    if not mine:
+                        return None
+                    t = _first(out)
+                    cols = torch.cat([lay.cols[r][1] for _, r in mine]).to(t.device)
+                    vals = torch.cat([_project(mod, lay.conv1d, normed[i], lay.cols[r][1]) for i, r in mine], dim=-1)
+                    if cols.numel() == t.shape[-1]:  # every column replaced: keep the autograd graph clean
+                        new = vals[..., torch.argsort(cols)]
+                    else:
+                        new = t.clone()
+                        new[..., cols] = vals
+                    return _replace_first(out, new)
+                hooks.post(module, proj_post)
+
+            def ln2_post(mod, args, out, L=L):
+                recv, xr = self.inputs([lay.mlp_receiver[L]], args[0])
+                return lay.ln2[L].forward(xr[0]) if recv else None
+            hooks.post(lay.ln2[L], ln2_post)
+
+        def final_post(mod, args, out):
+            recv, xr = self.inputs([lay.logits_receiver], args[0])
+            return lay.final_norm.forward(xr[0]) if recv else None
+        hooks.post(lay.final_norm, final_post)
+
+    def on_layer_input(self, layer: int, x: Tensor) -> None:
+        """Called with the residual stream entering a layer's attention (before its receivers read it)."""
+
+
+class _Patched(_ReceiverInputs):
+    """Receivers read their input plus, for each patched edge, (corrupted - current) source output.
+
+    ``masks`` is ``[V, R, S]`` (1 = patched) and the batch is V variants of B prompts, variant-major.
+    """
+
+    def __init__(self, model, graph, layout, corrupt: Sources, masks: Tensor):
+        super().__init__(model, graph, layout)
+        self.V = masks.shape[0]
+        self.B = corrupt.batch
+        self.masks = masks
+        self.corrupt = corrupt
+        self.active = (masks != 0).any(dim=0)  # [R, S]: patched in some variant
+        self.need_source = self.active.any(dim=0)  # [S]
+        self.need_receiver = self.active.any(dim=1)  # [R]
+        self.D: Tensor | None = None  # [S, V*B, P, D] corrupted - current output, filled as the forward runs
+
+    def _rep(self, t: Tensor) -> Tensor:
+        return t.repeat(self.V, *([1] * (t.dim() - 1)))
+
+    def _store(self, rows, delta: Tensor) -> None:
+        if self.D is None:
+            VB, P, D = delta.shape[-3:]
+            self.D = torch.zeros(self.graph.n_sources, VB, P, D, dtype=delta.dtype, device=delta.device)
+        self.D[rows] = delta
+
+    def on_layer_input(self, layer, x):
+        if layer == 0 and bool(self.need_source[0]):
+            self._store(0, self._rep(self.corrupt.input).to(x.dtype) - x)
+
+    def install(self, hooks):
+        super().install(hooks)
+        g, lay = self.graph, self.lay
+        for L in range(g.n_layers):
+            heads, mlp_row = g.layer_sources(L)
+            if bool(self.need_source[heads].any()):
+                def o_pre(mod, args, kwargs, L=L, heads=heads):
+                    z = args[0]
+                    z = z.view(*z.shape[:-1], g.n_heads, -1)
+                    dz = self._rep(self.corrupt.z[L]).to(z.dtype) - z
+                    self._store(heads, head_outputs(self.model, L, dz))
+                hooks.pre(lay.o_proj[L], o_pre)
+            if bool(self.need_source[mlp_row]):
+                def mlp_post(mod, args, out, L=L, row=mlp_row):
+                    t = _first(out)
+                    self._store(row, self._rep(self.corrupt.mlp[L]).to(t.dtype) - t)
+                hooks.post(lay.mlp[L], mlp_post)
+
+    def inputs(self, receivers, x):
+        recv = [r for r in receivers if bool(self.need_receiver[r])]
+        if not recv or self.D is None:
+            return [], None
+        S = max(self.graph.upstream_count(self.graph.receivers[r]) for r in recv)
+        V, VB = self.V, x.shape[0]
+        M = self.masks[:, recv, :S].to(x.dtype)  # [V, R', S]
+        Dv = self.D[:S].view(S, V, -1).transpose(0, 1)  # [V, S, B*P*D]
+        delta = torch.bmm(M, Dv)  # [V, R', B*P*D]
+        delta = delta.view(V, len(recv), VB // V, *x.shape[1:]).transpose(0, 1).reshape(len(recv), *x.shape)
+        return recv, x.unsqueeze(0) + delta
+
+
+@torch.no_grad()
+def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupt: Sources, patched: Tensor, *,
+                   logits_to_keep: int = 1) -> Tensor:
+    """Logits of the clean prompts with the given edges patched, one forward for all variants.
+
+    Args:
+        model: the HookedModel the graph was built from.
+        graph: its :class:`Graph`.
+        clean_tokens: ``[B, P]`` int64.
+        corrupt: :func:`capture_sources` of the corrupted prompts (same ``B`` and ``P``).
+        patched: bool ``[V, n_edges]`` (or ``[n_edges]``): True = the edge carries the corrupted value. A
+            float mask patches by that fraction (input + w * (corrupted - current)), e.g. for finite
+            differences.
+        logits_to_keep: logits of the last this many positions.
+
+    Returns:
+        ``[V, B, logits_to_keep, d_vocab]`` logits (natural-log units). With nothing patched the hooks change
+        nothing: the logits are the model's own, bit for bit.
+
+    Raises:
+        InputError: shapes that do not fit.
+    """
+    if patched.dim() == 1:
+        patched = patched.unsqueeze(0)
+    if patched.shape[-1] != graph.n_edges:
+        raise InputError(f"the mask has {patched.shape[-1]} edges; {graph.model_name}'s graph has {graph.n_edges}.")
+    if corrupt.input.shape[:2] != clean_tokens.shape:
+        raise InputError(f"corrupted sources of {tuple(corrupt.input.shape[:2])} (batch, pos) do not fit clean tokens "
+                         f"of {tuple(clean_tokens.shape)}; capture them from the corrupted prompts of the same task.")
+    V = patched.shape[0]
+    masks = graph.dense(patched.to(model.device) if patched.is_floating_point() else patched.bool().to(model.device))
+    tokens = clean_tokens.to(model.device).repeat(V, 1)
+    hooks = _Hooks()
+    try:
+        _Patched(model, graph, _Layout(model, graph), corrupt, masks).install(hooks)
+        logits = model.hf(tokens, use_cache=False, logits_to_keep=logits_to_keep).logits
+    finally:
+        hooks.remove()
+    return logits.view(V, clean_tokens.shape[0], *logits.shape[1:])
+
+
+# -- receiver gradients --------------------------------------------------------------------------------------
+class _Split(_ReceiverInputs):
+    """Every receiver reads a private copy of its input; ``on_grad(receivers, grad [R', B, P, D])`` is called
+    for each layer's receivers during the backward pass. Optional edits of the forward: ``input_value``
+    replaces the residual stream entering block 0; ``source_edit = (kind, layer, fn)`` replaces one node
+    group's output by ``fn(output)``: ``("input", 0, fn)`` the residual entering block 0, ``("heads", L, fn)``
+    the layer's z ``[B, P, H, d_head]``, ``("mlp", L, fn)`` its MLP output."""
+
+    def __init__(self, model, graph, layout, on_grad: Callable[[list[int], Tensor], None],
+                 input_value: Tensor | None = None, source_edit=None):
+        super().__init__(model, graph, layout)
+        self.on_grad = on_grad
+        self.input_value = input_value
+        self.source_edit = source_edit
+
+    def inputs(self, receivers, x):
+        xr = x.unsqueeze(0).repeat(len(receivers), *([1] * x.dim()))
+        if not xr.requires_grad:
+            xr.requires_grad_(True)
+        xr.register_hook(lambda g, receivers=list(receivers): self.on_grad(receivers, g))
+        return list(receivers), xr
+
+    def install(self, hooks):
+        lay, kind = self.lay, (self.source_edit[0] if self.source_edit else None)
+        block0 = self.model.layers[0]
+        if self.input_value is not None or kind == "input":
+            def in_pre(mod, args, kwargs):
+                x = _input_arg(args, kwargs)
+                new = self.input_value.to(x.dtype) if self.input_value is not None else x
+                if kind == "input":
+                    new = self.source_edit[2](new)
+                return _with_input(args, kwargs, new)
+            hooks.pre(block0, in_pre)
+        if kind == "heads":
+            L = self.source_edit[1]
+
+            def z_pre(mod, args, kwargs):
+                z = args[0]
+                new = self.source_edit[2](z.view(*z.shape[:-1], self.graph.n_heads, -1)).reshape(z.shape)
+                return (new, *args[1:]), kwargs
+            hooks.pre(lay.o_proj[L], z_pre)
+        if kind == "mlp":
+            L = self.source_edit[1]
+            hooks.post(lay.mlp[L], lambda mod, args, out: _replace_first(out, self.source_edit[2](_first(out))))
+        super().install(hooks)
+
+
+@contextlib.contextmanager
+def split_receivers(model, graph: Graph, on_grad, *, input_value=None, source_edit=None):
+    """Context: forwards of ``model.hf`` inside give every receiver a private input copy (see :class:`_Split`)."""
+    hooks = _Hooks()
+    try:
+        _Split(model, graph, _Layout(model, graph), on_grad, input_value, source_edit).install(hooks)
+        yield
+    finally:
+        hooks.remove()
