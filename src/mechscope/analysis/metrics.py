@@ -90,6 +90,10 @@ class Metric:
             normalised logit difference).
         raw_clean / raw_corrupt: the un-normalised value on each run (mean logit difference, mean
             probability, mean KL).
+        clean_logprobs: ``kl`` only: the clean run's log-probabilities at ``position``, [batch, d_vocab].
+        clean_values / corrupt_values: the un-normalised value per prompt on each run, float32 [batch]
+            (their means are raw_clean / raw_corrupt); what bootstrap intervals resample
+            (``activation_patching(..., ci=True)``). None for a Metric built by hand.
     """
 
     name: str
@@ -98,6 +102,8 @@ class Metric:
     raw_clean: float
     raw_corrupt: float
     clean_logprobs: Tensor | None = None
+    clean_values: Tensor | None = None
+    corrupt_values: Tensor | None = None
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         if logits.shape[0] != self.answer_tokens.shape[0]:
@@ -112,14 +118,23 @@ class Metric:
 
     def raw(self, logits: Tensor) -> Tensor:
         """The un-normalised value (mean over prompts) as a 0-dim tensor."""
+        return self.per_prompt(logits).mean()
+
+    def per_prompt(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        """The un-normalised value of each prompt: logit difference (natural-log units), probability of
+        the correct answer, or KL(clean || logits) (nats); float32 at least, differentiable.
+
+        The normalised logit difference of a set of prompts is (mean - raw_corrupt) / (raw_clean -
+        raw_corrupt) of these values; for "prob" and "kl" the metric is their mean.
+        """
         if self.name == "logit_diff":
-            return logit_diff(logits, self.answer_tokens, self.position).mean()
+            return logit_diff(logits, self.answer_tokens, self.position)
         logprobs = torch.log_softmax(_at(logits, self.position), dim=-1)
         if self.name == "prob":
             correct = self.answer_tokens[:, :1].to(logprobs.device)
-            return logprobs.gather(1, correct).exp().mean()
+            return logprobs.gather(1, correct).exp()[:, 0]
         ref = self.clean_logprobs.to(logprobs.device)
-        return (ref.exp() * (ref - logprobs)).sum(-1).mean()
+        return (ref.exp() * (ref - logprobs)).sum(-1)
 
     @property
     def clean_value(self) -> float:
@@ -187,6 +202,8 @@ def make_metric(
         clean_lp = torch.log_softmax(_at(clean_logits.detach(), neg), dim=-1).cpu()
     proto = Metric(kind, neg, answers, 0.0, 0.0, clean_lp)
     with torch.no_grad():
+        clean_values = proto.per_prompt(clean_logits).detach().float().cpu()
+        corrupt_values = proto.per_prompt(corrupt_logits).detach().float().cpu()
         raw_clean = float(proto.raw(clean_logits))
         raw_corrupt = float(proto.raw(corrupt_logits))
     if kind == "logit_diff" and abs(raw_clean - raw_corrupt) < 1e-6:
@@ -194,4 +211,4 @@ def make_metric(
             f"the mean logit difference is the same on the clean and corrupted runs ({raw_clean:.4g}), so the "
             "normalised metric is undefined; use corrupted prompts that change the answer, or kind='prob'/'kl'."
         )
-    return Metric(kind, neg, answers, raw_clean, raw_corrupt, clean_lp)
+    return Metric(kind, neg, answers, raw_clean, raw_corrupt, clean_lp, clean_values, corrupt_values)

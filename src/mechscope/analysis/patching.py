@@ -57,6 +57,10 @@ class PatchingResult:
         row_labels: "L0".."L{n_layers-1}".
         col_labels: "{token}_{position}" of the clean prompt 0 (resid_pre), "H0".. (heads), or None.
         method: "activation" or "attribution".
+        ci_low / ci_high: with ``ci=``, the 95% bootstrap interval of each value over prompts (float32 CPU,
+            the shape of ``values``; percentile intervals, see :func:`mechscope.analysis.bootstrap_ci`);
+            else None.
+        n_boot: bootstrap resamples behind ci_low / ci_high (0 without).
     """
 
     values: Tensor
@@ -65,6 +69,9 @@ class PatchingResult:
     row_labels: list[str]
     col_labels: list[str] | None
     method: str
+    ci_low: Tensor | None = None
+    ci_high: Tensor | None = None
+    n_boot: int = 0
 
 
 def _pair(model, clean_tokens, corrupt_tokens) -> tuple[Tensor, Tensor]:
@@ -137,6 +144,45 @@ def _prefix_cache(model, tokens: Tensor):
     return past if hasattr(past, "batch_repeat_interleave") else None
 
 
+def _n_boot(ci: bool | int) -> int:
+    """Resamples asked for by ``ci=``: False -> 0, True -> 1000, an int >= 10 -> that many."""
+    if ci is False:
+        return 0
+    if ci is True:
+        return 1000
+    if isinstance(ci, int) and ci >= 10:
+        return ci
+    raise InputError(f"ci must be True (1000 bootstrap resamples), False, or a number of resamples >= 10; got {ci!r}.")
+
+
+def _check_per_prompt(metric) -> None:
+    if getattr(metric, "clean_values", None) is None or not hasattr(metric, "per_prompt"):
+        raise InputError(
+            "ci= needs per-prompt metric values, which a Metric from make_metric carries; got "
+            f"{_metric_name(metric)!r}. Build the metric with make_metric, or leave ci off.")
+
+
+def _intervals(metric, per_prompt: Tensor, n_boot: int) -> tuple[Tensor, Tensor]:
+    """95% bootstrap intervals over prompts of a map whose per-prompt raw values are ``per_prompt`` [n, ...].
+
+    Each resample of prompts recomputes the metric as the metric does: for the normalised logit
+    difference, (mean - mean corrupt) / (mean clean - mean corrupt), all means over the resample; for
+    "prob" and "kl", the mean.
+    """
+    from mechscope.analysis.bootstrap import bootstrap_ci
+
+    extra = (1,) * (per_prompt.dim() - 1)
+
+    def statistic(values, clean, corrupt):
+        if metric.name != "logit_diff":
+            return values.mean(1)
+        base = corrupt.mean(1).reshape(-1, *extra)
+        return (values.mean(1) - base) / (clean.mean(1).reshape(-1, *extra) - base)
+
+    ci = bootstrap_ci((per_prompt, metric.clean_values, metric.corrupt_values), statistic=statistic, n_boot=n_boot)
+    return torch.as_tensor(ci.low).float(), torch.as_tensor(ci.high).float()
+
+
 def activation_patching(
     model,
     clean_tokens: Int[Tensor, "batch pos"] | Sequence[str],
@@ -146,6 +192,7 @@ def activation_patching(
     kind: str,
     batch_size: int | None = None,
     progress: bool = True,
+    ci: bool | int = False,
 ) -> PatchingResult:
     """Patch each clean activation into the corrupted run, one at a time, and measure the metric.
 
@@ -168,13 +215,18 @@ def activation_patching(
         kind: "resid_pre", "attn_out", "mlp_out" or "heads" (see the module table).
         batch_size: patched variants per forward pass; None fits about ``TOKENS_PER_PASS`` tokens.
         progress: show a tqdm progress bar over forward passes.
+        ci: True (1,000 resamples) or a number of resamples: also give each value's 95% bootstrap interval
+            over prompts (``ci_low`` / ``ci_high``), from the same forward passes (each patched run's
+            per-prompt metric values are kept). Needs a :class:`~mechscope.analysis.metrics.Metric` from
+            :func:`make_metric`. Values are the same with and without it.
 
     Returns:
         PatchingResult with ``method="activation"``.
 
     Raises:
         ShapeError: clean and corrupted inputs of different shape (use prompts of equal token length).
-        InputError: an unknown kind; batch_size < 1.
+        InputError: an unknown kind; batch_size < 1; ``ci`` with a metric without per-prompt values, or
+            a bad ``ci``.
 
     References:
         Meng et al. 2022, "Locating and Editing Factual Associations in GPT" (causal tracing); Wang et
@@ -187,6 +239,9 @@ def activation_patching(
     clean, corrupt = _pair(model, clean_tokens, corrupt_tokens)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size must be >= 1 (variants per forward pass), got {batch_size}.")
+    n_boot = _n_boot(ci)
+    if n_boot:
+        _check_per_prompt(metric)
     n, n_pos = clean.shape
     sites = [template.format(L=L) for L in range(model.cfg.n_layers)]
     keep = _logits_to_keep(metric)
@@ -201,6 +256,10 @@ def activation_patching(
 
     shape = _shape(model, kind, n_pos)
     values = torch.full(shape, corrupt_value)
+    if n_boot:  # per-prompt raw values of every variant; unpatched variants score the corrupted run's
+        with torch.no_grad():
+            per_prompt = metric.per_prompt(corrupt_logits).double().cpu().reshape(n, *(1,) * len(shape))
+        per_prompt = per_prompt.expand(n, *shape).clone()
     todo = []
     for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape)).tolist():
         site = sites[idx[0]]
@@ -236,8 +295,11 @@ def activation_patching(
         with torch.no_grad():
             for j, idx in enumerate(chunk):
                 values[tuple(idx)] = float(metric(logits[j::k]))
+                if n_boot:
+                    per_prompt[(slice(None), *idx)] = metric.per_prompt(logits[j::k]).double().cpu()
     rows, cols = _labels(model, kind, clean)
-    return PatchingResult(values, kind, _metric_name(metric), rows, cols, "activation")
+    low, high = _intervals(metric, per_prompt, n_boot) if n_boot else (None, None)
+    return PatchingResult(values, kind, _metric_name(metric), rows, cols, "activation", low, high, n_boot)
 
 
 def attribution_patching(
@@ -247,6 +309,7 @@ def attribution_patching(
     metric: Callable[[Tensor], Tensor],
     *,
     kind: str,
+    ci: bool | int = False,
 ) -> PatchingResult:
     """Linear estimate of activation patching: ``(clean_act - corrupt_act) . d metric / d act``.
 
@@ -261,13 +324,19 @@ def attribution_patching(
         clean_tokens / corrupt_tokens: [batch, pos] token ids (or texts) of equal shape.
         metric: differentiable ``metric(logits) -> scalar``, e.g. from :func:`make_metric`.
         kind: "resid_pre", "attn_out", "mlp_out" or "heads".
+        ci: True (1,000 resamples) or a number of resamples: also give each value's 95% bootstrap interval
+            over prompts (``ci_low`` / ``ci_high``). Prompts do not interact in a forward pass, so each
+            prompt's own attribution is its term of the sum; a resample averages those terms and, for
+            the normalised logit difference, divides by the resample's own clean - corrupted difference.
+            Needs a :class:`~mechscope.analysis.metrics.Metric` from :func:`make_metric`; no extra passes.
 
     Returns:
         PatchingResult with ``method="attribution"``, same shape and units as activation patching.
 
     Raises:
         ShapeError: clean and corrupted inputs of different shape (use prompts of equal token length).
-        InputError: an unknown kind; a metric that does not return a scalar.
+        InputError: an unknown kind; a metric that does not return a scalar; ``ci`` with a metric without
+            per-prompt values, or a bad ``ci``.
 
     References:
         Nanda 2023, "Attribution Patching: Activation Patching At Industrial Scale"; Syed et al. 2023,
@@ -275,6 +344,9 @@ def attribution_patching(
     """
     template = _check_kind(kind)
     clean, corrupt = _pair(model, clean_tokens, corrupt_tokens)
+    n_boot = _n_boot(ci)
+    if n_boot:
+        _check_per_prompt(metric)
     n_layers = model.cfg.n_layers
     sites = [template.format(L=L) for L in range(n_layers)]
     keep = _logits_to_keep(metric)
@@ -282,11 +354,23 @@ def attribution_patching(
     _, corrupt_cache = model.run(corrupt, cache=sites, backward=metric, logits_to_keep=keep)
     # axes: resid/attn/mlp [batch, pos, d_model]; hook_z [batch, pos, n_heads, d_head]
     reduce = {"resid_pre": (0, 2), "attn_out": (0, 1, 2), "mlp_out": (0, 1, 2), "heads": (0, 1, 3)}[kind]
-    rows = []
+    rows, prompt_rows = [], []
     with torch.no_grad():
         for site in sites:
             diff = clean_cache[site].float() - corrupt_cache[site].float()
             rows.append((diff * corrupt_cache.grad(site).float()).sum(dim=reduce))
+            if n_boot:  # each prompt's term of the sum: the same reduction without the batch axis
+                prompt_rows.append((diff * corrupt_cache.grad(site).float()).sum(dim=tuple(d for d in reduce if d)))
     values = torch.stack(rows).cpu()
     row_labels, cols = _labels(model, kind, clean)
-    return PatchingResult(values, kind, _metric_name(metric), row_labels, cols, "attribution")
+    low = high = None
+    if n_boot:
+        # term_i = d(metric)/d(raw_i) * (raw attribution of prompt i); the metric is a mean of per-prompt
+        # raw values (normalised by clean - corrupted for logit_diff), so raw attribution_i = term_i * scale
+        n = clean.shape[0]
+        scale = n * ((metric.raw_clean - metric.raw_corrupt) if metric.name == "logit_diff" else 1.0)
+        per_prompt = torch.stack(prompt_rows, dim=1).double().cpu() * scale  # [n, n_layers, ...]
+        if metric.name == "logit_diff":  # a resample's raw values: corrupted + attribution, as activation patching's
+            per_prompt = per_prompt + metric.corrupt_values.double().reshape(n, *(1,) * (per_prompt.dim() - 1))
+        low, high = _intervals(metric, per_prompt, n_boot)
+    return PatchingResult(values, kind, _metric_name(metric), row_labels, cols, "attribution", low, high, n_boot)
