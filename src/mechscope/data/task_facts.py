@@ -72,7 +72,7 @@ def _fact_prompts(model, facts) -> tuple[int, list[tuple[str, str, str, str]]]:
     Each fact takes the first opening that brings its prompt to the length most facts can reach.
     """
     reach = []
-    for rel, subj, obj in facts:
+    for rel, subj, _ in facts:
         lengths = {}
         for opening in FACT_OPENINGS:
             lengths.setdefault(model.to_tokens(opening + RELATIONS[rel].format(subj)).shape[1], opening)
@@ -118,7 +118,7 @@ def factual_recall_task(model, n: int | None = None, seed: int = 0) -> Task:
         raise InputError(f"factual_recall_task: no fact's object is one token for {model.cfg.name}'s tokenizer.")
     target, usable = _fact_prompts(model, facts)
     pairs: dict[int, list[int]] = {}
-    for i, (rel, subj, obj, opening) in enumerate(usable):
+    for i, (rel, _, obj, opening) in enumerate(usable):
         pairs[i] = [j for j, g in enumerate(usable) if g[0] == rel and g[2] != obj
                     and model.to_tokens(opening + RELATIONS[rel].format(g[1])).shape[1] == target]
     usable_idx = [i for i in pairs if pairs[i]]
