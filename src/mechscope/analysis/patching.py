@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechscope.analysis.bootstrap import bootstrap_ci
 from mechscope.core.errors import InputError, ShapeError
 from mechscope.hooks.interventions import Patch
 
@@ -169,8 +170,6 @@ def _intervals(metric, per_prompt: Tensor, n_boot: int) -> tuple[Tensor, Tensor]
     difference, (mean - mean corrupt) / (mean clean - mean corrupt), all means over the resample; for
     "prob" and "kl", the mean.
     """
-    from mechscope.analysis.bootstrap import bootstrap_ci
-
     extra = (1,) * (per_prompt.dim() - 1)
 
     def statistic(values, clean, corrupt):
