@@ -16,7 +16,7 @@ import torch
 
 import mechscope
 from mechscope.circuits import Graph
-from mechscope.circuits.attribution import attribute
+from mechscope.circuits.attribution import attribute_pairs
 from mechscope.circuits.engine import capture_sources, patched_logits
 from tests.conftest import FAMILIES, GEMMA, make_tiny, random_tokens, tiny_hooked
 
@@ -137,9 +137,9 @@ def test_random_edge_masks_equal_naive_layer_by_layer_patching(family):
 
 
 def _logit_diff(answers):
-    def values(logits, clean_logits):
-        last = logits[:, -1].double()
-        return last.gather(1, answers[:, :1]).squeeze(1) - last.gather(1, answers[:, 1:]).squeeze(1)
+    def values(logits, clean_logits, rows=slice(None)):
+        last, a = logits[:, -1].double(), answers[rows]
+        return last.gather(1, a[:, :1]).squeeze(1) - last.gather(1, a[:, 1:]).squeeze(1)
     return values
 
 
@@ -154,7 +154,7 @@ def test_eap_scores_are_the_first_order_change(family):
     clean, corrupt = _pair(3, batch=2)
     answers = torch.tensor([[5, 9], [17, 3]])
     values = _logit_diff(answers)
-    eap = attribute(m, g, clean, corrupt, values, method="eap", progress=False)
+    eap = attribute_pairs(m, g, clean, corrupt, values, method="eap", progress=False)
     cs = capture_sources(m, corrupt)
     # central differences; eps not smaller because the norms compute in float32 even in a float64 model
     eps = 1e-3
@@ -198,8 +198,8 @@ def test_gqa_native_key_value_scores_are_the_sum_of_ungrouped_copies(family):
     torch.testing.assert_close(grouped.hf(clean).logits, ungrouped.hf(clean).logits, atol=1e-5, rtol=0)
     values = _logit_diff(torch.tensor([[5, 9], [17, 3], [40, 41]]))
     g1, g2 = Graph.from_model(grouped), Graph.from_model(ungrouped)
-    s1 = attribute(grouped, g1, clean, corrupt, values, method="eap", progress=False).scores
-    s2 = attribute(ungrouped, g2, clean, corrupt, values, method="eap", progress=False).scores
+    s1 = attribute_pairs(grouped, g1, clean, corrupt, values, method="eap", progress=False).scores
+    s2 = attribute_pairs(ungrouped, g2, clean, corrupt, values, method="eap", progress=False).scores
     assert g2.n_edges > g1.n_edges
     checked = 0
     for e, name in enumerate(g1.edge_names()):
@@ -233,3 +233,49 @@ def test_graph_counts_names_and_errors():
         g.edge_index("a9.h0->logits")
     neox = Graph.from_model(tiny_hooked("gpt_neox"))  # parallel residual: an MLP does not read its own layer's heads
     assert "a0.h0->m0" not in neox.edge_names() and "a0.h0->m0" in Graph.from_model(tiny_hooked("gpt_neox_serial")).edge_names()
+
+
+def _f64(family: str):
+    hf = make_tiny(family).double()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return mechscope.HookedModel(hf, name=f"tiny-{family}-f64")
+
+
+def test_integrated_gradients_are_complete():
+    """IG's completeness on the graph: with many steps, ig-inputs' input edges sum to metric(corrupted) -
+    metric(clean); ig-activations' edges out of a node group (a layer's heads, an MLP) sum to the effect of
+    patching that group's output everywhere (measured with the mask trick). clean-corrupted is the mean of
+    EAP at both ends."""
+    m = _f64("llama")
+    g = Graph.from_model(m)
+    clean, corrupt = _pair(5, batch=2)
+    values = _logit_diff(torch.tensor([[5, 9], [17, 3]]))
+    clean_m = values(m.hf(clean).logits[:, -1:], None)
+    corrupt_m = values(m.hf(corrupt).logits[:, -1:], None)
+    ig = attribute_pairs(m, g, clean, corrupt, values, method="ig-inputs", steps=60, progress=False)
+    from_input = ig.per_prompt[:, g.node_edges(["input"])].sum(1).double()
+    torch.testing.assert_close(from_input, corrupt_m - clean_m, atol=0.03, rtol=0.03)
+    act = attribute_pairs(m, g, clean, corrupt, values, method="ig-activations", steps=200, progress=False)
+    cs = capture_sources(m, corrupt)
+    heads = [[f"a{L}.h{h}" for h in range(g.n_heads)] for L in range(g.n_layers)]
+    for nodes in (heads[0], ["m0"], heads[1], ["m1"]):  # ig-activations moves a layer's heads together
+        effect = values(patched_logits(m, g, clean, cs, g.node_edges(nodes))[0], None) - clean_m
+        torch.testing.assert_close(act.per_prompt[:, g.node_edges(nodes)].sum(1).double(), effect, atol=0.02, rtol=0.03)
+    eap = attribute_pairs(m, g, clean, corrupt, values, method="eap", progress=False).per_prompt
+    at_corrupt = attribute_pairs(m, g, clean, corrupt, values, method="ig-inputs", steps=1, progress=False).per_prompt
+    cc = attribute_pairs(m, g, clean, corrupt, values, method="clean-corrupted", progress=False).per_prompt
+    torch.testing.assert_close(cc, (eap + at_corrupt) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_exact_scores_are_single_edge_patching():
+    m = tiny_hooked("qwen2")
+    g = Graph.from_model(m)
+    clean, corrupt = _pair(6)
+    values = _logit_diff(torch.tensor([[5, 9], [17, 3], [40, 41]]))
+    edges = torch.tensor([0, 7, 33, g.n_edges - 1])
+    ex = attribute_pairs(m, g, clean, corrupt, values, method="exact", edges=edges, batch_size=2, progress=False)
+    assert ex.scored.sum() == 4 and ex.scores[~ex.scored].abs().sum() == 0
+    for e in edges.tolist():
+        want = values(naive_patched_logits(m, g, clean, corrupt, [e])[:, -1:], None) - values(m.hf(clean).logits[:, -1:], None)
+        torch.testing.assert_close(ex.per_prompt[:, e].double(), want.double(), atol=1e-5, rtol=1e-4)

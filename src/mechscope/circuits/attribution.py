@@ -36,14 +36,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechscope.circuits.engine import Sources, capture_sources, head_outputs, patched_logits, split_receivers
+from mechscope.circuits.engine import Layout, Sources, capture_sources, head_outputs, patched_logits, split_receivers
 from mechscope.circuits.graph import Graph
 from mechscope.core.errors import InputError
 
 METHODS = ("eap", "eap-ig", "ig-inputs", "ig-activations", "clean-corrupted", "exact")
 
-#: ``values(logits [B, k, d_vocab], clean_logits [B, k, d_vocab]) -> [B]`` per-prompt raw metric.
-ValuesFn = Callable[[Tensor, Tensor], Tensor]
+#: ``values(logits [B, k, d_vocab], clean_logits [B, k, d_vocab], rows) -> [B]``: the per-prompt raw metric of
+#: the prompts ``rows`` (a slice of the task's prompts) of this batch.
+ValuesFn = Callable[[Tensor, Tensor, slice], Tensor]
 
 
 @dataclass
@@ -86,31 +87,44 @@ class EdgeScores:
 
 
 def _source_deltas(model, graph: Graph, clean: Sources, corrupt: Sources) -> Tensor:
-    """``[S, B, P * D]``: every node's corrupted minus clean output."""
-    rows = [corrupt.input - clean.input]
+    """``[S, B, P * D]`` float32: every node's corrupted minus clean output."""
+    B, P, Dm = clean.input.shape
+    D = torch.empty(graph.n_sources, B, P, Dm)
+    D[0] = corrupt.input - clean.input
     for L in range(graph.n_layers):
-        rows += list(head_outputs(model, L, corrupt.z[L] - clean.z[L]))
-        rows.append(corrupt.mlp[L] - clean.mlp[L])
-    D = torch.stack(rows)
-    return D.reshape(D.shape[0], D.shape[1], -1)
+        heads, mlp = graph.layer_sources(L)
+        D[heads] = head_outputs(model, L, corrupt.z[L] - clean.z[L])
+        D[mlp] = corrupt.mlp[L] - clean.mlp[L]
+    return D.view(graph.n_sources, B, -1)
 
 
-class _Accumulate:
-    """Receives per-layer receiver gradients and adds ``weight * Σ D[s] . g[r]`` to per-prompt scores."""
+class _Gradients:
+    """Receives per-layer receiver gradients during backward passes and sums ``weight * grad`` per receiver."""
 
-    def __init__(self, graph: Graph, D: Tensor, out: Tensor, weight: float, sources: slice | None = None):
-        self.graph, self.D, self.out, self.weight = graph, D, out, weight
-        self.sources = sources
+    def __init__(self, graph: Graph, shape: tuple[int, ...]):
+        self.graph = graph
+        self.G = torch.zeros(graph.n_receivers, *shape)  # [R, B, P * D]
+        self.weight = 1.0
 
     def __call__(self, receivers: list[int], grad: Tensor) -> None:
-        g = grad.detach().reshape(grad.shape[0], grad.shape[1], -1).to(self.D.dtype)  # [R', B, X]
-        S = self.graph.upstream_count(self.graph.receivers[receivers[0]])
-        lo, hi = (0, S) if self.sources is None else (self.sources.start, min(self.sources.stop, S))
-        if hi <= lo:
-            return
-        part = torch.einsum("sbx,rbx->brs", self.D[lo:hi], g)  # [B, R', S']
-        idx = torch.tensor(receivers)
-        self.out[:, idx, lo:hi] += self.weight * part
+        g = grad.detach().reshape(grad.shape[0], grad.shape[1], -1).to(self.G.dtype)
+        self.G[torch.tensor(receivers)] += self.weight * g
+
+    def score(self, D: Tensor, out: Tensor, sources: slice | None = None) -> None:
+        """Add ``Σ D[s] . G[r]`` to per-prompt scores ``out [B, R, S]`` for every edge (from ``sources`` only)."""
+        g = self.graph
+        for layer in range(g.n_layers + 1):
+            groups = [g.receivers_of_layer(layer)] if layer < g.n_layers else []
+            groups += [g.receivers_of_layer(layer, ("mlp", "logits"))]
+            for recv in groups:
+                if not recv:
+                    continue
+                S = g.upstream_count(g.receivers[recv[0]])
+                lo, hi = (0, S) if sources is None else (sources.start, min(sources.stop, S))
+                if hi <= lo:
+                    continue
+                idx = torch.tensor(recv)
+                out[:, idx, lo:hi] += torch.einsum("sbx,rbx->brs", D[lo:hi], self.G[idx])
 
 
 def _check_pair(clean: Tensor, corrupt: Tensor) -> None:
@@ -120,17 +134,17 @@ def _check_pair(clean: Tensor, corrupt: Tensor) -> None:
                          "token length.")
 
 
-def attribute(model, graph: Graph, clean_tokens: Int[Tensor, "n pos"], corrupt_tokens: Int[Tensor, "n pos"],
-              values: ValuesFn, *, method: str = "eap-ig", steps: int = 5, batch_size: int = 16,
-              logits_to_keep: int = 1, edges: Tensor | None = None, progress: bool = True) -> EdgeScores:
-    """Score every edge of ``graph`` for a clean/corrupted task.
+def attribute_pairs(model, graph: Graph, clean_tokens: Int[Tensor, "n pos"], corrupt_tokens: Int[Tensor, "n pos"],
+                    values: ValuesFn, *, method: str = "eap-ig", steps: int = 5, batch_size: int = 16,
+                    logits_to_keep: int = 1, edges: Tensor | None = None, progress: bool = True) -> EdgeScores:
+    """Score every edge of ``graph`` for clean/corrupted token pairs and a metric (see :func:`attribute`).
 
     Args:
         model: the HookedModel of ``graph``.
         graph: :meth:`Graph.from_model`.
         clean_tokens / corrupt_tokens: ``[n, pos]`` int64 pairs of equal length.
-        values: per-prompt raw metric of logits (``Task.values``), ``(logits, clean_logits) -> [B]``,
-            differentiable.
+        values: per-prompt raw metric, ``(logits, clean_logits, rows) -> [B]`` for the prompts ``rows`` of
+            the batch (see :func:`task_values` for a Task), differentiable.
         method: one of :data:`METHODS` (``eap-ig`` is ``ig-inputs``).
         steps: interpolation points ``m`` of the IG methods (5 suffices for ig-inputs, Hanna et al. 2024).
         batch_size: prompts per forward (memory grows as batch x pos x n_sources x d_model).
@@ -156,22 +170,66 @@ def attribute(model, graph: Graph, clean_tokens: Int[Tensor, "n pos"], corrupt_t
 
     n = clean_tokens.shape[0]
     per_prompt = torch.zeros(n, graph.n_edges)
+    layout = Layout(model, graph)
     starts = range(0, n, batch_size)
     for s in tqdm(starts, desc=f"{method} attribution", unit="batch", disable=not progress or len(starts) < 2):
-        ct, xt = clean_tokens[s:s + batch_size].to(model.device), corrupt_tokens[s:s + batch_size].to(model.device)
+        rows = slice(s, min(n, s + batch_size))
+        ct, xt = clean_tokens[rows].to(model.device), corrupt_tokens[rows].to(model.device)
         clean = capture_sources(model, ct, logits_to_keep=logits_to_keep)
         corrupt = capture_sources(model, xt, logits_to_keep=logits_to_keep)
-        D = _source_deltas(model, graph, clean, corrupt).float()
+        D = _source_deltas(model, graph, clean, corrupt)
         dense = torch.zeros(ct.shape[0], graph.n_receivers, graph.n_sources)
+        grads, group = _Gradients(graph, D.shape[1:]), None
         for kwargs, weight, sources in _passes(method, steps, graph, clean, corrupt):
-            acc = _Accumulate(graph, D, dense, weight, sources)
-            with torch.enable_grad(), split_receivers(model, graph, acc, **kwargs):
+            if sources != group and group is not None:  # ig-activations: score each node group's passes apart
+                grads.score(D, dense, group)
+                grads.G.zero_()
+            group, grads.weight = sources, weight
+            with torch.enable_grad(), split_receivers(model, graph, grads, layout=layout, **kwargs):
                 logits = model.hf(ct, use_cache=False, logits_to_keep=logits_to_keep).logits
-                values(logits, clean.logits).sum().backward()
-        per_prompt[s:s + ct.shape[0]] = graph.edges_of(dense)
+                values(logits, clean.logits, rows).sum().backward()
+            del logits  # its graph keeps the receivers' copies alive otherwise
+        grads.score(D, dense, group)
+        per_prompt[rows] = graph.edges_of(dense)
     return EdgeScores(graph, per_prompt.mean(0), per_prompt, "ig-inputs" if method == "eap-ig" else method,
                       steps if method in ("eap-ig", "ig-inputs", "ig-activations") else 1,
                       info={"n_prompts": n})
+
+
+def task_values(task) -> ValuesFn:
+    """A :class:`~mechscope.data.task.Task`'s per-prompt metric as the engine calls it (a batch of rows)."""
+    def values(logits: Tensor, clean_logits: Tensor, rows: slice) -> Tensor:
+        return task.subset(rows).values(logits, clean_logits)
+    return values
+
+
+def attribute(model, task, *, graph: Graph | None = None, method: str = "eap-ig", steps: int = 5,
+              batch_size: int = 16, edges: Tensor | None = None, progress: bool = True) -> EdgeScores:
+    """Score every edge of the model's graph on a task.
+
+    Args:
+        model: a HookedModel of a pre-norm family (not Gemma: see :meth:`Graph.from_model`).
+        task: a :class:`~mechscope.data.task.Task` (clean and corrupted prompts, answers, metric).
+        graph: the model's :class:`Graph` (built if None).
+        method: ``eap``, ``eap-ig`` (= ``ig-inputs``), ``ig-activations``, ``clean-corrupted`` or ``exact``.
+        steps: interpolation points of the IG methods.
+        batch_size: prompts per forward.
+        edges: ``exact`` only: the edges to measure (indices or a bool mask); default all.
+        progress: progress bars.
+
+    Returns:
+        :class:`EdgeScores`: per-prompt and mean scores in the task metric's raw units (negative = patching
+        the edge lowers the metric).
+
+    Raises:
+        InputError: an unknown method, bad steps, a model family without exact edges.
+    """
+    graph = graph or Graph.from_model(model)
+    out = attribute_pairs(model, graph, task.clean_tokens, task.corrupt_tokens, task_values(task), method=method,
+                          steps=steps, batch_size=batch_size, logits_to_keep=-task.position, edges=edges,
+                          progress=progress)
+    out.info.update({"task": task.name, "metric": task.metric, "steps": out.steps})
+    return out
 
 
 def _passes(method: str, steps: int, graph: Graph, clean: Sources, corrupt: Sources):
@@ -227,17 +285,19 @@ def exact_scores(model, graph: Graph, clean_tokens: Tensor, corrupt_tokens: Tens
     total = len(range(0, n, batch_size)) * len(range(0, idx.numel(), variants))
     bar = tqdm(total=total, desc="exact edge patching", unit="forward", disable=not progress or total < 2)
     for s in range(0, n, batch_size):
-        ct, xt = clean_tokens[s:s + batch_size].to(model.device), corrupt_tokens[s:s + batch_size].to(model.device)
+        rows = slice(s, min(n, s + batch_size))
+        ct, xt = clean_tokens[rows].to(model.device), corrupt_tokens[rows].to(model.device)
         clean = capture_sources(model, ct, logits_to_keep=logits_to_keep)
         corrupt = capture_sources(model, xt, logits_to_keep=logits_to_keep)
-        base = values(clean.logits, clean.logits).float()
+        base = values(clean.logits, clean.logits, rows).float()
+        layout = Layout(model, graph)
         for v in range(0, idx.numel(), variants):
             chunk = idx[v:v + variants]
             masks = torch.zeros(chunk.numel(), graph.n_edges, dtype=torch.bool)
             masks[torch.arange(chunk.numel()), chunk] = True
-            logits = patched_logits(model, graph, ct, corrupt, masks, logits_to_keep=logits_to_keep)
+            logits = patched_logits(model, graph, ct, corrupt, masks, logits_to_keep=logits_to_keep, layout=layout)
             for j, e in enumerate(chunk.tolist()):
-                per_prompt[s:s + ct.shape[0], e] = values(logits[j], clean.logits).float() - base
+                per_prompt[rows, e] = values(logits[j], clean.logits, rows).float() - base
             bar.update(1)
     bar.close()
     scored = torch.zeros(graph.n_edges, dtype=torch.bool)

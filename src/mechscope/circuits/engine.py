@@ -104,36 +104,39 @@ def qkv_columns(model) -> dict[str, list[tuple[int, Tensor]]]:
     raise InputError(f"unknown qkv_layout {a.qkv_layout!r} in the {a.family} adapter.")
 
 
-class _Layout:
-    """Per layer: the norm, MLP-norm and projection modules, and each attention receiver's columns."""
+class Layout:
+    """What the engine needs of a model, gathered once: per layer the norm, MLP-norm and projection modules,
+    and per projection module its receivers' weights stacked ``[n, D, d_head]`` (bias ``[n, d_head]``) and
+    output columns ``[n, d_head]``, so a layer's heads are projected in one batched matmul."""
 
     def __init__(self, model, graph: Graph):
         a = model.adapter
         cols = qkv_columns(model)
-        self.ln1 = [model.layer_module(L, a.ln1) for L in range(graph.n_layers)]
-        self.ln2 = [model.layer_module(L, a.ln2) for L in range(graph.n_layers)]
-        self.proj = [[model.layer_module(L, p) for p in a.qkv] for L in range(graph.n_layers)]
-        self.o_proj = [model.layer_module(L, a.o_proj) for L in range(graph.n_layers)]
-        self.mlp = [model.layer_module(L, a.mlp_branch) for L in range(graph.n_layers)]
+        n = graph.n_layers
+        self.ln1 = [model.layer_module(L, a.ln1) for L in range(n)]
+        self.ln2 = [model.layer_module(L, a.ln2) for L in range(n)]
+        self.proj = [[model.layer_module(L, p) for p in a.qkv] for L in range(n)]
+        self.o_proj = [model.layer_module(L, a.o_proj) for L in range(n)]
+        self.mlp = [model.layer_module(L, a.mlp_branch) for L in range(n)]
         self.final_norm = model.module(a.final_norm)
-        self.conv1d = a.conv1d
-        # per layer: attention receiver indices, and per receiver (module number, columns)
-        self.attn = [graph.receivers_of_layer(L) for L in range(graph.n_layers)]
-        self.cols = {}
-        for L in range(graph.n_layers):
+        self.attn = [graph.receivers_of_layer(L) for L in range(n)]
+        self.module_of: dict[int, tuple[int, int]] = {}  # receiver -> (module number, row in its stack)
+        self.stack: list[list[tuple[Tensor, Tensor | None, Tensor]]] = []  # [layer][module] (W, b, cols)
+        for L in range(n):
+            per_module: list[list[Tensor]] = [[] for _ in a.qkv]
             for r in self.attn[L]:
                 rec = graph.receivers[r]
-                self.cols[r] = cols[rec.kind][rec.index]
-        self.mlp_receiver = [graph.receivers_of_layer(L, ("mlp",))[0] for L in range(graph.n_layers)]
+                m, c = cols[rec.kind][rec.index]
+                self.module_of[r] = (m, len(per_module[m]))
+                per_module[m].append(c)
+            stacks = []
+            for m, module in enumerate(self.proj[L]):
+                w, b = _weights(module, a.conv1d)
+                c = torch.stack(per_module[m]).to(w.device)  # [n, d_head]
+                stacks.append((w[:, c].permute(1, 0, 2), None if b is None else b[c], c))
+            self.stack.append(stacks)
+        self.mlp_receiver = [graph.receivers_of_layer(L, ("mlp",))[0] for L in range(n)]
         self.logits_receiver = graph.n_receivers - 1
-
-
-def _project(module: nn.Module, conv1d: bool, x: Tensor, cols: Tensor) -> Tensor:
-    """``x @ W[:, cols] + b[cols]`` for one receiver's columns of a projection module."""
-    w, b = _weights(module, conv1d)
-    cols = cols.to(w.device)
-    out = x @ w[:, cols].to(x.dtype)
-    return out + b[cols].to(x.dtype) if b is not None else out
 
 
 def _first(out):
@@ -176,7 +179,7 @@ class _Hooks:
 class _ReceiverInputs:
     """Gives receivers their own inputs. Subclasses decide each receiver's input (``inputs``)."""
 
-    def __init__(self, model, graph: Graph, layout: _Layout):
+    def __init__(self, model, graph: Graph, layout: Layout):
         self.model, self.graph, self.lay = model, graph, layout
         self.x_attn: dict[int, Tensor] = {}
         self.normed: dict[int, tuple[list[int], Tensor]] = {}
@@ -197,17 +200,25 @@ class _ReceiverInputs:
             for m, module in enumerate(lay.proj[L]):
                 def proj_post(mod, args, out, L=L, m=m):
                     recv, normed = self.normed[L]
-                    mine = [(i, r) for i, r in enumerate(recv) if lay.cols[r][0] == m]
+                    if m == len(lay.proj[L]) - 1:  # the layer's last projection: the copies are not needed after
+                        del self.normed[L]
+                    mine = [(i, lay.module_of[r][1]) for i, r in enumerate(recv) if lay.module_of[r][0] == m]
                     if not mine:
                         return None
                     t = _first(out)
-                    cols = torch.cat([lay.cols[r][1] for _, r in mine]).to(t.device)
-                    vals = torch.cat([_project(mod, lay.conv1d, normed[i], lay.cols[r][1]) for i, r in mine], dim=-1)
-                    if cols.numel() == t.shape[-1]:  # every column replaced: keep the autograd graph clean
-                        new = vals[..., torch.argsort(cols)]
+                    W, b, cols = lay.stack[L][m]
+                    rows = torch.tensor([j for _, j in mine], device=W.device)
+                    x = normed[torch.tensor([i for i, _ in mine], device=normed.device)]  # [n, B, P, D]
+                    vals = torch.matmul(x.flatten(1, 2), W[rows].to(x.dtype))  # [n, B*P, d_head]
+                    if b is not None:
+                        vals = vals + b[rows].to(x.dtype)[:, None, :]
+                    vals = vals.permute(1, 0, 2).reshape(*t.shape[:-1], -1)  # [B, P, n*d_head], receiver-major
+                    c = cols[rows].flatten()
+                    if c.numel() == t.shape[-1]:  # every column replaced: keep the autograd graph clean
+                        new = vals[..., torch.argsort(c)]
                     else:
                         new = t.clone()
-                        new[..., cols] = vals
+                        new[..., c] = vals
                     return _replace_first(out, new)
                 hooks.post(module, proj_post)
 
@@ -288,7 +299,7 @@ class _Patched(_ReceiverInputs):
 
 @torch.no_grad()
 def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupt: Sources, patched: Tensor, *,
-                   logits_to_keep: int = 1) -> Tensor:
+                   logits_to_keep: int = 1, layout: Layout | None = None) -> Tensor:
     """Logits of the clean prompts with the given edges patched, one forward for all variants.
 
     Args:
@@ -300,6 +311,7 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupt: Sources, 
             float mask patches by that fraction (input + w * (corrupted - current)), e.g. for finite
             differences.
         logits_to_keep: logits of the last this many positions.
+        layout: ``Layout(model, graph)``, to reuse across calls (gathered here if None).
 
     Returns:
         ``[V, B, logits_to_keep, d_vocab]`` logits (natural-log units). With nothing patched the hooks change
@@ -320,7 +332,7 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupt: Sources, 
     tokens = clean_tokens.to(model.device).repeat(V, 1)
     hooks = _Hooks()
     try:
-        _Patched(model, graph, _Layout(model, graph), corrupt, masks).install(hooks)
+        _Patched(model, graph, layout or Layout(model, graph), corrupt, masks).install(hooks)
         logits = model.hf(tokens, use_cache=False, logits_to_keep=logits_to_keep).logits
     finally:
         hooks.remove()
@@ -375,11 +387,11 @@ class _Split(_ReceiverInputs):
 
 
 @contextlib.contextmanager
-def split_receivers(model, graph: Graph, on_grad, *, input_value=None, source_edit=None):
+def split_receivers(model, graph: Graph, on_grad, *, input_value=None, source_edit=None, layout: Layout | None = None):
     """Context: forwards of ``model.hf`` inside give every receiver a private input copy (see :class:`_Split`)."""
     hooks = _Hooks()
     try:
-        _Split(model, graph, _Layout(model, graph), on_grad, input_value, source_edit).install(hooks)
+        _Split(model, graph, layout or Layout(model, graph), on_grad, input_value, source_edit).install(hooks)
         yield
     finally:
         hooks.remove()
