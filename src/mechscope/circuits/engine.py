@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mechscope.circuits.binary_masks import BinaryMasks
 from mechscope.circuits.graph import Graph
 from mechscope.core.errors import InputError
 
@@ -188,14 +189,18 @@ class _ReceiverInputs:
         """(the receivers whose input differs from ``x``, their inputs ``[R', B, P, D]``)."""
         raise NotImplementedError
 
+    def normed_inputs(self, receivers: list[int], x: Tensor, norm) -> tuple[list[int], Tensor | None]:
+        """(the receivers whose input differs from ``x``, ``norm`` of their inputs ``[R', B, P, D]``)."""
+        recv, xr = self.inputs(receivers, x)
+        return recv, norm(xr) if recv else None
+
     def install(self, hooks: _Hooks) -> None:
         lay = self.lay
         for L in range(self.graph.n_layers):
             def ln1_pre(mod, args, kwargs, L=L):
                 x = _input_arg(args, kwargs)
                 self.on_layer_input(L, x)
-                recv, xr = self.inputs(lay.attn[L], x)
-                self.normed[L] = (recv, lay.ln1[L].forward(xr) if recv else None)
+                self.normed[L] = self.normed_inputs(lay.attn[L], x, lay.ln1[L].forward)
             hooks.pre(lay.ln1[L], ln1_pre)
             for m, module in enumerate(lay.proj[L]):
                 def proj_post(mod, args, out, L=L, m=m):
@@ -205,21 +210,7 @@ class _ReceiverInputs:
                     mine = [(i, lay.module_of[r][1]) for i, r in enumerate(recv) if lay.module_of[r][0] == m]
                     if not mine:
                         return None
-                    t = _first(out)
-                    W, b, cols = lay.stack[L][m]
-                    rows = torch.tensor([j for _, j in mine], device=W.device)
-                    x = normed[torch.tensor([i for i, _ in mine], device=normed.device)]  # [n, B, P, D]
-                    vals = torch.matmul(x.flatten(1, 2), W[rows].to(x.dtype))  # [n, B*P, d_head]
-                    if b is not None:
-                        vals = vals + b[rows].to(x.dtype)[:, None, :]
-                    vals = vals.permute(1, 0, 2).reshape(*t.shape[:-1], -1)  # [B, P, n*d_head], receiver-major
-                    c = cols[rows].flatten()
-                    if c.numel() == t.shape[-1]:  # every column replaced: keep the autograd graph clean
-                        new = vals[..., torch.argsort(c)]
-                    else:
-                        new = t.clone()
-                        new[..., c] = vals
-                    return _replace_first(out, new)
+                    return _replace_first(out, self.project(L, m, mine, normed, _first(out)))
                 hooks.post(module, proj_post)
 
             def ln2_post(mod, args, out, L=L):
@@ -232,14 +223,33 @@ class _ReceiverInputs:
             return lay.final_norm.forward(xr[0]) if recv else None
         hooks.post(lay.final_norm, final_post)
 
+    def project(self, L: int, m: int, mine: list[tuple[int, int]], normed: Tensor, t: Tensor) -> Tensor:
+        """Projection module ``m``'s output ``t [B, P, n_cols]`` with the columns of the receivers ``mine`` ((index
+        in ``normed``, row in the module's weight stack)) computed from their own normalised inputs."""
+        W, b, cols = self.lay.stack[L][m]
+        rows = torch.tensor([j for _, j in mine], device=W.device)
+        x = normed[torch.tensor([i for i, _ in mine], device=normed.device)]  # [n, B, P, D]
+        vals = torch.matmul(x.flatten(1, 2), W[rows].to(x.dtype))  # [n, B*P, d_head]
+        if b is not None:
+            vals = vals + b[rows].to(x.dtype)[:, None, :]
+        vals = vals.permute(1, 0, 2).reshape(*t.shape[:-1], -1)  # [B, P, n*d_head], receiver-major
+        c = cols[rows].flatten()
+        if c.numel() == t.shape[-1]:  # every column replaced: keep the autograd graph clean
+            return vals[..., torch.argsort(c)]
+        new = t.clone()
+        new[..., c] = vals
+        return new
+
     def on_layer_input(self, layer: int, x: Tensor) -> None:
         """Called with the residual stream entering a layer's attention (before its receivers read it)."""
 
 
-class _Patched(_ReceiverInputs):
+class _Patched(BinaryMasks, _ReceiverInputs):
     """Receivers read their input plus, for each patched edge, (corrupted - current) source output.
 
-    ``masks`` is ``[V, R, S]`` (1 = patched) and the batch is V variants of B prompts, variant-major.
+    ``masks`` is ``[V, R, S]`` (1 = patched) and the batch is V variants of B prompts, variant-major. Float
+    masks take the general product over every upstream source; bool masks the cheaper path of
+    :mod:`mechscope.circuits.binary_masks` (same values up to float rounding).
     """
 
     def __init__(self, model, graph, layout, corrupt: Sources, masks: Tensor):
@@ -252,15 +262,34 @@ class _Patched(_ReceiverInputs):
         self.need_source = self.active.any(dim=0)  # [S]
         self.need_receiver = self.active.any(dim=1)  # [R]
         self.D: Tensor | None = None  # [S, V*B, P, D] corrupted - current output, filled as the forward runs
+        # binary masks: running sums of the stored rows of D, (number of sources summed, sum [V*B, P, D])
+        self.binary = masks.dtype == torch.bool
+        self.prefix: list[tuple[int, Tensor]] = []
+        self.in_D = torch.zeros(graph.n_sources, dtype=torch.bool, device=masks.device)  # sources recorded so far
+        self.ready = torch.zeros(graph.n_sources, dtype=torch.bool, device=masks.device)  # rows of D filled in
+        self.dz: dict[int, Tensor] = {}  # binary masks: layer -> z difference [V*B, P, H, d_head]; head rows of D
+        # are filled from it when a receiver first needs them
 
     def _rep(self, t: Tensor) -> Tensor:
         return t.repeat(self.V, *([1] * (t.dim() - 1)))
 
-    def _store(self, rows, delta: Tensor) -> None:
+    def _store(self, rows, delta: Tensor | None, total: Tensor | None = None) -> None:
+        """Record sources ``rows`` (an index, or a layer's heads as a slice): their rows of D (``delta``), or for
+        binary masks possibly only their sum ``total`` [V*B, P, D] (the rows then come from :attr:`dz`)."""
         if self.D is None:
-            VB, P, D = delta.shape[-3:]
-            self.D = torch.zeros(self.graph.n_sources, VB, P, D, dtype=delta.dtype, device=delta.device)
-        self.D[rows] = delta
+            VB, P, D = (delta if delta is not None else total).shape[-3:]
+            like = delta if delta is not None else total
+            alloc = torch.empty if self.binary else torch.zeros  # the binary path reads filled rows only
+            self.D = alloc(self.graph.n_sources, VB, P, D, dtype=like.dtype, device=like.device)
+        if delta is not None:
+            self.D[rows] = delta
+            self.ready[rows] = True
+        self.in_D[rows] = True
+        if self.binary:
+            end = rows.stop if isinstance(rows, slice) else rows + 1
+            if total is None:
+                total = delta.sum(0) if delta.dim() == 4 else delta
+            self.prefix.append((end, total if not self.prefix else self.prefix[-1][1] + total))
 
     def on_layer_input(self, layer, x):
         if layer == 0 and bool(self.need_source[0]):
@@ -276,7 +305,12 @@ class _Patched(_ReceiverInputs):
                     z = args[0]
                     z = z.view(*z.shape[:-1], g.n_heads, -1)
                     dz = self._rep(self.corrupt.z[L]).to(z.dtype) - z
-                    self._store(heads, head_outputs(self.model, L, dz))
+                    if self.binary:  # the heads' sum now (o_proj without its bias), single heads when needed
+                        self.dz[L] = dz
+                        W_O = self.model.W_O(L)
+                        self._store(heads, None, dz.flatten(-2) @ W_O.reshape(-1, W_O.shape[-1]).to(dz.dtype))
+                    else:
+                        self._store(heads, head_outputs(self.model, L, dz))
                 hooks.pre(lay.o_proj[L], o_pre)
             if bool(self.need_source[mlp_row]):
                 def mlp_post(mod, args, out, L=L, row=mlp_row):
@@ -289,12 +323,26 @@ class _Patched(_ReceiverInputs):
         if not recv or self.D is None:
             return [], None
         S = max(self.graph.upstream_count(self.graph.receivers[r]) for r in recv)
+        if self.binary:
+            return recv, self.binary_inputs(recv, S, x)
         V, VB = self.V, x.shape[0]
         M = self.masks[:, recv, :S].to(x.dtype)  # [V, R', S]
         Dv = self.D[:S].view(S, V, -1).transpose(0, 1)  # [V, S, B*P*D]
         delta = torch.bmm(M, Dv)  # [V, R', B*P*D]
         delta = delta.view(V, len(recv), VB // V, *x.shape[1:]).transpose(0, 1).reshape(len(recv), *x.shape)
         return recv, x.unsqueeze(0) + delta
+
+    def normed_inputs(self, receivers, x, norm):
+        recv = [r for r in receivers if bool(self.need_receiver[r])]
+        if not self.binary or not recv or self.D is None:
+            return super().normed_inputs(receivers, x, norm)
+        S = max(self.graph.upstream_count(self.graph.receivers[r]) for r in recv)
+        return recv, self.binary_normed_inputs(recv, S, x, norm)
+
+    def project(self, L, m, mine, normed, t):
+        if not self.binary:
+            return super().project(L, m, mine, normed, t)
+        return self.binary_project(L, m, mine, normed, t)
 
 
 @torch.no_grad()
