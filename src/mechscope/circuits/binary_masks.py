@@ -54,7 +54,16 @@ class BinaryMasks:
             self.ready[missing] = True
         return self.D[idx, rows]
 
-    def distinct_inputs(self, recv: list[int], S: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _plan(self, recv: list[int], S: int) -> tuple[Tensor, list, list, list[bool]]:
+        """(masks ``[V, R', S]``, patched and kept counts ``[V][R']``, per variant whether one product over all
+        ``S`` rows is cheaper than gathering: gathering k rows costs about 3k row passes, the product S)."""
+        M = self.masks[:, recv, :S]
+        n_patched = M.sum(-1).tolist()
+        n_kept = (~M & self.in_D[:S]).sum(-1).tolist()
+        dense = [3 * sum(min(a, b) for a, b in zip(p, k)) > S for p, k in zip(n_patched, n_kept)]
+        return M, n_patched, n_kept, dense
+
+    def distinct_inputs(self, recv: list[int], S: int, x: Tensor, plan=None) -> tuple[Tensor, Tensor]:
         """The distinct patched inputs ``[U, B, P, D]`` of receivers ``recv`` (all reading the first ``S``
         sources) and, per receiver and variant, which one it reads (``[R', V]`` int64 on the CPU; -1: nothing
         patched, it reads the clean ``x``)."""
@@ -62,19 +71,14 @@ class BinaryMasks:
             self.prefix.pop(0)
         total = self.prefix[0][1] if self.prefix and self.prefix[0][0] <= S else None  # Σ recorded rows < S
         stored = self.in_D[:S]
-        M = self.masks[:, recv, :S]  # [V, R', S] bool
-        n_patched = M.sum(-1).tolist()  # [V][R']
-        n_kept = (~M & stored).sum(-1).tolist()
+        M, n_patched, n_kept, dense_v = plan or self._plan(recv, S)
         B = x.shape[0] // self.V
         uniq: list[Tensor] = []
         index = torch.full((len(recv), self.V), -1, dtype=torch.long)
         for v in range(self.V):
             rows = slice(v * B, (v + 1) * B)
             everything = -1
-            mixed = sum(min(a, b) for a, b in zip(n_patched[v], n_kept[v]))
-            dense = None
-            if 3 * mixed > S:  # gathering k rows costs ~3k row passes, one product over all S rows ~S
-                dense = M[v].to(x.dtype) @ self._rows(S, rows).flatten(1)
+            dense = M[v].to(x.dtype) @ self._rows(S, rows).flatten(1) if dense_v[v] else None
             for i in range(len(recv)):
                 if n_patched[v][i] == 0:
                     continue
@@ -105,9 +109,21 @@ class BinaryMasks:
             out[i, v * B:(v + 1) * B] = uniq[u]
         return out
 
-    def binary_normed_inputs(self, recv: list[int], S: int, x: Tensor, norm) -> tuple[Tensor, Tensor]:
-        """(``norm`` of each distinct input ``[U, B, P, D]``, which one each receiver reads ``[R', V]``)."""
-        uniq, index = self.distinct_inputs(recv, S, x)
+    def binary_normed_inputs(self, recv: list[int], S: int, x: Tensor, norm) -> tuple[Tensor, Tensor] | Tensor:
+        """(``norm`` of each distinct input ``[U, B, P, D]``, which one each receiver reads ``[R', V]``); or, when
+        every variant takes the product over all rows (mid-sized masks), ``norm`` of every receiver's input
+        ``[R', V*B, P, D]``, for the general batched projection."""
+        plan = self._plan(recv, S)
+        M, _, _, dense = plan
+        if all(dense):
+            B = x.shape[0] // self.V
+            out = x.unsqueeze(0).repeat(len(recv), *([1] * x.dim()))
+            for v in range(self.V):
+                rows = slice(v * B, (v + 1) * B)
+                delta = M[v].to(x.dtype) @ self._rows(S, rows).flatten(1)  # [R', B*P*D]
+                out[:, rows] += delta.view(len(recv), *x[rows].shape)
+            return norm(out)
+        uniq, index = self.distinct_inputs(recv, S, x, plan)
         return (norm(uniq) if len(uniq) else uniq), index
 
     def binary_project(self, L: int, m: int, mine: list[tuple[int, int]], normed: tuple[Tensor, Tensor],

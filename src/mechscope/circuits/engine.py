@@ -340,7 +340,7 @@ class _Patched(BinaryMasks, _ReceiverInputs):
         return recv, self.binary_normed_inputs(recv, S, x, norm)
 
     def project(self, L, m, mine, normed, t):
-        if not self.binary:
+        if not isinstance(normed, tuple):  # float masks, or every variant of the layer mid-sized
             return super().project(L, m, mine, normed, t)
         return self.binary_project(L, m, mine, normed, t)
 
