@@ -327,3 +327,18 @@ def test_binary_masks_equal_the_general_mask_product(family):
             fast = patched_logits(m, g, task.clean_tokens, cs, batch)
             general = patched_logits(m, g, task.clean_tokens, cs, batch.float())
             torch.testing.assert_close(fast, general, atol=1e-5, rtol=0)
+
+
+def test_mean_ablation_uses_the_given_reference():
+    m = tiny_hooked("llama")
+    g = Graph.from_model(m)
+    task = toy_task(n=4)
+    circuit = random_circuit(g)
+    ref = random_tokens(5, POS, seed=42)
+    own = evaluate_circuit(m, task, circuit, ablation="mean", reference=ref, n_boot=20)
+    default = evaluate_circuit(m, task, circuit, ablation="mean", n_boot=20)  # the task's corrupted prompts
+    again = evaluate_circuit(m, task, circuit, ablation="mean", reference=task.corrupt_tokens, n_boot=20)
+    torch.testing.assert_close(default.values["circuit"], again.values["circuit"], atol=0, rtol=0)
+    assert not torch.allclose(own.values["empty"], default.values["empty"])
+    with pytest.raises(mechscope.InputError, match="do not fit the task's 8 positions"):
+        evaluate_circuit(m, task, circuit, ablation="mean", reference=random_tokens(5, POS + 1))

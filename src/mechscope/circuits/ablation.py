@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from mechscope.circuits.circuit import Circuit
@@ -36,7 +37,7 @@ ABLATIONS = ("corrupted", "mean", "zero")
 LEVELS = ("edge", "node")
 
 
-def ablated_edges(circuit: Circuit, level: str = "edge") -> Tensor:
+def ablated_edges(circuit: Circuit, level: str = "edge") -> Bool[Tensor, " n_edges"]:
     """Bool ``[n_edges]``: the edges an evaluation of ``circuit`` patches at ``level``.
 
     Raises:
@@ -50,7 +51,7 @@ def ablated_edges(circuit: Circuit, level: str = "edge") -> Tensor:
 
 
 @torch.no_grad()
-def mean_sources(model, tokens: Tensor, *, batch_size: int = 16, logits_to_keep: int = 1) -> Sources:
+def mean_sources(model, tokens: Int[Tensor, "n_ref pos"], *, batch_size: int = 16, logits_to_keep: int = 1) -> Sources:
     """Every node's output averaged over ``tokens`` per position (float64 sums, stored in the model's dtype).
 
     Args:
@@ -99,7 +100,8 @@ def check_model(model, graph: Graph) -> None:
 
 
 @torch.no_grad()
-def measure(model, graph: Graph, task, plan: Sequence[tuple[str, Tensor]], *, reference: Tensor | None = None,
+def measure(model, graph: Graph, task, plan: Sequence[tuple[str, Tensor]], *,
+            reference: Int[Tensor, "n_ref pos"] | None = None,
             batch_size: int = 16, rows_per_forward: int = 64, progress: bool = False) -> tuple[Tensor, list[Tensor]]:
     """The task metric, per prompt, of the clean model and of each masked variant.
 

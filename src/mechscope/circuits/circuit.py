@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.circuits.attribution import EdgeScores
@@ -38,7 +39,7 @@ _KEYS = ("format", "format_version", "model", "graph", "edges", "scores", "selec
 LOWER_IS_CLEAN = ("kl",)
 
 
-def importance(scores: EdgeScores, *, absolute: bool) -> Tensor:
+def importance(scores: EdgeScores, *, absolute: bool) -> Float[Tensor, " n_edges"]:
     """Per edge, the key edges are ranked by (highest first): ``|score|``, or the signed importance
     (``-score``; ``+score`` for metrics in :data:`LOWER_IS_CLEAN`). Unscored edges get ``-inf``.
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.analysis.bootstrap import bootstrap_ci
@@ -152,7 +153,7 @@ def _gaps(a: Tensor, b: Tensor, sets, names, f_model: float, n_boot: int, seed: 
 
 
 def completeness(model, task, circuit: Circuit, k_sets=None, *, n_random: int = 8, greedy_steps: int = 0,
-                 ablation: str = "mean", reference: Tensor | None = None, batch_size: int = 16,
+                 ablation: str = "mean", reference: Int[Tensor, "n_ref pos"] | None = None, batch_size: int = 16,
                  rows_per_forward: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False) -> Completeness:
     """Wang et al.'s completeness: ``|F(C \\ K) - F(M \\ K)|`` for knockout sets K of the circuit's nodes.
 
@@ -220,7 +221,7 @@ def completeness(model, task, circuit: Circuit, k_sets=None, *, n_random: int = 
 
 
 def minimality(model, task, circuit: Circuit, k_sets=None, *, n_random: int = 3, threshold: float = 0.01,
-               ablation: str = "mean", reference: Tensor | None = None, batch_size: int = 16,
+               ablation: str = "mean", reference: Int[Tensor, "n_ref pos"] | None = None, batch_size: int = 16,
                rows_per_forward: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False) -> Minimality:
     """Wang et al.'s minimality: for each node v of the circuit, ``max_K |F(C \\ (K ∪ {v})) - F(C \\ K)|``.
 

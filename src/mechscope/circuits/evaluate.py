@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.analysis.bootstrap import CI, bootstrap_ci
@@ -143,7 +144,7 @@ def _evaluation(circuit: Circuit, task, mM: Tensor, m0: Tensor, mC: Tensor, abla
 
 
 def evaluate_circuit(model, task, circuit: Circuit, *, ablation: str = "corrupted", level: str = "edge",
-                     reference: Tensor | None = None, batch_size: int = 16, rows_per_forward: int = 64,
+                     reference: Int[Tensor, "n_ref pos"] | None = None, batch_size: int = 16, rows_per_forward: int = 64,
                      n_boot: int = 1000, seed: int = 0, progress: bool = False) -> CircuitEvaluation:
     """Normalised faithfulness of a circuit on a task, with bootstrap intervals over prompts.
 
@@ -245,7 +246,7 @@ def area_statistic(x: Tensor, kind: str):
 
 def faithfulness_curve(model, task, scores: EdgeScores, *, sizes=MIB_PERCENTS, kind: str = "cpr",
                        ablation: str = "corrupted", level: str = "edge", prune: bool = True,
-                       reference: Tensor | None = None, batch_size: int = 16, rows_per_forward: int = 64,
+                       reference: Int[Tensor, "n_ref pos"] | None = None, batch_size: int = 16, rows_per_forward: int = 64,
                        n_boot: int = 1000, seed: int = 0, progress: bool = False) -> FaithfulnessCurve:
     """MIB's faithfulness curve of a scoring: circuits of every size in ``sizes``, f of each, and its area.
 
@@ -335,7 +336,7 @@ class RobustnessTable:
 
 
 def robustness_table(model, task, circuit: Circuit, *, ablations=ABLATIONS, levels=LEVELS,
-                     reference: Tensor | None = None, batch_size: int = 16, rows_per_forward: int = 64,
+                     reference: Int[Tensor, "n_ref pos"] | None = None, batch_size: int = 16, rows_per_forward: int = 64,
                      n_boot: int = 1000, seed: int = 0, progress: bool = False) -> RobustnessTable:
     """The circuit's faithfulness under every ablation x level, from one pass over the prompts.
 
