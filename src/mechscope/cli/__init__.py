@@ -3,12 +3,14 @@
 :mod:`~mechscope.cli.common` holds what every command shares (consoles, one-line errors with exit
 status 2, thread choice); :mod:`~mechscope.cli.root` the top-level commands (``version``, ``hooks``,
 ``lens``, ``report``, ``serve``); :mod:`~mechscope.cli.sae`, :mod:`~mechscope.cli.features` and
-:mod:`~mechscope.cli.toys` the ``sae``, ``features`` and ``toy`` groups. This module only assembles them:
-the command modules import ``common`` and library code, never each other.
+:mod:`~mechscope.cli.toys` the ``sae``, ``features`` and ``toy`` groups; :mod:`~mechscope.cli.circuit` the
+``circuit`` group. This module only assembles them: the command modules import ``common`` and library code,
+never each other.
 """
 
 from __future__ import annotations
 
+from mechscope.cli.circuit import circuit_app
 from mechscope.cli.common import auto_threads, clean_errors
 from mechscope.cli.features import features_app
 from mechscope.cli.root import app
@@ -18,6 +20,7 @@ from mechscope.cli.toys import toys_app
 app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
 app.add_typer(toys_app, name="toy")
+app.add_typer(circuit_app, name="circuit")
 
 __all__ = ["app", "auto_threads", "clean_errors", "main"]
 

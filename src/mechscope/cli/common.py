@@ -239,3 +239,67 @@ def expand_latents(ranges: Sequence[tuple[int, int]], n_latents: int, where: str
         note(f"{option} lists {len(twice)} latent(s) more than once ({shown}); each is taken once, in the order "
              "first listed.")
     return list(dict.fromkeys(ids))
+
+
+# -- tasks and run records (the circuit commands) --------------------------------------------------------------
+def check_task_source(source: str) -> None:
+    """A built-in task name or an existing file; anything else is refused (with close names) before the model loads."""
+    from mechscope.data.tasks import BUILTIN_TASKS, load_task
+
+    if source in BUILTIN_TASKS or Path(source).expanduser().is_file():
+        return
+    load_task(source, None)  # an unknown name or a missing file raises here, naming the built-ins and close names
+    raise InputError(f"unknown task {source!r}; use a built-in task ({sorted(BUILTIN_TASKS)}) or a JSONL file.")
+
+
+def task_source(source: str) -> str:
+    """The task as a run record keeps it: a built-in name, or a file's absolute path."""
+    from mechscope.data.tasks import BUILTIN_TASKS
+
+    p = Path(source).expanduser()
+    return str(p.resolve()) if source not in BUILTIN_TASKS and p.is_file() else source
+
+
+def checked_task(model, source: str, n: int | None, no_check: bool, notes: list[str]):
+    """The task (``task_prompts``) and its check, printed: a task the model does not solve is refused unless
+    ``no_check`` (``--no-check``), which adds a line to ``notes`` instead; library warnings go to ``notes``."""
+    from mechscope.data.tasks import check_task
+    from mechscope.report.circuit_files import collected_warnings, task_prompts
+
+    with collected_warnings(notes):
+        task = task_prompts(model, source, n)
+        check = check_task(model, task)
+        out.print(Text(str(check)), soft_wrap=True)
+        try:
+            check.require()
+        except InputError as e:
+            if not no_check:
+                raise InputError(f"{e} To go on anyway, pass --no-check.") from None
+            notes.append(f"--no-check: going on although {check.n_correct} of {check.n} clean prompts prefer the "
+                         "answer; the circuit describes a behaviour the model does not reliably have.")
+    return task, check
+
+
+def rerun_command(group: str, fn, values: dict) -> str:
+    """The command line that reruns command ``fn`` of ``mechscope <group>`` with these parameter ``values`` (its
+    locals): the arguments, then every option that differs from its default."""
+    import inspect
+    import shlex
+
+    from typer.models import ArgumentInfo
+
+    parts = ["mechscope", group, fn.__name__.removesuffix("_cmd").replace("_", "-")]
+    for name, p in inspect.signature(fn).parameters.items():
+        v = values[name]
+        if isinstance(p.default, ArgumentInfo):
+            parts.append(str(v))
+        elif v is not None and v != p.default.default:
+            flag = "--" + {"out_dir": "out", "out_file": "out"}.get(name, name.replace("_", "-"))
+            parts += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
+    return shlex.join(parts)
+
+
+def print_titled(title: str, table: Table) -> None:
+    """Print a bold title line, then the table (a rich title would wrap to the table's width)."""
+    out.print(Text(title, style="bold"), soft_wrap=True)
+    print_table(table)
