@@ -8,7 +8,9 @@ as HTML, so token strings such as ``<script>`` are shown as text):
   effects, co-activating latents, its label with score and provenance;
 - ``/inspect`` prompt inspector: which latents fire on each token, logit lens, attention per head;
 - ``/patching`` the patching results of a ``mechscope report`` run (its results.json);
-- ``/steer`` steering playground: generate with latents added or clamped, beside the unsteered text.
+- ``/steer`` steering playground: generate with latents added or clamped, beside the unsteered text;
+- ``/circuit`` a circuit evaluated by ``mechscope circuit evaluate`` (its evaluation.json): the layered graph
+  (click a node for its edges and role), faithfulness with its interval, MIB's curves, robustness and roles.
 
 JSON API under ``/api`` (its OpenAPI schema at ``/openapi.json``). A malformed request gets a 4xx whose
 ``detail`` is readable text, never a 500 (:mod:`mechscope.app.web`): validation 422, an unknown latent 404,
@@ -31,7 +33,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mechscope.core.errors import InputError
 
-PAGES = ("index", "feature", "inspect", "patching", "steer")
+PAGES = ("index", "feature", "inspect", "patching", "steer", "circuit")
 MAX_INT32 = 2**31 - 1  # bound of every id and offset: DuckDB's INTEGER, and far past any dictionary
 N_TOP_TOKENS = 5  # tokens shown per latent in lists
 _STEER_LINK = re.compile(r'(<a id="steer-link"[^>]*\bhref=")/steer(")')
@@ -46,6 +48,7 @@ class AppState:
         dictionary: the SparseDictionary whose latents the database describes.
         db: a read-only FeatureDB.
         report: the results.json of a ``mechscope report`` run (patching page).
+        circuit: the evaluation.json of ``mechscope circuit evaluate`` (circuit page).
         steer: ``fn(prompt, latents, max_new_tokens) -> dict`` used by the steering endpoint.
     """
 
@@ -53,6 +56,7 @@ class AppState:
     dictionary: Any = None
     db: Any = None
     report: dict | None = None
+    circuit: dict | None = None
     steer: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -235,7 +239,7 @@ def create_app(state: AppState):
     app = FastAPI(title="mechscope", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(web.SecurityHeaders)
     app.mount("/static", web.make_static_files(), name="static")
-    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching")
+    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching, /circuit")
 
     def need(what: str, value):
         if value is None:
@@ -287,7 +291,8 @@ def create_app(state: AppState):
                 "dictionary": None if d is None else {"hook": d.cfg.hook_out, "d_sae": d.cfg.d_sae,
                                                        "architecture": d.cfg.architecture, "k": d.cfg.k},
                 "n_latents": state.db.n_latents if state.db is not None else None,
-                "has_report": state.report is not None, "can_steer": state.steer is not None}
+                "has_report": state.report is not None, "has_circuit": state.circuit is not None,
+                "can_steer": state.steer is not None}
 
     @app.get("/api/features")
     def features(offset: int = Query(0, ge=0, le=MAX_INT32, description="rows to skip; past the end: an empty page"),
@@ -326,6 +331,14 @@ def create_app(state: AppState):
         rep = need("a report (--report results.json)", state.report)
         return {"model": rep.get("model", {}).get("name"), "patching": rep.get("patching"), "ioi": {
             k: rep.get("ioi", {}).get(k) for k in ("n_prompts", "mean_logit_diff", "accuracy")}}
+
+    @app.get("/api/circuit")
+    def circuit():
+        """The circuit page's view (figures, node details, tables) and the evaluation it was drawn from."""
+        from mechscope.report.circuit_view import circuit_view
+
+        ev = need("a circuit evaluation (--circuit evaluation.json)", state.circuit)
+        return {"view": circuit_view(ev), "evaluation": ev}
 
     @app.post("/api/steer")
     def steer(body: SteerBody):

@@ -110,15 +110,19 @@ def report(
     seed: int = typer.Option(0, "--seed", help="seed of the random-token and IOI datasets"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
     sae: list[Path] = typer.Option([], "--sae", help="dictionary folder to add a sparse-dictionary section for (repeatable)"),
+    circuit: list[Path] = typer.Option([], "--circuit", help="circuit folder (mechscope circuit discover/evaluate) to add "
+                                       "a circuit section for (repeatable)"),
 ) -> None:
     """Run the standard analyses on a model and write a self-contained HTML report plus results.json."""
     from mechscope.report import ReportConfig, build_report
+    from mechscope.report.circuit_section import check_circuit_folders
 
     cfg = ReportConfig(model=model, out=out_dir, dtype=dtype, n_prompts=n_prompts, patch_prompts=patch_prompts, seed=seed,
-                       sae=tuple(sae))
+                       sae=tuple(sae), circuit=tuple(circuit))
     check_model_dtype(dtype)
     check_out_dir(out_dir)
     load_dictionaries(sae)  # a missing folder or broken file costs no model load
+    check_circuit_folders(circuit)
     set_threads(threads)
     paths = build_report(cfg, console=out)
     out.print(Text(f"report:  {paths.html.resolve()}", style="bold green"), soft_wrap=True)
@@ -133,11 +137,13 @@ def serve(
     dictionary: Path | None = typer.Option(None, "--dictionary", "-d", help="dictionary folder (mechscope, SAELens or sparsify)"),
     features: Path | None = typer.Option(None, "--features", help="feature database built by `mechscope features build`"),
     report: Path | None = typer.Option(None, "--report", help="results.json (or its folder) of `mechscope report`"),
+    circuit: Path | None = typer.Option(None, "--circuit", help="evaluation.json (or its folder) of `mechscope circuit "
+                                        "evaluate`: the /circuit page"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default: the app has no authentication)"),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
 ) -> None:
-    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering."""
+    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering, circuit."""
     import uvicorn
 
     import mechscope
@@ -145,6 +151,11 @@ def serve(
 
     check_model_dtype(dtype)
     results = load_report(report)  # everything that needs no model first: a typo costs no model load
+    evaluation = None
+    if circuit is not None:
+        from mechscope.report.circuit_files import read_evaluation
+
+        evaluation = read_evaluation(circuit)
     d = load_dictionaries([dictionary])[0] if dictionary is not None else None
     db = open_database(features) if features is not None else None
     if d is not None and db is not None:
@@ -152,7 +163,7 @@ def serve(
 
         check_database_matches(db, d)
     n, why = set_threads(threads, announce=False)
-    state = AppState(model=mechscope.load(model, dtype=dtype), report=results)
+    state = AppState(model=mechscope.load(model, dtype=dtype), report=results, circuit=evaluation)
     state.dictionary, state.db = d, db
     if d is not None:
         from mechscope.app.server import make_steer

@@ -89,6 +89,8 @@ class ReportConfig:
         head_batch: number of repeated sequences (count).
         sae: dictionary folders to add a sparse-dictionary section for (training curves, evaluation,
             latent density); empty for none.
+        circuit: circuit folders (``mechscope circuit discover`` / ``evaluate``) to add a circuit section for
+            (:mod:`mechscope.report.circuit_section`); empty for none.
     """
 
     #: Measured on the 2-core CPU with other jobs running (fp32): 12 prompts -> patching ~6 min of a
@@ -106,9 +108,11 @@ class ReportConfig:
     head_seq_len: int = 50
     head_batch: int = 4
     sae: tuple[Path, ...] = ()
+    circuit: tuple[Path, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "sae", tuple(Path(p) for p in self.sae))
+        object.__setattr__(self, "circuit", tuple(Path(p) for p in self.circuit))
         if self.n_prompts < 2:
             raise InputError(f"n_prompts must be at least 2, got {self.n_prompts}.")
         if self.patch_prompts is not None and not 1 <= self.patch_prompts <= self.n_prompts:
@@ -418,7 +422,7 @@ def compute_results(cfg: ReportConfig, *, console: Console | None = None, progre
     import mechscope
     from mechscope.data.ioi import make_ioi_dataset
 
-    steps = _Steps(console, total=7 if cfg.sae else 6)
+    steps = _Steps(console, total=6 + bool(cfg.sae) + bool(cfg.circuit))
     started = _dt.datetime.now(_dt.timezone.utc)
     results: dict[str, Any] = {"schema": "mechscope.report/1"}
 
@@ -470,6 +474,14 @@ def compute_results(cfg: ReportConfig, *, console: Console | None = None, progre
                 f"{e['name']}: FVU {e['eval']['fvu']:.3f} ({e['eval']['fvu_without_outliers']:.3f} without outliers), "
                 f"CE recovered {e['eval']['ce_loss_recovered']:.3f}" for e in results["sae"]["dictionaries"])
 
+    if cfg.circuit:
+        from mechscope.report.circuit_section import circuit_section
+
+        with steps.step("circuits", f"circuits: {len(cfg.circuit)} folder(s)") as note:
+            results["circuits"] = circuit_section(cfg.circuit, model, progress=progress)
+            faith = [(e["name"], e["evaluation"]["faithfulness"]["faithfulness"]) for e in results["circuits"]]
+            note["summary"] = "; ".join(f"{name}: faithfulness {f['estimate']:.3f}" for name, f in faith)
+
     total = time.perf_counter() - steps.t0
     results["model"] = {**asdict(model.cfg), "n_params": n_params}
     results["run"] = {
@@ -477,7 +489,7 @@ def compute_results(cfg: ReportConfig, *, console: Console | None = None, progre
         "settings": {"model": cfg.model, "dtype": cfg.dtype, "n_prompts": cfg.n_prompts, "patch_prompts": n,
                      "seed": cfg.seed, "lens_prompt": cfg.lens_prompt, "lens_target": cfg.lens_target,
                      "head_seq_len": cfg.head_seq_len, "head_batch": cfg.head_batch,
-                     "sae": [str(p) for p in cfg.sae]},
+                     "sae": [str(p) for p in cfg.sae], "circuit": [str(p) for p in cfg.circuit]},
         "versions": _versions(),
         "torch_threads": torch.get_num_threads(),
         "timings_s": {**steps.timings},
@@ -496,6 +508,11 @@ def write_report(results: dict, out: Path) -> ReportPaths:
     results.setdefault("run", {}).setdefault("timings_s", {})["render"] = time.perf_counter() - t
     write_json_atomic(results, paths.json)
     write_text_atomic(html, paths.html)
+    if results.get("circuits"):  # each circuit's own page beside the report
+        from mechscope.report.circuit import write_circuit_page
+
+        for entry in results["circuits"]:
+            write_circuit_page(entry["evaluation"], out, entry["page"])
     return paths
 
 

@@ -209,4 +209,8 @@ def build_figures(results: dict) -> dict[str, Fig]:
         from mechscope.report.sae import sae_figures
 
         figs.update(sae_figures(results["sae"]))
+    if results.get("circuits"):
+        from mechscope.report.circuit_section import circuit_figures
+
+        figs.update(circuit_figures(results["circuits"]))
     return figs
