@@ -51,7 +51,31 @@ def files(tiny_model_dir, tmp_path_factory):  # noqa: F811
 
     build_feature_db(FeatureSource(m, dictionary=load_dictionary(root / "sae"), dictionary_path=str(root / "sae")),
                      toks, root / "f.duckdb", StatsConfig(top_k=3), progress=False).close()
+    _circuit_files(root, str(tiny_model_dir))
     return root
+
+
+def _circuit_files(root, model: str) -> None:
+    """Task files (tests/unit/test_circuit_cli.py's), a discover folder, an ACDC one, one of another model's graph,
+    one holding an empty circuit, and an empty folder."""
+    import shutil
+
+    from tests.unit.test_circuit_cli import write_tasks
+
+    write_tasks(root, model)
+    for name, method in (("circ-run", ["--method", "eap", "--edges", "20"]),
+                         ("circ-acdc", ["--method", "acdc", "--level", "node", "--tau", "0"])):
+        r = runner.invoke(app, ["circuit", "discover", "--task", str(root / "solved.jsonl"), *method, "--out",
+                                str(root / name), "--model", model, "--threads", "1"])
+        assert r.exit_code == 0, r.output
+    for name, edit in (("circ-other", {"model": "other-model"}), ("circ-empty", {"edges": []})):
+        shutil.copytree(root / "circ-run", root / name)
+        doc = json.loads((root / name / "circuit.json").read_text())
+        doc.update(edit)
+        if name == "circ-other":
+            doc["graph"]["n_layers"] = 3
+        (root / name / "circuit.json").write_text(json.dumps(doc))
+    (root / "empty-dir").mkdir()
 
 
 @pytest.fixture()
@@ -83,6 +107,9 @@ TRAIN = ["sae", "train", "--hook", "blocks.1.hook_resid_post", "--width", "16", 
          "--batch-tokens", "256", "--context-len", "16", "--eval-tokens", "0", "--out", "{tmp}/run", *M]
 EVAL = ["sae", "eval", "{root}/sae", "--context-len", "16", "--tokens", "200", *M]
 BUILD = ["features", "build", "{root}/sae", "--out", "{tmp}/new.duckdb", "--tokens", "300", "--context-len", "16", *M]
+DISCOVER = ["circuit", "discover", "--task", "{root}/solved.jsonl", "--method", "eap", "--out", "{tmp}/c", *M]
+EVALUATE = ["circuit", "evaluate", "{root}/circ-run", "--out", "{tmp}/e", *M]
+PATCH = ["circuit", "path-patch", "--task", "{root}/solved.jsonl", "--receivers", "logits", *M]
 CASES = [
     # -- models
     ("unknown-alias", ["hooks", "--model", "smollm9-1b"], ["'smollm9-1b'", "local HuggingFace cache", "HF_HUB_OFFLINE"],
@@ -195,6 +222,42 @@ CASES = [
      "pass a folder", False),
     ("toy-missing-corpus", ["toy", "induction", "--corpus", "{root}/nope.txt", "--out", "{tmp}/t"],
      ["{root}/nope.txt"], "Check the path", False),
+    # -- circuits
+    ("circuit-unknown-task", [*DISCOVER[:3], "ioj", *DISCOVER[4:]], ["unknown task 'ioj'"], "did you mean 'ioi'", False),
+    ("circuit-unequal-lengths", [*DISCOVER[:3], "{root}/unequal.jsonl", *DISCOVER[4:]],
+     ["{root}/unequal.jsonl", "different token lengths", "line 2: 5 vs 6"], "reword the corrupted prompts", True),
+    ("circuit-task-the-model-fails", [*DISCOVER[:3], "{root}/failed.jsonl", *DISCOVER[4:]],
+     ["does not solve task 'failed'", "only 0 of 16"], "To go on anyway, pass --no-check", True),
+    ("circuit-bad-node-name", [*PATCH, "--senders", "a0h1"], ["--senders: 'a0h1' is not a node name"],
+     "write names like a20.h0", False),
+    ("circuit-node-not-in-graph", [*PATCH, "--senders", "a7.h0"], ["'a7.h0' is not a node of"], "Closest:", True),
+    ("circuit-receiver-not-in-graph", [*PATCH, "--senders", "a0.h1", "--receivers", "a1.h0<k>"],
+     ["'a1.h0<k>' is not a receiver"], "head 0's <k> receiver is a1.kv0<k>", True),
+    ("circuit-of-another-model", [*EVALUATE[:2], "{root}/circ-other", *EVALUATE[3:]],
+     ["{root}/circ-other/circuit.json holds a circuit of other-model"], "Pass --model other-model", True),
+    ("circuit-empty", [*EVALUATE[:2], "{root}/circ-empty", *EVALUATE[3:]],
+     ["{root}/circ-empty/circuit.json holds an empty circuit"], "discover a larger one (raise --edges", False),
+    ("circuit-threshold-keeps-nothing", [*DISCOVER, "--threshold", "1000"], ["--threshold 1000 keeps no edge"],
+     "or lower, or --edges N", True),
+    ("circuit-folder-without-circuit-json", [*EVALUATE[:2], "{root}/empty-dir", *EVALUATE[3:]],
+     ["{root}/empty-dir has no circuit.json"], "run mechscope circuit discover", False),
+    ("circuit-acdc-edge-level-too-large", [*DISCOVER[:5], "acdc", "--level", "edge", "--max-candidates", "10",
+                                           *DISCOVER[6:]], ["edge-level ACDC", "more than --max-candidates 10"],
+     "use --level node", True),
+    ("circuit-curve-of-acdc", [*EVALUATE[:2], "{root}/circ-acdc", *EVALUATE[3:], "--curve"], ["is an ACDC run"],
+     "leave out --curve", False),
+    ("circuit-roles-not-ioi", [*EVALUATE, "--roles"], ["--roles", "needs the ioi task"], "leave out --roles", False),
+    ("circuit-bad-split", [*DISCOVER, "--split", "1"], ["--split 1.0"], "strictly between 0 and 1", False),
+    ("circuit-edges-and-threshold", [*DISCOVER, "--edges", "5", "--threshold", "0.1"], ["--edges N or --threshold T"],
+     "not both", False),
+    ("circuit-bad-ablation", [*EVALUATE, "--ablation", "resample"], ["--ablation", "'resample'"],
+     "must be one of corrupted, mean, zero", False),
+    ("circuit-render-not-an-evaluation", ["circuit", "render", "{root}/circ-run/discover.json"],
+     ["{root}/circ-run/discover.json is not a circuit evaluation"], "pass the evaluation.json of mechscope circuit", False),
+    ("report-missing-circuit", ["report", "--circuit", "{root}/nope", "--out", "{tmp}/r", *M], ["{root}/nope is not a folder"],
+     "the --out folder of mechscope circuit discover", False),
+    ("serve-circuit-not-evaluated", ["serve", "--circuit", "{root}/circ-run", *M],
+     ["{root}/circ-run/evaluation.json does not exist"], "run mechscope circuit evaluate {root}/circ-run first", False),
 ]
 
 
@@ -210,6 +273,16 @@ def test_bad_input_is_one_line_exit_2_naming_value_and_fix(env, tmp_path, args, 
     assert fill(fix) in lines[0], (fill(fix), lines[0])
     if not may_load:
         assert env["loads"] == [], f"the model was loaded before a check that does not need it: {env['loads']}"
+
+
+def test_a_search_that_keeps_nothing_says_so_after_its_progress_bar(env, tmp_path):
+    """ACDC removing every node is found after its sweep, so its progress bar precedes the one error line."""
+    args = [a.format(root=env["root"], model=env["model"], tmp=tmp_path) for a in DISCOVER]
+    r = runner.invoke(app, [*args[:5], "acdc", *args[6:]])
+    assert r.exit_code == 2, r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the selected circuit is empty") and "lower --tau (now 0.01)" in last
+    assert not (tmp_path / "c" / "circuit.json").exists()
 
 
 # -- doing less than asked is said, not silent -------------------------------------------------------------------
