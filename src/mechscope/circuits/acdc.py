@@ -178,11 +178,16 @@ class _Evaluator:
             rows = slice(s, min(self.n, s + batch_size))
             part = task.subset(rows)
             clean = part.clean_tokens.to(model.device)
-            with torch.no_grad():
-                clean_logits = model.run(clean, logits_to_keep=self.keep).logits
             corrupt = capture_sources(model, part.corrupt_tokens.to(model.device), logits_to_keep=self.keep)
+            # the clean logits on the engine's own path (nothing patched), so the full model's KL is exactly 0
+            clean_logits = patched_logits(model, graph, clean, corrupt, torch.zeros(1, graph.n_edges, dtype=torch.bool),
+                                          logits_to_keep=self.keep, layout=self.layout)[0]
             self.parts.append((clean, clean_logits, corrupt, search.subset(rows), part))
         self.n_forwards = 0
+
+    def full(self) -> float:
+        """The search metric of the full model (nothing patched), from the clean logits already computed."""
+        return sum(float(search.values(cl, cl).double().sum()) for _, cl, _, search, _ in self.parts) / self.n
 
     def __call__(self, masks: Tensor, own_metric: bool = False) -> list[float]:
         """Mean metric over prompts for each mask ``[V, n_edges]`` (the task's own metric if ``own_metric``)."""
@@ -279,7 +284,7 @@ def acdc(model, task, *, tau: float = 0.01, metric: str = "kl", level: str = "ed
     E = graph.n_edges
     patched = torch.zeros(E, dtype=torch.bool)
     alive = torch.bincount(graph.edge_source, minlength=graph.n_sources)  # unpatched edges out of each node
-    full = ev(patched[None])[0]
+    full = ev.full()
     cur = full
     trace: list[ACDCStep] = []
 
