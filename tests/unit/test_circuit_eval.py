@@ -11,6 +11,7 @@ the JSON and MIB formats hold what they say and refuse what they should.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -263,6 +264,8 @@ def test_json_round_trip_is_sorted_and_refuses_other_models(tmp_path):
     path = c.save(tmp_path / "c.json")
     back = Circuit.load(path, g)
     assert back == c and back.edge_names() == c.edge_names() and torch.equal(back.scores, c.scores)
+    later = dataclasses.replace(c, meta=c.meta | {"date": "2099-01-01T00:00:00+00:00"})
+    assert later == c and dataclasses.replace(c, meta=c.meta | {"task": "other"}) != c  # the date alone is not provenance
     text = path.read_text()
     doc = json.loads(text)
     assert doc["format"] == "mechscope.circuit" and doc["format_version"] == 1 and doc["model"] == "tiny-llama"

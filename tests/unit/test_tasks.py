@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from mechscope.data import (
     greater_than_task,
     induction_task,
     load_task,
+    resolve_task_source,
     save_task,
 )
 from mechscope.data.task_builtins import EVENT_NOUNS, GREATER_THAN_TEMPLATES
@@ -132,6 +134,12 @@ def test_bad_sources_and_options(wmodel, tmp_path):
     with pytest.raises(InputError, match=r"is not a file"):
         load_task(tmp_path, wmodel)
     path = write_jsonl(tmp_path / "t.jsonl", [pair("w1 w2", "w3 w2")])
+    # the same checks without a model (the CLI runs them before loading one)
+    assert resolve_task_source("ioi") == ("builtin", "ioi") and resolve_task_source(str(path)) == ("file", Path(path))
+    for source, message in (("ioii", "did you mean 'ioi'"), (str(tmp_path / "nope.jsonl"), "no task file"),
+                            (tmp_path, "is not a file")):
+        with pytest.raises(InputError, match=message):
+            resolve_task_source(source)
     with pytest.raises(InputError, match=r"asked for n=2 pairs but it holds 1 usable pairs"):
         load_task(path, wmodel, n=2)
     with pytest.raises(InputError, match=r"'prob_mass' needs sets of answer tokens"):

@@ -341,8 +341,8 @@ def acdc(model, task, *, tau: float = 0.01, metric: str = "kl", level: str = "ed
     if stopped:
         warnings.warn(
             f"ACDC stopped at its time budget ({time_budget_s:g} s) after {i} of {len(items)} {level}s; the "
-            f"{untested} untested {level}s stay in the circuit, so it is larger than ACDC's. Raise time_budget_s, "
-            "use fewer prompts, or level='node'.", UserWarning, stacklevel=2)
+            f"{untested} untested {level}s stay in the circuit, so it is larger than ACDC's. Raise time_budget_s "
+            "or use fewer prompts" + (", or level='node'." if level == "edge" else "."), UserWarning, stacklevel=2)
     kept_nodes = torch.zeros(graph.n_sources, dtype=torch.bool)
     if level == "node":
         kept_nodes[:] = alive > 0

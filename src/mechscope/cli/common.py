@@ -244,12 +244,9 @@ def expand_latents(ranges: Sequence[tuple[int, int]], n_latents: int, where: str
 # -- tasks and run records (the circuit commands) --------------------------------------------------------------
 def check_task_source(source: str) -> None:
     """A built-in task name or an existing file; anything else is refused (with close names) before the model loads."""
-    from mechscope.data.tasks import BUILTIN_TASKS, load_task
+    from mechscope.data.tasks import resolve_task_source
 
-    if source in BUILTIN_TASKS or Path(source).expanduser().is_file():
-        return
-    load_task(source, None)  # an unknown name or a missing file raises here, naming the built-ins and close names
-    raise InputError(f"unknown task {source!r}; use a built-in task ({sorted(BUILTIN_TASKS)}) or a JSONL file.")
+    resolve_task_source(source)
 
 
 def task_source(source: str) -> str:

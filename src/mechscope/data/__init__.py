@@ -22,6 +22,7 @@ from mechscope.data.tasks import (
     induction_task,
     ioi_task,
     load_task,
+    resolve_task_source,
     save_task,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "CORPORA", "CorpusSpec", "available_corpora", "load_corpus", "load_documents",
     "PackedTokens", "pack", "corpus_tokens", "split_documents",
     "ActivationStream", "MemoryPlan", "MemoryTerm", "plan_memory", "harvest", "ShardedActivations",
-    "Task", "TaskCheck", "TASK_METRICS", "check_task", "load_task", "save_task", "BUILTIN_TASKS",
+    "Task", "TaskCheck", "TASK_METRICS", "check_task", "load_task", "resolve_task_source", "save_task",
+    "BUILTIN_TASKS",
     "ioi_task", "induction_task", "greater_than_task", "factual_recall_task", "docstring_task",
 ]

@@ -165,18 +165,32 @@ def load_task(source: str | os.PathLike, model, *, n: int | None = None, metric:
     """
     if metric is not None and metric not in TASK_METRICS:
         raise InputError(f"unknown metric {metric!r}; use one of {TASK_METRICS}.")
-    name = os.fspath(source)
-    if isinstance(source, str) and name in BUILTIN_TASKS:
-        task = BUILTIN_TASKS[name](model, **({} if n is None else {"n": n}), seed=seed)
+    kind, where = resolve_task_source(source)
+    if kind == "builtin":
+        task = BUILTIN_TASKS[where](model, **({} if n is None else {"n": n}), seed=seed)
         if metric is not None and metric != task.metric:
             if metric == "prob_mass":
-                raise InputError(f"task {name!r} has no answer sets, so it cannot use metric 'prob_mass'; use "
+                raise InputError(f"task {where!r} has no answer sets, so it cannot use metric 'prob_mass'; use "
                                  "'logit_diff', 'prob' or 'kl'.")
             task = dataclasses.replace(task, metric=metric)
         return task
+    return _load_jsonl(where, model, n, metric or "logit_diff")
+
+
+def resolve_task_source(source: str | os.PathLike) -> tuple[str, str | Path]:
+    """What a task source names, checked without a model: ``("builtin", name)`` or ``("file", path)``.
+
+    Callers that load the model later (the CLI) call this first, so a typo fails in a second.
+
+    Raises:
+        InputError: an unknown name (with close matches and the built-ins); a missing file; a folder.
+    """
+    name = os.fspath(source)
+    if isinstance(source, str) and name in BUILTIN_TASKS:
+        return "builtin", name
     path = Path(name).expanduser()
     if path.is_file():
-        return _load_jsonl(path, model, n, metric or "logit_diff")
+        return "file", path
     if path.exists():
         raise InputError(f"{path} is not a file; a task is a JSONL file or one of {sorted(BUILTIN_TASKS)}.")
     if os.sep in name or "/" in name or path.suffix:
@@ -219,6 +233,6 @@ def save_task(task: Task, path: str | os.PathLike, model) -> Path:
 
 
 __all__ = [
-    "Task", "TaskCheck", "TASK_METRICS", "check_task", "load_task", "save_task", "BUILTIN_TASKS",
+    "Task", "TaskCheck", "TASK_METRICS", "check_task", "load_task", "resolve_task_source", "save_task", "BUILTIN_TASKS",
     "ioi_task", "induction_task", "greater_than_task", "factual_recall_task", "docstring_task",
 ]
