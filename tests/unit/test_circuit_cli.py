@@ -80,7 +80,7 @@ def _model_task_graph(run):
 
 def test_discover_scores_the_train_split_and_writes_every_file(run):
     from mechscope.circuits import Circuit, attribute
-    from mechscope.report.circuit_files import load_scores, prompts_hash
+    from mechscope.circuits.runs import load_scores, prompts_hash
 
     folder = run["root"] / "run"
     assert sorted(p.name for p in folder.iterdir()) == ["circuit.json", "discover.json", "mib.json",
@@ -120,7 +120,7 @@ def test_the_recorded_command_reruns_to_the_same_circuit(run, tmp_path):
 
 def test_evaluate_measures_the_held_out_prompts_with_the_librarys_numbers(run):
     from mechscope.circuits import Circuit, evaluate_circuit, faithfulness_curve, robustness_table
-    from mechscope.report.circuit_files import load_scores, prompts_hash
+    from mechscope.circuits.runs import load_scores, prompts_hash
 
     ev = json.loads((run["root"] / "ev" / "evaluation.json").read_text())
     model, task, graph = _model_task_graph(run)

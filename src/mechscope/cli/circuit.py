@@ -1,7 +1,7 @@
 """``mechscope circuit ...``: discover a circuit on a task, evaluate it on held-out prompts, path-patch, render.
 
 ``discover`` scores every edge on the train split of a task (or runs ACDC), selects a circuit and writes its
-folder (:mod:`mechscope.report.circuit_files`); ``evaluate`` measures it on the held-out split discover recorded
+folder (:mod:`mechscope.circuits.runs`); ``evaluate`` measures it on the held-out split discover recorded
 and writes ``evaluation.json`` and the circuit page; ``render`` re-draws the page from ``evaluation.json``;
 ``path-patch`` runs Wang et al.'s path patching between named senders and receivers. Option values, task
 names, folders and node names are checked before the model loads.
@@ -126,7 +126,7 @@ def discover_cmd(
     set_threads(threads)
 
     from mechscope.circuits import Graph
-    from mechscope.report.circuit_files import DISCOVER_SCHEMA, FILES, graph_shape, prompts_hash, save_scores
+    from mechscope.circuits.runs import DISCOVER_SCHEMA, FILES, graph_shape, prompts_hash, save_scores
 
     notes: list[str] = []
     timings: dict[str, float] = {}
@@ -179,7 +179,7 @@ def _discover(m, graph, train, method, steps, edges, threshold, greedy, signed, 
     """(circuit, edge scores or None, ACDC result or None), refusing selections that keep nothing."""
     from mechscope.circuits import Circuit, acdc, attribute
     from mechscope.circuits.circuit import importance
-    from mechscope.report.circuit_files import collected_warnings
+    from mechscope.circuits.runs import collected_warnings
 
     empty_fix, res = "raise --edges, lower --threshold, or pass --no-prune", None
     with collected_warnings(notes):
@@ -258,7 +258,7 @@ def evaluate_cmd(
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Evaluate a discovered circuit on held-out prompts: faithfulness with its interval, curves, robustness, roles."""
-    from mechscope.report.circuit_files import FILES, open_run
+    from mechscope.circuits.runs import FILES, open_run
 
     run = open_run(folder)
     if not run.circuit.get("edges"):
@@ -291,7 +291,7 @@ def evaluate_cmd(
     command = rerun_command("circuit", evaluate_cmd, locals())
     set_threads(threads)
 
-    from mechscope.report.circuit_files import evaluate_run, held_out
+    from mechscope.circuits.runs import evaluate_run, held_out
 
     notes: list[str] = []
     m, load_s = _load(model, dtype)
@@ -380,7 +380,7 @@ def render_cmd(
 ) -> None:
     """Re-draw the circuit page from a saved evaluation.json (no model)."""
     from mechscope.report.circuit import write_circuit_page
-    from mechscope.report.circuit_files import read_evaluation
+    from mechscope.circuits.runs import read_evaluation
 
     ev = read_evaluation(evaluation)
     out_dir = out_dir or (evaluation if evaluation.is_dir() else evaluation.parent)
@@ -428,7 +428,7 @@ def path_patch_cmd(
     set_threads(threads)
 
     from mechscope.circuits import Graph, path_patching, path_patching_sweep
-    from mechscope.report.circuit_files import collected_warnings
+    from mechscope.circuits.runs import collected_warnings
 
     notes: list[str] = []
     m, _ = _load(model, dtype)

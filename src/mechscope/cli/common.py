@@ -261,7 +261,7 @@ def checked_task(model, source: str, n: int | None, no_check: bool, notes: list[
     """The task (``task_prompts``) and its check, printed: a task the model does not solve is refused unless
     ``no_check`` (``--no-check``), which adds a line to ``notes`` instead; library warnings go to ``notes``."""
     from mechscope.data.tasks import check_task
-    from mechscope.report.circuit_files import collected_warnings, task_prompts
+    from mechscope.circuits.runs import collected_warnings, task_prompts
 
     with collected_warnings(notes):
         task = task_prompts(model, source, n)

@@ -153,7 +153,7 @@ def serve(
     results = load_report(report)  # everything that needs no model first: a typo costs no model load
     evaluation = None
     if circuit is not None:
-        from mechscope.report.circuit_files import read_evaluation
+        from mechscope.circuits.runs import read_evaluation
 
         evaluation = read_evaluation(circuit)
     d = load_dictionaries([dictionary])[0] if dictionary is not None else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mechscope.report.circuit_files import FILES, evaluate_run, held_out, open_run, read_evaluation
+from mechscope.circuits.runs import FILES, evaluate_run, held_out, open_run, read_evaluation
 
 #: Held-out prompts a report evaluates at most (a discover folder without evaluation.json).
 MAX_PROMPTS = 32
