@@ -40,6 +40,8 @@ def ioi(real_model):
 
 def test_path_patching_into_the_top_heads_queries(real_model, ioi):
     g = Graph.from_model(real_model)
+    # 30 layers x (9 query + 3 key + 3 value + 1 MLP receivers) + logits; 123,211 edges with K/V copied per query head
+    assert (g.n_sources, g.n_receivers, g.n_edges) == (301, 481, 70_651)
     sweeps = {}
     for receiver, senders in SENDERS.items():
         t0 = time.perf_counter()

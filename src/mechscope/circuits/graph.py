@@ -15,7 +15,7 @@ Because a pre-norm receiver reads the sum of the outputs of all earlier nodes (p
 patching an edge is exact: receiver input = its input in this run + (source output on the corrupted run
 - source output in this run). Edges are numbered receiver-major: edge ``e`` is ``(receiver[e], source[e])``.
 
-SmolLM2-135M (30 layers, 9 query and 3 key/value heads) has 301 nodes, 451 receivers and 70,651 edges;
+SmolLM2-135M (30 layers, 9 query and 3 key/value heads) has 301 nodes, 481 receivers and 70,651 edges;
 with keys and values copied per query head (what EAP-IG and MIB require) it would have 123,211.
 
 References:
