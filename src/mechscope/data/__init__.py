@@ -7,6 +7,9 @@
 from mechscope.data.corpora import CORPORA, CorpusSpec, available_corpora, load_corpus
 from mechscope.data.sources import load_documents
 from mechscope.data.ioi import IOIDataset, make_ioi_dataset
+from mechscope.data.labelled import Example, LabelledDataset, check_disjoint
+from mechscope.data.labelled_builtins import BUILTIN_LABELLED, load_labelled
+from mechscope.data.labelled_render import RenderedExample, render
 from mechscope.data.packing import PackedTokens, corpus_tokens, pack, split_documents
 from mechscope.data.shards import ShardedActivations, harvest
 from mechscope.data.store import ActivationStream, MemoryPlan, MemoryTerm, plan_memory
@@ -33,5 +36,6 @@ __all__ = [
     "ActivationStream", "MemoryPlan", "MemoryTerm", "plan_memory", "harvest", "ShardedActivations",
     "Task", "TaskCheck", "TASK_METRICS", "check_task", "load_task", "resolve_task_source", "save_task",
     "BUILTIN_TASKS",
+    "Example", "LabelledDataset", "check_disjoint", "BUILTIN_LABELLED", "load_labelled", "RenderedExample", "render",
     "ioi_task", "induction_task", "greater_than_task", "factual_recall_task", "docstring_task",
 ]
