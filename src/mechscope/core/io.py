@@ -78,6 +78,31 @@ def make_temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
     return tmp
 
 
+def write_folder_atomic(folder: str | os.PathLike, write) -> Path:
+    """Write a folder of files all at once: ``write(tmp)`` fills a temporary sibling folder, which then replaces
+    ``folder`` (an existing one is moved aside first and removed after). On any error the temporary folder is
+    removed and ``folder`` is left as it was.
+
+    Returns:
+        The folder's path.
+    """
+    folder = Path(folder)
+    tmp = make_temp_dir(folder.parent, prefix=folder.name + ".", suffix=".tmp")  # mode follows the umask
+    try:
+        write(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(folder.name + f".old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def write_atomic(path: Path, write, *, mode: str = "text") -> None:
     """Write through a temporary file in the same folder, then rename: readers see the old or the new file.
 

@@ -52,10 +52,10 @@ from typing import Any
 import torch
 
 from mechscope.core.errors import CorruptFileError, HookNameError, InputError
-from mechscope.core.io import load_safetensors, save_safetensors_atomic, write_json_atomic
+from mechscope.core.io import load_safetensors, save_safetensors_atomic, write_folder_atomic, write_json_atomic
 from mechscope.core.names import parse
 from mechscope.dictionaries.config import DictionaryConfig
-from mechscope.dictionaries.io import CFG, _write_folder, from_tensors, read_cfg_json
+from mechscope.dictionaries.io import CFG, from_tensors, read_cfg_json
 from mechscope.dictionaries.model import SparseDictionary
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -342,7 +342,7 @@ def save_saelens(d: SparseDictionary, folder: str | Path) -> Path:
         save_safetensors_atomic(tensors, tmp / SAELENS_WEIGHTS, metadata={"format": "pt"})
         write_json_atomic(out, tmp / CFG)
 
-    return _write_folder(Path(folder), write)
+    return write_folder_atomic(folder, write)
 
 
 # -- sparsify ----------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ def save_sparsify(d: SparseDictionary, folder: str | Path) -> Path:
         save_safetensors_atomic(tensors, tmp / SPARSIFY_WEIGHTS, metadata={"format": "pt"})
         write_json_atomic(out, tmp / CFG)
 
-    return _write_folder(Path(folder), write)
+    return write_folder_atomic(folder, write)
 
 
 # -- dispatch ----------------------------------------------------------------------------------------

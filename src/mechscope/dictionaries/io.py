@@ -14,14 +14,12 @@ reads any of them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from mechscope.core.errors import CorruptFileError, InputError
-from mechscope.core.io import make_temp_dir, save_safetensors_atomic, write_json_atomic
+from mechscope.core.io import save_safetensors_atomic, write_folder_atomic, write_json_atomic
 from mechscope.dictionaries.config import DictionaryConfig
 from mechscope.dictionaries.model import SparseDictionary
 
@@ -76,25 +74,6 @@ def from_tensors(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], *, sou
     return d.eval()
 
 
-def _write_folder(folder: Path, write) -> Path:
-    """Write files into a temporary sibling folder with ``write(tmp)``, then swap it into place."""
-    folder = Path(folder)
-    tmp = make_temp_dir(folder.parent, prefix=folder.name + ".", suffix=".tmp")  # mode follows the umask
-    try:
-        write(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(folder.name + f".old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 def save_dictionary(d: SparseDictionary, folder: str | Path) -> Path:
     """Save in mechscope's format (``cfg.json`` + ``dictionary.safetensors``), atomically.
 
@@ -105,7 +84,7 @@ def save_dictionary(d: SparseDictionary, folder: str | Path) -> Path:
         save_safetensors_atomic(state_tensors(d), tmp / WEIGHTS, metadata={"format": "mechscope"})
         write_json_atomic(d.cfg.to_dict(), tmp / CFG)
 
-    return _write_folder(Path(folder), write)
+    return write_folder_atomic(folder, write)
 
 
 def detect_format(folder: str | Path) -> str:

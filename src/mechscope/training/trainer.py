@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from mechscope.core.errors import CorruptFileError, InputError, MechscopeError
-from mechscope.core.io import load_safetensors, save_safetensors_atomic, write_json_atomic, write_text_atomic
-from mechscope.dictionaries.io import _write_folder, save_dictionary, state_tensors
+from mechscope.core.io import (load_safetensors, save_safetensors_atomic, write_folder_atomic, write_json_atomic,
+                               write_text_atomic)
+from mechscope.dictionaries.io import save_dictionary, state_tensors
 from mechscope.dictionaries.model import SparseDictionary
 from mechscope.training.config import DictionarySpec, TrainConfig
 from mechscope.training.losses import compute_loss
@@ -187,7 +188,7 @@ class Trainer:
                                                  "threshold_ema": m.threshold_ema}
             write_json_atomic(state, tmp / "state.json")
 
-        _write_folder(folder, write)
+        write_folder_atomic(folder, write)
         old = sorted(self.ckpt_dir.glob("step_*[0-9]"))[:-self.cfg.keep_checkpoints]
         for o in old:
             shutil.rmtree(o, ignore_errors=True)
