@@ -196,6 +196,14 @@ def capture_output(module: torch.nn.Module, fn, *args, **kwargs):
     return result, seen[0]
 
 
+def make_words_model(family: str = "llama") -> mechscope.HookedModel:
+    """A fresh tiny random model with the word-level tokenizer "w0".."w123" (ids 4..127), parameters frozen."""
+    hf = make_tiny(family)
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return mechscope.HookedModel(hf, make_tokenizer(), name=f"tiny-{family}-words")
+
+
 def make_tokenizer():
     """A word-level tokenizer over the tiny vocabulary: "w0".."w123" are ids 4..127 (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -31,7 +31,7 @@ from mechscope.data import (
     save_task,
 )
 from mechscope.data.task_builtins import EVENT_NOUNS, GREATER_THAN_TEMPLATES
-from tests.conftest import WRONG_TYPE, make_tiny, make_tokenizer, tiny_hooked
+from tests.conftest import WRONG_TYPE, make_tiny, make_words_model, tiny_hooked
 
 SHAPE_ERRORS = (ShapeError, *WRONG_TYPE)
 
@@ -39,10 +39,7 @@ SHAPE_ERRORS = (ShapeError, *WRONG_TYPE)
 @pytest.fixture(scope="module")
 def wmodel() -> mechscope.HookedModel:
     """A tiny random Llama with the word-level tokenizer "w0".."w123" (ids 4..127)."""
-    hf = make_tiny("llama")
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    return mechscope.HookedModel(hf, make_tokenizer(), name="tiny-llama-words")
+    return make_words_model()
 
 
 def write_jsonl(path, rows) -> str:

@@ -1,0 +1,53 @@
+"""Safety uses of interpretability: probes, monitors, claims and their audit.
+
+The top of the pipeline: it reads activations (collected with :mod:`mechscope.hooks`, stored by
+:mod:`mechscope.data`) and uses :mod:`mechscope.analysis` and :mod:`mechscope.features`; no stage below
+imports it.
+
+- :func:`fit_probe` / :class:`Probe`: linear probes on per-example activations, five methods
+  (:data:`METHODS`: logistic regression, difference of means, covariance-adjusted difference of means,
+  RepE/LAT, CCS), saved as ``cfg.json`` + ``probe.safetensors``;
+- :func:`auroc`, :func:`balanced_accuracy`, :func:`threshold_at_fpr`, :func:`recall_at_fpr`,
+  :func:`evaluate_probe` -> :class:`ProbeEvaluation`: metrics with stratified bootstrap intervals and the
+  random-direction and shuffled-label baselines;
+- :func:`probe_sweep` -> :class:`SweepResult`: every method at every site; :func:`ensemble` across sites;
+- :func:`collect_features`: a model's activations of labelled examples at many sites from one pass,
+  aggregated over each example's scored tokens; :func:`train_probe` -> :class:`ProbeRun`: the whole
+  workflow on a model and a labelled dataset (split by group, control-set threshold, transfer).
+"""
+
+from mechscope.safety.activations import Features, collect_features
+from mechscope.safety.metrics import (
+    ProbeEvaluation,
+    auroc,
+    auroc_ci,
+    balanced_accuracy,
+    evaluate_probe,
+    recall_at_fpr,
+    threshold_at_fpr,
+)
+from mechscope.safety.probes import AGGREGATIONS, METHODS, Probe, fit_probe
+from mechscope.safety.sweep import SweepResult, ensemble, probe_sweep
+from mechscope.safety.train import ProbeRun, group_pairs, train_probe
+
+__all__ = [
+    "AGGREGATIONS",
+    "METHODS",
+    "Features",
+    "ProbeRun",
+    "Probe",
+    "ProbeEvaluation",
+    "SweepResult",
+    "auroc",
+    "auroc_ci",
+    "balanced_accuracy",
+    "collect_features",
+    "ensemble",
+    "evaluate_probe",
+    "fit_probe",
+    "group_pairs",
+    "probe_sweep",
+    "recall_at_fpr",
+    "threshold_at_fpr",
+    "train_probe",
+]
