@@ -327,9 +327,12 @@ HARMLESS = {
 def harmfulness(n: int | None = None, seed: int = 0) -> LabelledDataset:
     """Harmful (1) and harmless (0) user requests: every template of :data:`REQUEST_TEMPLATES` × every goal.
 
-    Chats with the user message only, which is scored. group = the template id ("template-k"), shared by
-    both classes, so each side of a split holds both. meta: ``category``, ``goal``. ``seed`` only affects
-    the sample when ``n`` is given.
+    Chats with the user message only, which is scored. group = the goal (``"category/goal"``: its six
+    templated requests), so the held-out side of a split asks for goals the probe never saw; the templates
+    are shared by both classes, so seeing one in training says nothing about the label. (Grouping by
+    template would put every goal on both sides, and a probe could match the goals' words: on SmolLM2 it
+    scored AUROC 1.0 from the first layer.) meta: ``category``, ``goal``, ``template``. ``seed`` only
+    affects the sample when ``n`` is given.
 
     Args:
         n: number of examples, a sample stratified by label; None for all (180 harmful, 180 harmless).
@@ -343,7 +346,8 @@ def harmfulness(n: int | None = None, seed: int = 0) -> LabelledDataset:
             for goal in goals:
                 for k, template in enumerate(REQUEST_TEMPLATES):
                     examples.append(Example(messages=({"role": "user", "content": template.format(goal)},),
-                                            label=label, group=f"template-{k}", meta={"category": category, "goal": goal}))
+                                            label=label, group=f"{category}/{goal}",
+                                            meta={"category": category, "goal": goal, "template": k}))
     return take(LabelledDataset("harmfulness", tuple(examples)), n, seed)
 
 
