@@ -13,10 +13,14 @@ imports it.
 - :func:`probe_sweep` -> :class:`SweepResult`: every method at every site; :func:`ensemble` across sites;
 - :func:`collect_features`: a model's activations of labelled examples at many sites from one pass,
   aggregated over each example's scored tokens; :func:`train_probe` -> :class:`ProbeRun`: the whole
-  workflow on a model and a labelled dataset (split by group, control-set threshold, transfer).
+  workflow on a model and a labelled dataset (split by group, control-set threshold, transfer);
+- :func:`causal_check` -> :class:`CausalCheck`: steer along a probe's direction (add, or ablate by
+  projection) and measure the behavioural effect on twin continuations beside random directions, with the
+  KL on control text; a direction without an effect beyond the random ones is reported as correlational.
 """
 
 from mechscope.safety.activations import Features, collect_features
+from mechscope.safety.causal import CausalCheck, causal_check
 from mechscope.safety.metrics import (
     ProbeEvaluation,
     auroc,
@@ -33,6 +37,7 @@ from mechscope.safety.train import ProbeRun, group_pairs, train_probe
 __all__ = [
     "AGGREGATIONS",
     "METHODS",
+    "CausalCheck",
     "Features",
     "ProbeRun",
     "Probe",
@@ -41,6 +46,7 @@ __all__ = [
     "auroc",
     "auroc_ci",
     "balanced_accuracy",
+    "causal_check",
     "collect_features",
     "ensemble",
     "evaluate_probe",
