@@ -16,11 +16,16 @@ imports it.
   workflow on a model and a labelled dataset (split by group, control-set threshold, transfer);
 - :func:`causal_check` -> :class:`CausalCheck`: steer along a probe's direction (add, or ablate by
   projection) and measure the behavioural effect on twin continuations beside random directions, with the
-  KL on control text; a direction without an effect beyond the random ones is reported as correlational.
+  KL on control text; a direction without an effect beyond the random ones is reported as correlational;
+- :class:`Monitor`: a probe read at every generated token (tokens exactly those of plain generation), an
+  alarm rule (EMA or rolling-window max), actions (record, flag, stop, a callback), a JSONL alarm log, and
+  calibration to an item-level FPR on control text with drift reports for new checkpoints.
 """
 
 from mechscope.safety.activations import Features, collect_features
 from mechscope.safety.causal import CausalCheck, causal_check
+from mechscope.safety.monitor import Monitor
+from mechscope.safety.monitor_rules import Alarm, Calibration, Drift, MonitoredGeneration, rule_values
 from mechscope.safety.metrics import (
     ProbeEvaluation,
     auroc,
@@ -37,10 +42,15 @@ from mechscope.safety.train import ProbeRun, group_pairs, train_probe
 __all__ = [
     "AGGREGATIONS",
     "METHODS",
+    "Alarm",
+    "Calibration",
     "CausalCheck",
+    "Drift",
     "Features",
     "ProbeRun",
     "Probe",
+    "Monitor",
+    "MonitoredGeneration",
     "ProbeEvaluation",
     "SweepResult",
     "auroc",
@@ -54,6 +64,7 @@ __all__ = [
     "group_pairs",
     "probe_sweep",
     "recall_at_fpr",
+    "rule_values",
     "threshold_at_fpr",
     "train_probe",
 ]
