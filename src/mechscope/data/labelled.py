@@ -234,6 +234,18 @@ class LabelledDataset:
         """Each example's group, in order."""
         return tuple(e.group for e in self.examples)
 
+    def twins(self) -> dict[str, tuple[int, int]]:
+        """``group -> (label-0 index, label-1 index)`` for every group holding exactly one example of each label
+        (the twins of instructed pairs and contrast scenarios), in the order groups first appear."""
+        by_group: dict[str, list[int]] = {}
+        for i, ex in enumerate(self.examples):
+            by_group.setdefault(ex.group, []).append(i)
+        out = {}
+        for g, idx in by_group.items():
+            if len(idx) == 2 and sorted(self.examples[i].label for i in idx) == [0, 1]:
+                out[g] = tuple(sorted(idx, key=lambda i: self.examples[i].label))
+        return out
+
     def class_counts(self) -> dict[int, int]:
         """``{0: number of label-0 examples, 1: number of label-1 examples}``."""
         n1 = sum(e.label for e in self.examples)

@@ -152,21 +152,6 @@ class CausalCheck:
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-def _twins(dataset) -> tuple[list[tuple[int, int]], list[str], int]:
-    """(label-0 index, label-1 index) of each group holding exactly one example of each label, their groups,
-    and how many groups are not twins."""
-    by_group: dict[str, list[int]] = {}
-    for i, ex in enumerate(dataset.examples):
-        by_group.setdefault(ex.group, []).append(i)
-    pairs, groups = [], []
-    for g, idx in by_group.items():
-        labels = sorted((dataset.examples[i].label, i) for i in idx)
-        if len(idx) == 2 and [lab for lab, _ in labels] == [0, 1]:
-            pairs.append((labels[0][1], labels[1][1]))
-            groups.append(g)
-    return pairs, groups, len(by_group) - len(pairs)
-
-
 def _direction(model, direction_or_probe, site: str | None) -> tuple[Tensor, str]:
     """The unit direction (float64 [d_model], CPU) and the resolved site."""
     if isinstance(direction_or_probe, Probe):
@@ -328,7 +313,9 @@ def causal_check(model, direction_or_probe: Probe | Float[Tensor, " d_model"], p
     u, site = _direction(model, direction_or_probe, site)
     texts = _texts(control_texts)
     ds = load_labelled(pairs) if isinstance(pairs, str) else pairs
-    twins, groups, n_other = _twins(ds)
+    by_group = ds.twins()
+    twins, groups = list(by_group.values()), list(by_group)
+    n_other = len(set(ds.groups)) - len(twins)
     if len(twins) < 2:
         raise InputError(f"dataset {ds.name!r} has {len(twins)} twin groups (one example of each label) of "
                          f"{len(twins) + n_other}; the causal check needs at least 2. Group each prompt's label-0 and "

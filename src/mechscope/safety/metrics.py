@@ -38,9 +38,11 @@ def _scores(s, what: str = "scores") -> Tensor:
     return t
 
 
-def _check_fpr(fpr: float) -> None:
-    if not 0 < fpr < 1:
-        raise InputError(f"fpr must lie in (0, 1), e.g. 0.01 for 1% false positives, got {fpr}.")
+def check_fpr(fpr) -> float:
+    """``fpr`` as a float, or InputError unless it is a number in (0, 1)."""
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+        raise InputError(f"fpr must lie in (0, 1), e.g. 0.01 for 1% false positives, got {fpr!r}.")
+    return float(fpr)
 
 
 def auroc_batched(pos: Float[Tensor, "B n1"], neg: Float[Tensor, "B n0"]) -> Float[Tensor, " B"]:
@@ -100,7 +102,7 @@ def threshold_at_fpr(control_scores: ControlScores, fpr: float) -> float:
     Raises:
         InputError: fpr outside (0, 1); fewer than 1 control score; non-finite scores.
     """
-    _check_fpr(fpr)
+    check_fpr(fpr)
     c = _scores(control_scores, "control scores")
     if c.numel() < 1:
         raise InputError("no control scores: give the probe's scores on a control set of ordinary text.")
@@ -209,7 +211,7 @@ def evaluate_probe(probe: Probe, X_test, y_test, *, control=None, honest=None, f
     References:
         Goldowsky-Dill et al. 2025, section 3.3; Efron & Tibshirani 1993, chapter 13 (percentile intervals).
     """
-    _check_fpr(fpr)
+    check_fpr(fpr)
     s = probe.score(X_test)
     y = as_labels(y_test, s.shape[0])
     pos, neg = s[y == 1], s[y == 0]
@@ -251,6 +253,7 @@ __all__ = [
     "auroc_batched",
     "auroc_ci",
     "balanced_accuracy",
+    "check_fpr",
     "evaluate_probe",
     "recall_at_fpr",
     "threshold_at_fpr",

@@ -46,9 +46,9 @@ from mechscope.data.labelled import LabelledDataset
 from mechscope.data.labelled_render import RenderedExample, render
 from mechscope.features.generation import generate as _generate
 from mechscope.safety.activations import collect_features
-from mechscope.safety.metrics import threshold_at_fpr
+from mechscope.safety.metrics import check_fpr, threshold_at_fpr
 from mechscope.safety.monitor_rules import (ACTIONS, QUANTILES, RULES, Alarm, Calibration, Drift, MonitoredGeneration,
-                                            RuleState, check_fpr, check_rule, rule_values)
+                                            RuleState, check_rule, rule_values)
 from mechscope.safety.probes import Probe
 
 

@@ -23,12 +23,6 @@ ACTIONS = ("record", "flag", "stop")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
-def check_fpr(fpr) -> float:
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
-        raise InputError(f"fpr must lie in (0, 1), e.g. 0.01 for 1% of control items alarming, got {fpr!r}.")
-    return float(fpr)
-
-
 class RuleState:
     """The alarm rule, one score at a time (the same code serves generation and calibration)."""
 
@@ -202,4 +196,4 @@ class Drift:
 
 
 __all__ = ["ACTIONS", "QUANTILES", "RULES", "Alarm", "Calibration", "Drift", "MonitoredGeneration", "RuleState",
-           "check_fpr", "check_rule", "rule_values"]
+           "check_rule", "rule_values"]

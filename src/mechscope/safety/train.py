@@ -53,14 +53,7 @@ def _dataset(source):
 def group_pairs(dataset) -> torch.Tensor | None:
     """(positive, negative) index pairs of the groups that hold exactly one example of each label (the twins
     of instructed pairs), or None when fewer than two groups do."""
-    by_group: dict[str, list[int]] = {}
-    for i, ex in enumerate(dataset.examples):
-        by_group.setdefault(ex.group, []).append(i)
-    pairs = []
-    for idx in by_group.values():
-        labels = sorted((dataset.examples[i].label, i) for i in idx)
-        if len(idx) == 2 and labels[0][0] == 0 and labels[1][0] == 1:
-            pairs.append((labels[1][1], labels[0][1]))
+    pairs = [(pos, neg) for neg, pos in dataset.twins().values()]
     return torch.tensor(pairs, dtype=torch.long) if len(pairs) >= 2 else None
 
 
