@@ -202,7 +202,7 @@ def main() -> None:
                 f.append(e.faithfulness.to_dict() | {"n_edges": c.n_edges})
             out[f"{name}/grid"] = f
         return out
-    cur = cache.stage("curves", curves)
+    cache.stage("curves", curves)
 
     def acdc_runs():
         sub = train.subset(slice(0, args.acdc_prompts))
@@ -217,7 +217,7 @@ def main() -> None:
                          "n_forwards": r.n_forwards, "seconds": r.seconds, "kept_nodes": r.kept_node_names(),
                          "n_edges": c.n_edges, "held_out": e.faithfulness.to_dict() if e else None})
         return {"runs": runs}
-    ac = cache.stage("acdc", acdc_runs)
+    cache.stage("acdc", acdc_runs)
 
     # 6. Spearman against exact single-edge patching
     def rank_check():
@@ -244,13 +244,13 @@ def main() -> None:
                 out[f"{kd}/{which}"] = {"eap": spearman_ci(a_eap[i], ex.scores[i]),
                                         "eap-ig": spearman_ci(a_ig[i], ex.scores[i])}
         return {"n_prompts": len(sub), "per_kind": out}
-    sp = cache.stage("spearman", rank_check)
+    cache.stage("spearman", rank_check)
 
     # 7. roles
     def roles():
         r = ioi_roles(model, test.subset(slice(0, min(64, len(test)))), ho["heads"])
         return r.to_dict()
-    rl = cache.stage("roles", roles)
+    cache.stage("roles", roles)
 
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {k: cache.data[k] for k in ("setup", "timings", "selection", "held_out", "curves", "acdc", "spearman", "roles")
@@ -263,7 +263,6 @@ def main() -> None:
     if args.page:  # a circuit page (mechscope circuit evaluate's circuit.html) for the README
         screenshot(args.page, args.out / "circuit-page.png", 1280, 900, selector="#graph")
     log(f"wrote {args.out}")
-    del sp, rl, ac, cur
 
 
 def _ci(d: dict, fmt: str = ".3f") -> str:
