@@ -5,7 +5,8 @@ solve and SVD, a numpy mean difference; logistic also satisfies its optimality c
 planted direction; CCS lowers its loss and finds the planted direction from contrast pairs alone; AUROC equals a
 brute-force pair count and sklearn's roc_auc_score with ties; the threshold at an FPR flags at most that share
 of the control set; recall at the FPR equals a hand count; the stratified bootstrap interval of AUROC covers the
-population AUROC in about 95% of draws; the baselines sit at chance; a sweep finds the site with the signal;
+population AUROC in about 95% of draws, and the clustered one does when groups share a shift (where the
+stratified one does not); a cluster resample's AUROC equals sklearn's with the draw counts as weights; the baselines sit at chance; a sweep finds the site with the signal;
 files round-trip and refuse another model or width; bad inputs say the fix.
 """
 
@@ -213,6 +214,49 @@ def test_auroc_interval_covers_the_population_value_about_95_percent_of_draws():
         ci = auroc_ci(s, y, n_boot=500, seed=i)
         covered += ci.low <= truth <= ci.high
     assert 0.90 <= covered / 200 <= 0.99
+
+
+def test_clustered_interval_covers_when_groups_share_a_shift_and_the_stratified_one_does_not():
+    """40 groups of 4 examples, each group of one class and sharing a shift u_g ~ N(0, 1.5^2) (as the templates of
+    one harmful goal would): population AUROC = Phi(1 / sqrt(6.5)) = 0.6526. Measured over 200 draws: the
+    stratified interval covers it in 0.745 of draws (it treats the 160 examples as independent), the clustered
+    one in 0.945."""
+    truth = 0.5 * (1 + math.erf(1 / math.sqrt(6.5) / math.sqrt(2)))
+    rng = np.random.default_rng(0)
+    strat = clus = 0
+    for i in range(200):
+        u = rng.normal(0, 1.5, 40)
+        g = np.repeat(np.arange(40), 4)
+        y = (g % 2 == 0).astype(int)
+        s = u[g] + y + rng.normal(0, 1, 160)
+        a = auroc_ci(s, y, n_boot=500, seed=i)
+        b = auroc_ci(s, y, groups=[f"g{k}" for k in g], n_boot=500, seed=i)
+        assert a.estimate == b.estimate
+        strat += a.low <= truth <= a.high
+        clus += b.low <= truth <= b.high
+    assert 0.90 <= clus / 200 <= 0.99 and strat / 200 < 0.85
+
+
+def test_a_cluster_resample_is_the_auroc_of_the_repeated_examples():
+    from sklearn.metrics import roc_auc_score
+
+    from mechscope.safety.metrics import _cluster_weights, _weighted_auroc
+
+    rng = np.random.default_rng(3)
+    s = torch.tensor(np.round(rng.normal(0, 1, 30), 1))  # rounded: ties occur
+    y = torch.tensor(rng.integers(0, 2, 30))
+    y[:2] = torch.tensor([0, 1])
+    groups = [f"g{k // 3}" for k in range(30)]
+    w = _cluster_weights(groups, 30, 20, seed=5)
+    assert torch.equal(w.sum(1), torch.full((20,), 30.0, dtype=torch.float64))  # 10 groups of 3 drawn each time
+    got = _weighted_auroc(s[y == 1], s[y == 0], w[:, y == 1], w[:, y == 0])
+    for b in range(20):
+        keep = w[b] > 0
+        if len(set(y[keep].tolist())) < 2:
+            assert got[b].isnan()
+            continue
+        assert float(got[b]) == pytest.approx(roc_auc_score(y[keep].numpy(), s[keep].numpy(),
+                                                            sample_weight=w[b][keep].numpy()), abs=1e-12)
 
 
 def test_evaluation_intervals_and_baselines():

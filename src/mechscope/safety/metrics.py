@@ -130,16 +130,27 @@ def _ci(estimate: float, boot: Tensor, n: int, alpha: float) -> CI:
     return CI(float(estimate), low, high, n, boot.shape[0], alpha)
 
 
-def auroc_ci(scores: Scores, labels, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> CI:
-    """AUROC with a stratified percentile bootstrap interval (positives and negatives resampled separately).
+def auroc_ci(scores: Scores, labels, *, groups=None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> CI:
+    """AUROC with a percentile bootstrap interval: stratified (positives and negatives resampled separately), or
+    clustered when ``groups`` are given (whole groups resampled; resamples lacking a class are left out).
+
+    Args:
+        groups: one group name per example (examples of a group are dependent, e.g. twin answers), or None.
 
     Raises:
-        InputError: as :func:`auroc`; fewer than 2 examples of a class; n_boot < 10; alpha outside (0, 1).
+        InputError: as :func:`auroc`; fewer than 2 examples of a class; n_boot < 10; alpha outside (0, 1);
+            groups of the wrong length or fewer than 2 groups.
+
+    References:
+        Efron & Tibshirani 1993; Field & Welsh 2007 (the cluster bootstrap).
     """
     s = _scores(scores)
     y = as_labels(labels, s.shape[0])
     pos, neg = s[y == 1], s[y == 0]
     _check_boot(len(pos), len(neg), n_boot, alpha)
+    if groups is not None:
+        w = _cluster_weights(list(groups), len(s), n_boot, seed)
+        return _ci(auroc(s, y), _weighted_auroc(pos, neg, w[:, y == 1], w[:, y == 0]), len(s), alpha)
     boot = auroc_batched(pos[bootstrap_indices(len(pos), n_boot, seed)], neg[bootstrap_indices(len(neg), n_boot, seed + 1)])
     return _ci(auroc(s, y), boot, len(s), alpha)
 
@@ -163,7 +174,9 @@ class ProbeEvaluation:
             balanced accuracy at ``ba_threshold``, recall at ``threshold`` (``fpr`` on the control set).
         threshold: the score flagged above, at ``fpr`` false positives on the control set (on the test
             negatives when no control set was given: ``control`` is then "test negatives").
-        honest_fpr: share of the given honest items above ``threshold`` (None without them).
+        honest_fpr: share of the given honest items above ``threshold``; with a control set and no honest items
+            given, the share of the test negatives (the honest answers in context); None otherwise.
+        bootstrap: "stratified" (examples resampled within each class) or "clustered" (groups resampled).
         random_auroc_mean / random_auroc_std: AUROC over ``n_random`` random unit directions (in the probe's
             standardised space); chance is 0.5 with a spread that shrinks as 1/sqrt(n).
         shuffled_auroc: AUROC of the same method refitted on permuted training labels (None without training data).
@@ -184,6 +197,7 @@ class ProbeEvaluation:
     random_auroc_mean: float
     random_auroc_std: float
     shuffled_auroc: float | None
+    bootstrap: str = "stratified"
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -191,25 +205,65 @@ class ProbeEvaluation:
         return {k: v.to_dict() if isinstance(v, CI) else v for k, v in out.items()}
 
 
+def _cluster_weights(groups, n: int, n_boot: int, seed: int) -> Float[Tensor, "n_boot n"]:
+    """Per resample, each example's weight: how many times its group was drawn (groups with replacement)."""
+    if len(groups) != n:
+        raise InputError(f"groups has {len(groups)} entries for {n} examples; give one group per test example.")
+    ids: dict = {}
+    gid = torch.tensor([ids.setdefault(g, len(ids)) for g in groups], dtype=torch.long)
+    if len(ids) < 2:
+        raise InputError(f"a clustered bootstrap needs >= 2 groups, got {len(ids)}; give groups=None to resample "
+                         "examples.")
+    draws = bootstrap_indices(len(ids), n_boot, seed)
+    counts = torch.zeros(n_boot, len(ids), dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    return counts[:, gid]
+
+
+def _weighted_mean(w: Tensor, x: Tensor) -> Tensor:
+    tot = w.sum(1)
+    return torch.where(tot > 0, (w * x.double()).sum(1) / tot.clamp_min(1e-300), torch.nan)
+
+
+def _weighted_auroc(pos: Tensor, neg: Tensor, wp: Tensor, wn: Tensor) -> Tensor:
+    """AUROC of each resample with example weights wp [B, n1], wn [B, n0] (ties count 1/2)."""
+    cmp = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()  # [n1, n0]
+    num = ((wp @ cmp) * wn).sum(1)
+    den = wp.sum(1) * wn.sum(1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.nan)
+
+
+def _weighted_threshold(neg: Tensor, w: Tensor, fpr: float) -> Tensor:
+    """threshold_at_fpr of the negatives repeated by their integer weights."""
+    rep = neg.repeat_interleave(w.long())
+    return threshold_batched(rep[None], fpr)[0] if rep.numel() else torch.tensor(torch.nan, dtype=torch.float64)
+
+
 def evaluate_probe(probe: Probe, X_test, y_test, *, control=None, honest=None, fpr: float = 0.01,
                    ba_threshold: float = 0.0, train: tuple | None = None, fit_kwargs: dict | None = None,
-                   n_boot: int = 1000, n_random: int = 100, alpha: float = 0.05, seed: int = 0) -> ProbeEvaluation:
+                   groups=None, n_boot: int = 1000, n_random: int = 100, alpha: float = 0.05,
+                   seed: int = 0) -> ProbeEvaluation:
     """Evaluate a probe with stratified bootstrap intervals and the random-direction and shuffled-label baselines.
 
     Args:
         X_test: float [n, d]; y_test: int [n] in {0, 1}, both present (>= 2 of each).
         control: float [n_c, d], activations of ordinary text to set the threshold at ``fpr``; None: the test
-            negatives. honest: float [n_h, d], honest items whose flagged share is reported.
+            negatives. honest: float [n_h, d], honest items whose flagged share is reported; None with a control
+            set: the test negatives (the honest answers in context) are those items.
         train: (X_train, y_train) for the shuffled-label baseline (refit with ``fit_kwargs``, without pairs).
-        n_boot: bootstrap resamples; positives, negatives and control items are resampled separately, so both
-            classes are present in each resample.
+        groups: one group name per test example (e.g. the fact a pair of answers shares): the bootstrap then
+            resamples groups, not examples (a clustered bootstrap), since the examples of a group are not
+            independent; None resamples examples.
+        n_boot: bootstrap resamples; without groups, positives, negatives and control items are resampled
+            separately, so both classes are present in each resample; with groups, resamples that lack a
+            class are left out of the interval.
 
     Raises:
         InputError: non-finite activations (names the site and count); one-class labels; fpr outside (0, 1);
-            width mismatch.
+            width mismatch; groups of the wrong length or fewer than 2 groups.
 
     References:
-        Goldowsky-Dill et al. 2025, section 3.3; Efron & Tibshirani 1993, chapter 13 (percentile intervals).
+        Goldowsky-Dill et al. 2025, section 3.3; Efron & Tibshirani 1993, chapter 13 (percentile intervals);
+        Field & Welsh 2007, "Bootstrapping clustered data" (resampling clusters).
     """
     check_fpr(fpr)
     s = probe.score(X_test)
@@ -223,12 +277,25 @@ def evaluate_probe(probe: Probe, X_test, y_test, *, control=None, honest=None, f
     ic = ineg if control is None else bootstrap_indices(len(ctrl), n_boot, seed + 2)
     bpos, bneg, bctrl = pos[ip], neg[ineg], ctrl[ic]
     n = len(s)
-    auc = auroc_ci(s, y, n_boot=n_boot, alpha=alpha, seed=seed)
-    ba_boot = 0.5 * ((bpos > ba_threshold).double().mean(1) + (bneg <= ba_threshold).double().mean(1))
+    t_boot = threshold_batched(bctrl, fpr)
+    if groups is None:
+        auc = auroc_ci(s, y, n_boot=n_boot, alpha=alpha, seed=seed)
+        ba_boot = 0.5 * ((bpos > ba_threshold).double().mean(1) + (bneg <= ba_threshold).double().mean(1))
+        rec_boot = (bpos > t_boot[:, None]).double().mean(1)
+    else:
+        w = _cluster_weights(list(groups), n, n_boot, seed)
+        wp, wn = w[:, y == 1], w[:, y == 0]
+        auc = auroc_ci(s, y, groups=groups, n_boot=n_boot, alpha=alpha, seed=seed)
+        ba_boot = 0.5 * (_weighted_mean(wp, pos[None] > ba_threshold) + _weighted_mean(wn, neg[None] <= ba_threshold))
+        if control is None:  # the threshold moves with the resampled negatives
+            t_boot = torch.stack([_weighted_threshold(neg, wn[b], fpr) for b in range(n_boot)])
+        rec_boot = _weighted_mean(wp, pos[None] > t_boot[:, None])
     ba = _ci(balanced_accuracy(s, y, ba_threshold), ba_boot, n, alpha)
-    rec_boot = (bpos > threshold_batched(bctrl, fpr)[:, None]).double().mean(1)
     rec = _ci(float((pos > t).double().mean()), rec_boot, n, alpha)
-    honest_fpr = None if honest is None else float((probe.score(honest) > t).double().mean())
+    if honest is None and control is not None:
+        honest_fpr = float((neg > t).double().mean())
+    else:
+        honest_fpr = None if honest is None else float((probe.score(honest) > t).double().mean())
 
     g = torch.Generator().manual_seed(seed)
     z = (as_acts(X_test, probe.site) - probe.mean.double()) / probe.scale.double()
@@ -244,7 +311,8 @@ def evaluate_probe(probe: Probe, X_test, y_test, *, control=None, honest=None, f
         shuffled = auroc(fit_probe(Xtr, perm, probe.method, site=probe.site, **kw).score(X_test), y)
     return ProbeEvaluation(probe.method, probe.site, len(pos), len(neg), auc, ba, rec, fpr, t, ba_threshold,
                            "test negatives" if control is None else "control set", honest_fpr,
-                           float(rand.mean()), float(rand.std()), shuffled)
+                           float(rand.mean()), float(rand.std()), shuffled,
+                           "stratified" if groups is None else "clustered")
 
 
 __all__ = [

@@ -7,14 +7,14 @@ and read each cell beside its baselines and interval.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.core.errors import InputError
-from mechscope.safety.metrics import ProbeEvaluation, evaluate_probe
+from mechscope.safety.metrics import ProbeEvaluation, auroc, evaluate_probe
 from mechscope.safety.probes import METHODS, Probe, fit_probe
 
 
@@ -25,17 +25,28 @@ class SweepResult:
     Attributes:
         sites / methods: the table's axes, in the order given.
         probes / evaluations: dicts keyed by (site, method).
+        validation_auroc: {(site, method): AUROC on a validation split} when one was given (empty otherwise).
     """
 
     sites: tuple[str, ...]
     methods: tuple[str, ...]
     probes: dict[tuple[str, str], Probe]
     evaluations: dict[tuple[str, str], ProbeEvaluation]
+    validation_auroc: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @property
+    def selection(self) -> str:
+        """Which split picks the best site: "validation", or "test" (optimistic: the reported AUROC then is the
+        maximum over sites of noisy estimates)."""
+        return "validation" if self.validation_auroc else "test"
 
     def best_site(self, method: str) -> str:
-        """The site whose probe of ``method`` has the highest test AUROC. Raises InputError for a method not swept."""
+        """The site whose probe of ``method`` has the highest validation AUROC (test AUROC without a validation
+        split; ties go to the earlier site). Raises InputError for a method not swept."""
         if method not in self.methods:
             raise InputError(f"method {method!r} was not swept; the sweep has {self.methods}.")
+        if self.validation_auroc:
+            return max(self.sites, key=lambda s: self.validation_auroc[s, method])
         return max(self.sites, key=lambda s: self.evaluations[s, method].auroc.estimate)
 
     def table(self, metric: str = "auroc") -> dict[str, dict[str, float]]:
@@ -46,12 +57,15 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         """JSON-ready: the evaluations as rows, and the best site per method."""
-        rows = [{"site": s, "method": m, **self.evaluations[s, m].to_dict()} for s in self.sites for m in self.methods]
-        return {"rows": rows, "best_site": {m: self.best_site(m) for m in self.methods}}
+        rows = [{"site": s, "method": m, **self.evaluations[s, m].to_dict(),
+                 **({"validation_auroc": self.validation_auroc[s, m]} if self.validation_auroc else {})}
+                for s in self.sites for m in self.methods]
+        return {"rows": rows, "best_site": {m: self.best_site(m) for m in self.methods}, "selection": self.selection}
 
 
 def probe_sweep(features: dict[str, tuple], y_train, y_test, methods: tuple[str, ...] | list[str] = METHODS, *,
                 control: dict[str, Tensor] | None = None, honest: dict[str, Tensor] | None = None,
+                validation: tuple[dict[str, Tensor], object] | None = None, groups=None,
                 fit_kwargs: dict[str, dict] | None = None, model_name: str | None = None, aggregation: str = "mean",
                 fpr: float = 0.01, n_boot: int = 1000, n_random: int = 100, shuffled: bool = True,
                 seed: int = 0) -> SweepResult:
@@ -64,6 +78,10 @@ def probe_sweep(features: dict[str, tuple], y_train, y_test, methods: tuple[str,
         methods: from :data:`~mechscope.safety.probes.METHODS`.
         control / honest: {site: activations [n_c, d]} of a control set (threshold at ``fpr``) and of honest
             items (their flagged share); None: threshold on the test negatives, no honest FPR.
+        validation: ({site: X_val [n_val, d]}, y_val [n_val]) of groups held out of training and test: every
+            probe's AUROC there picks the best site (:meth:`SweepResult.best_site`), so the test AUROC of the
+            chosen site is not inflated by the choice.
+        groups: one group per test example for a clustered bootstrap (:func:`evaluate_probe`).
         fit_kwargs: {method: keyword arguments of its fit function}, e.g. {"logistic": {"C": 1.0}}.
         shuffled: refit each cell on shuffled labels for the baseline (doubles the fitting time).
 
@@ -79,12 +97,12 @@ def probe_sweep(features: dict[str, tuple], y_train, y_test, methods: tuple[str,
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise InputError(f"unknown probe methods {bad or '(none given)'}; choose from {METHODS}.")
-    for name, sets in (("control", control), ("honest", honest)):
+    for name, sets in (("control", control), ("honest", honest), ("validation", None if validation is None else validation[0])):
         missing = sorted(set(features) - set(sets or features))
         if missing:
             raise InputError(f"{name} has no activations for sites {missing}; give one array per swept site.")
     fit_kwargs = fit_kwargs or {}
-    probes, evals = {}, {}
+    probes, evals, val = {}, {}, {}
     for site, (X_train, X_test) in features.items():
         if len(X_train) != len(y_train) or len(X_test) != len(y_test):
             raise InputError(f"site {site}: {len(X_train)}/{len(X_test)} train/test rows but {len(y_train)}/"
@@ -97,8 +115,10 @@ def probe_sweep(features: dict[str, tuple], y_train, y_test, methods: tuple[str,
             evals[site, m] = evaluate_probe(
                 p, X_test, y_test, control=None if control is None else control[site],
                 honest=None if honest is None else honest[site], fpr=fpr, train=(X_train, y_train) if shuffled else None,
-                fit_kwargs=kw, n_boot=n_boot, n_random=n_random, seed=seed)
-    return SweepResult(tuple(features), tuple(methods), probes, evals)
+                groups=groups, fit_kwargs=kw, n_boot=n_boot, n_random=n_random, seed=seed)
+            if validation is not None:
+                val[site, m] = auroc(p.score(validation[0][site]), validation[1])
+    return SweepResult(tuple(features), tuple(methods), probes, evals, val)
 
 
 def ensemble(probes: list[Probe], X_by_site: dict[str, Tensor]) -> Float[Tensor, " n"]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mechscope.core.errors import InputError
 from mechscope.safety.activations import collect_features
 from mechscope.safety.metrics import ProbeEvaluation, evaluate_probe
 from mechscope.safety.probes import Probe
@@ -28,18 +29,23 @@ class ProbeRun:
         sweep: every (site, method) probe and its evaluation on the held-out groups.
         transfer: dataset name -> {(site, method): ProbeEvaluation} of the same probes on that whole dataset.
         info: dataset names and fingerprints, the split (groups on each side), example counts, timings (s).
+        scores: method -> {"site": the best site, "parts": {part: {"scores": [n] floats, "labels": [n] ints or
+            None}}}: the best probe's logits on each part ("validation", "test", "control",
+            "transfer:NAME"), for ROC curves and histograms.
     """
 
     sweep: SweepResult
     transfer: dict[str, dict[tuple[str, str], ProbeEvaluation]] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    scores: dict[str, dict] = field(default_factory=dict)
 
     def best(self, method: str = "logistic") -> Probe:
-        """The probe of ``method`` at the site with the highest held-out AUROC."""
+        """The probe of ``method`` at the best site (highest validation AUROC; see :attr:`SweepResult.selection`)."""
         return self.sweep.probes[self.sweep.best_site(method), method]
 
     def to_dict(self) -> dict:
-        return {"sweep": self.sweep.to_dict(), "info": self.info,
+        """JSON-ready: the sweep's rows, the transfer rows, info and the best probes' scores."""
+        return {"sweep": self.sweep.to_dict(), "info": self.info, "scores": self.scores,
                 "transfer": {name: [{"site": s, "method": m, **e.to_dict()} for (s, m), e in cells.items()]
                              for name, cells in self.transfer.items()}}
 
@@ -59,7 +65,8 @@ def group_pairs(dataset) -> torch.Tensor | None:
 
 def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_resid_post",
                 methods: Sequence[str] = ("logistic", "diff_means", "lda", "lat"), aggregation: str = "mean",
-                test_fraction: float = 0.5, seed: int = 0, control="control", transfer: Sequence = (),
+                test_fraction: float = 0.5, validation_fraction: float = 0.25, seed: int = 0, control="control",
+                transfer: Sequence = (), clustered: bool = True,
                 fpr: float = 0.01, fit_kwargs: dict | None = None, batch_size: int = 16, n_boot: int = 1000,
                 n_random: int = 100, shuffled: bool = True, progress: bool = True) -> ProbeRun:
     """Train and evaluate probes of every method at every site.
@@ -73,6 +80,11 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
             dataset's twin pairs (groups of one example of each label) when it has them.
         aggregation: over each example's scored tokens: ``mean``, ``max`` or ``last``.
         test_fraction / seed: the split by group (no group on both sides; checked).
+        validation_fraction: share of the training groups held out to pick each method's best site (the
+            probes are fitted on the rest); 0 picks on the test split, which makes the best site's test AUROC
+            optimistic (``info["selection"]`` says which was used).
+        clustered: bootstrap intervals resample the test groups (the examples of a group, e.g. the honest and
+            dishonest answer on one fact, are not independent); False resamples examples.
         control: the dataset whose scores set the threshold at ``fpr`` (ordinary text; label 0), or None to
             set it on the held-out negatives.
         transfer: datasets (or names) to test every probe on, whole.
@@ -102,6 +114,15 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
     check_disjoint(train, test)
     test.require_both_classes(f"evaluating on the held-out groups of {ds.name!r} (try another seed or test_fraction)")
     parts = {"train": train, "test": test}
+    if not 0 <= validation_fraction < 1:
+        raise InputError(f"validation_fraction must lie in [0, 1), e.g. 0.25, got {validation_fraction!r}.")
+    if validation_fraction > 0:
+        train, val = train.split(validation_fraction, seed + 1)
+        check_disjoint(train, val)
+        for part, what in ((train, "fitting"), (val, "validation")):
+            part.require_both_classes(f"the {what} part of {ds.name!r}'s training groups (try another seed, a "
+                                      "smaller validation_fraction, or validation_fraction=0)")
+        parts.update(train=train, validation=val)
     if control is not None:
         parts["control"] = _dataset(control)
     others = [_dataset(t) for t in transfer]
@@ -128,8 +149,10 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
             kw[m]["pairs"] = pairs
     tr, te = rows("train"), rows("test")
     t1 = time.perf_counter()
+    validation = (rows("validation"), parts["validation"].labels) if "validation" in parts else None
     sweep = probe_sweep({s: (tr[s], te[s]) for s in feats.sites}, train.labels, test.labels, tuple(methods),
-                        control=rows("control") if control is not None else None, fit_kwargs=kw,
+                        control=rows("control") if control is not None else None, validation=validation,
+                        groups=test.groups if clustered else None, fit_kwargs=kw,
                         model_name=model.cfg.name, aggregation=aggregation, fpr=fpr, n_boot=n_boot,
                         n_random=n_random, shuffled=shuffled, seed=seed)
     out: dict[str, dict[tuple[str, str], ProbeEvaluation]] = {}
@@ -137,16 +160,29 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
         x = rows(f"transfer:{t.name}")
         ctrl = rows("control") if control is not None else None
         out[t.name] = {(s, m): evaluate_probe(p, x[s], t.labels, control=None if ctrl is None else ctrl[s], fpr=fpr,
-                                              n_boot=n_boot, n_random=n_random, seed=seed)
+                                              groups=t.groups if clustered else None, n_boot=n_boot,
+                                              n_random=n_random, seed=seed)
                        for (s, m), p in sweep.probes.items()}
+    scores = {}
+    for m in methods:
+        site = sweep.best_site(m)
+        probe = sweep.probes[site, m]
+        scores[m] = {"site": site, "parts": {
+            name: {"scores": probe.score(rows(name)[site]).tolist(),
+                   "labels": None if name == "control" else [int(v) for v in parts[name].labels]}
+            for name in parts if name != "train"}}
     info = {"dataset": ds.name, "fingerprint": ds.fingerprint(), "test_fraction": test_fraction, "seed": seed,
+            "validation_fraction": validation_fraction, "selection": sweep.selection,
+            "bootstrap": "clustered" if clustered else "stratified",
             "n_train": len(train), "n_test": len(test), "train_groups": sorted(set(train.groups)),
+            "n_validation": len(parts["validation"]) if "validation" in parts else 0,
+            "validation_groups": sorted(set(parts["validation"].groups)) if "validation" in parts else [],
             "test_groups": sorted(set(test.groups)), "aggregation": aggregation, "fpr": fpr,
             "control": None if control is None else parts["control"].name,
             "n_control": 0 if control is None else len(parts["control"]),
             "transfer": [t.name for t in others], "paired": pairs is not None,
             "seconds": {"activations": t_collect, "fits": time.perf_counter() - t1}}
-    return ProbeRun(sweep, out, info)
+    return ProbeRun(sweep, out, info, scores)
 
 
 __all__ = ["ProbeRun", "group_pairs", "train_probe"]
