@@ -10,7 +10,9 @@ as HTML, so token strings such as ``<script>`` are shown as text):
 - ``/patching`` the patching results of a ``mechscope report`` run (its results.json);
 - ``/steer`` steering playground: generate with latents added or clamped, beside the unsteered text;
 - ``/circuit`` a circuit evaluated by ``mechscope circuit evaluate`` (its evaluation.json): the layered graph
-  (click a node for its edges and role), faithfulness with its interval, MIB's curves, robustness and roles.
+  (click a node for its edges and role), faithfulness with its interval, MIB's curves, robustness and roles;
+- ``/probe`` linear probes' per-token scores on a typed prompt, and a generation under a runtime monitor
+  (``mechscope serve --probe DIR``; routes in :mod:`mechscope.app.probe_routes`).
 
 JSON API under ``/api`` (its OpenAPI schema at ``/openapi.json``). A malformed request gets a 4xx whose
 ``detail`` is readable text, never a 500 (:mod:`mechscope.app.web`): validation 422, an unknown latent 404,
@@ -33,7 +35,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mechscope.core.errors import InputError
 
-PAGES = ("index", "feature", "inspect", "patching", "steer", "circuit")
+PAGES = ("index", "feature", "inspect", "patching", "steer", "circuit", "probe")
 MAX_INT32 = 2**31 - 1  # bound of every id and offset: DuckDB's INTEGER, and far past any dictionary
 N_TOP_TOKENS = 5  # tokens shown per latent in lists
 _STEER_LINK = re.compile(r'(<a id="steer-link"[^>]*\bhref=")/steer(")')
@@ -50,6 +52,8 @@ class AppState:
         report: the results.json of a ``mechscope report`` run (patching page).
         circuit: the evaluation.json of ``mechscope circuit evaluate`` (circuit page).
         steer: ``fn(prompt, latents, max_new_tokens) -> dict`` used by the steering endpoint.
+        probes: :class:`~mechscope.app.probe_routes.ServedProbe` (a loaded probe, its display name and threshold)
+            for the probe page; :func:`~mechscope.app.probe_routes.load_probes` makes them.
     """
 
     model: Any = None
@@ -58,6 +62,7 @@ class AppState:
     report: dict | None = None
     circuit: dict | None = None
     steer: Any = None
+    probes: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -239,7 +244,7 @@ def create_app(state: AppState):
     app = FastAPI(title="mechscope", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(web.SecurityHeaders)
     app.mount("/static", web.make_static_files(), name="static")
-    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching, /circuit")
+    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching, /circuit, /probe")
 
     def need(what: str, value):
         if value is None:
@@ -351,6 +356,9 @@ def create_app(state: AppState):
         with state.lock:
             return fn(body.prompt, [s.model_dump() for s in body.latents], body.max_new_tokens)
 
+    from mechscope.app.probe_routes import add_probe_routes
+
+    add_probe_routes(app, state)
     return app
 
 

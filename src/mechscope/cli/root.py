@@ -139,11 +139,16 @@ def serve(
     report: Path | None = typer.Option(None, "--report", help="results.json (or its folder) of `mechscope report`"),
     circuit: Path | None = typer.Option(None, "--circuit", help="evaluation.json (or its folder) of `mechscope circuit "
                                         "evaluate`: the /circuit page"),
+    probe: list[Path] = typer.Option([], "--probe", help="probe folder written by Probe.save, fitted on this model: the "
+                                     "/probe page (repeatable)"),
+    probe_threshold: float | None = typer.Option(None, "--probe-threshold", help="alarm threshold (logit units) for "
+                                                 "every --probe (default: the one in the probe's cfg.json info, "
+                                                 "else 0, its decision boundary)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default: the app has no authentication)"),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
 ) -> None:
-    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering, circuit."""
+    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering, circuit, probes."""
     import uvicorn
 
     import mechscope
@@ -162,6 +167,10 @@ def serve(
         from mechscope.features.sources import check_database_matches
 
         check_database_matches(db, d)
+    if probe or probe_threshold is not None:
+        from mechscope.app.probe_routes import check_probe_folders
+
+        check_probe_folders(probe, threshold=probe_threshold)
     n, why = set_threads(threads, announce=False)
     state = AppState(model=mechscope.load(model, dtype=dtype), report=results, circuit=evaluation)
     state.dictionary, state.db = d, db
@@ -171,6 +180,10 @@ def serve(
 
         check_fits(state.model, d)
         state.steer = make_steer(state.model, d)
+    if probe:
+        from mechscope.app.probe_routes import load_probes
+
+        state.probes = load_probes(probe, state.model, threshold=probe_threshold)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(Text(f"warning: binding to {host}: anyone who can reach it can run the model.", style="yellow"))
     out.print(Text(f"mechscope serving on http://{host}:{port}  (torch threads: {n}, {why})", style="bold green"))
