@@ -19,52 +19,100 @@ imports it.
   KL on control text; a direction without an effect beyond the random ones is reported as correlational;
 - :class:`Monitor`: a probe read at every generated token (tokens exactly those of plain generation), an
   alarm rule (EMA or rolling-window max), actions (record, flag, stop, a callback), a JSONL alarm log, and
-  calibration to an item-level FPR on control text with drift reports for new checkpoints.
+  calibration to an item-level FPR on control text with drift reports for new checkpoints;
+- :class:`Claim` (JSON, :func:`read_claims` / :func:`write_claims`): a behaviour, the mechanism proposed, the
+  tests run with their intervals and controls, the data and model, what was not tested; made from probe runs,
+  causal checks, monitors, steering and circuits (``claim_from_*``); :func:`audit` / :func:`grade` grade them
+  on the published rubric (:data:`RUBRIC`, ``docs/safety/audit-rubric.md``).
 """
 
 from mechscope.safety.activations import Features, collect_features
+from mechscope.safety.audit import (
+                                          GRADES,
+                                          RUBRIC,
+                                          Audit,
+                                          Grade,
+                                          audit,
+                                          audit_html,
+                                          grade,
+)
 from mechscope.safety.causal import CausalCheck, causal_check
-from mechscope.safety.monitor import Monitor
-from mechscope.safety.monitor_rules import Alarm, Calibration, Drift, MonitoredGeneration, rule_values
+from mechscope.safety.claim import Claim, Control, DataRef, Mechanism, ModelRef, Test
+from mechscope.safety.claim_io import read_claims, write_claims
+from mechscope.safety.claims_from import (
+                                          claim_from_causal_check,
+                                          claim_from_circuit,
+                                          claim_from_monitor,
+                                          claim_from_probe_run,
+                                          claim_from_steering,
+)
 from mechscope.safety.metrics import (
-    ProbeEvaluation,
-    auroc,
-    auroc_ci,
-    balanced_accuracy,
-    evaluate_probe,
-    recall_at_fpr,
-    threshold_at_fpr,
+                                          ProbeEvaluation,
+                                          auroc,
+                                          auroc_ci,
+                                          balanced_accuracy,
+                                          evaluate_probe,
+                                          recall_at_fpr,
+                                          threshold_at_fpr,
+)
+from mechscope.safety.monitor import Monitor
+from mechscope.safety.monitor_rules import (
+                                          Alarm,
+                                          Calibration,
+                                          Drift,
+                                          MonitoredGeneration,
+                                          rule_values,
 )
 from mechscope.safety.probes import AGGREGATIONS, METHODS, Probe, fit_probe
 from mechscope.safety.sweep import SweepResult, ensemble, probe_sweep
 from mechscope.safety.train import ProbeRun, group_pairs, train_probe
 
 __all__ = [
-    "AGGREGATIONS",
-    "METHODS",
-    "Alarm",
-    "Calibration",
-    "CausalCheck",
-    "Drift",
-    "Features",
-    "ProbeRun",
-    "Probe",
-    "Monitor",
-    "MonitoredGeneration",
-    "ProbeEvaluation",
-    "SweepResult",
-    "auroc",
-    "auroc_ci",
-    "balanced_accuracy",
-    "causal_check",
-    "collect_features",
-    "ensemble",
-    "evaluate_probe",
-    "fit_probe",
-    "group_pairs",
-    "probe_sweep",
-    "recall_at_fpr",
-    "rule_values",
-    "threshold_at_fpr",
-    "train_probe",
+                                          "AGGREGATIONS",
+                                          "GRADES",
+                                          "METHODS",
+                                          "RUBRIC",
+                                          "Alarm",
+                                          "Audit",
+                                          "Calibration",
+                                          "CausalCheck",
+                                          "Claim",
+                                          "Control",
+                                          "DataRef",
+                                          "Drift",
+                                          "Features",
+                                          "Grade",
+                                          "Mechanism",
+                                          "ModelRef",
+                                          "Monitor",
+                                          "MonitoredGeneration",
+                                          "Probe",
+                                          "ProbeEvaluation",
+                                          "ProbeRun",
+                                          "SweepResult",
+                                          "Test",
+                                          "audit",
+                                          "audit_html",
+                                          "auroc",
+                                          "auroc_ci",
+                                          "balanced_accuracy",
+                                          "causal_check",
+                                          "claim_from_causal_check",
+                                          "claim_from_circuit",
+                                          "claim_from_monitor",
+                                          "claim_from_probe_run",
+                                          "claim_from_steering",
+                                          "collect_features",
+                                          "ensemble",
+                                          "evaluate_probe",
+                                          "fit_probe",
+                                          "grade",
+                                          "group_pairs",
+                                          "probe_sweep",
+                                          "read_claims",
+                                          "recall_at_fpr",
+                                          "rule_values",
+                                          "threshold_at_fpr",
+                                          "train_probe",
+                                          "write_claims",
 ]
