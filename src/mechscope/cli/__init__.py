@@ -4,15 +4,19 @@
 status 2, thread choice); :mod:`~mechscope.cli.root` the top-level commands (``version``, ``hooks``,
 ``lens``, ``report``, ``serve``); :mod:`~mechscope.cli.sae`, :mod:`~mechscope.cli.features` and
 :mod:`~mechscope.cli.toys` the ``sae``, ``features`` and ``toy`` groups; :mod:`~mechscope.cli.circuit` the
-``circuit`` group. This module only assembles them: the command modules import ``common`` and library code,
-never each other.
+``circuit`` group; :mod:`~mechscope.cli.probe` and :mod:`~mechscope.cli.monitor` the ``probe`` and ``monitor``
+groups; :mod:`~mechscope.cli.audit` the ``audit`` command. This module only assembles them: the command
+modules import ``common`` and library code, never each other.
 """
 
 from __future__ import annotations
 
+from mechscope.cli.audit import audit
 from mechscope.cli.circuit import circuit_app
 from mechscope.cli.common import auto_threads, clean_errors
 from mechscope.cli.features import features_app
+from mechscope.cli.monitor import monitor_app
+from mechscope.cli.probe import probe_app
 from mechscope.cli.root import app
 from mechscope.cli.sae import sae_app
 from mechscope.cli.toys import toys_app
@@ -21,6 +25,9 @@ app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
 app.add_typer(toys_app, name="toy")
 app.add_typer(circuit_app, name="circuit")
+app.add_typer(probe_app, name="probe")
+app.add_typer(monitor_app, name="monitor")
+app.command("audit")(audit)
 
 __all__ = ["app", "auto_threads", "clean_errors", "main"]
 

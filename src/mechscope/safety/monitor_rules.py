@@ -5,6 +5,7 @@ calibrations and drift reports, each JSON-ready.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,6 +165,29 @@ class Calibration:
         out = dict(self.__dict__)
         for k in ("token_quantiles", "item_quantiles"):
             out[k] = {str(q): v for q, v in out[k].items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        """The inverse of :meth:`to_dict`.
+
+        Raises:
+            InputError: missing or unknown keys, or values of the wrong type (names them).
+        """
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(d, dict) or not (names - {"model_name"}) <= set(d) <= names:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise InputError(f"a calibration needs the keys {sorted(names)}, got {got}; write it with "
+                             "Calibration.to_dict (or `mechscope monitor calibrate`).")
+        try:
+            q = {k: {float(a): float(b) for a, b in d[k].items()} for k in ("token_quantiles", "item_quantiles")}
+            out = cls(float(d["fpr"]), float(d["achieved_fpr"]), float(d["threshold"]), int(d["n_items"]), str(d["rule"]),
+                      float(d["ema"]), int(d["window"]), q["token_quantiles"], q["item_quantiles"], d.get("model_name"))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"a calibration holds a value of the wrong type ({e}); write it with Calibration.to_dict.") from None
+        check_rule(out.rule, out.ema, out.window)
+        if not (0 < out.fpr < 1 and math.isfinite(out.threshold)):
+            raise InputError(f"a calibration needs fpr in (0, 1) and a finite threshold, got {out.fpr}, {out.threshold}.")
         return out
 
 
