@@ -389,6 +389,15 @@ def test_circuit_claim_from_a_real_evaluation(tmp_path):
     assert t.high < 1.0 and grade(claim_from_circuit(full, controls={"random circuit, 50% of edges": ctrl})).letter == "A"
     with pytest.raises(InputError, match="circuit evaluation record"):
         claim_from_circuit({"setup": {}, "held_out": {}})  # a study's own JSON
+    # the audit command takes a circuit folder and grades the same claim
+    from mechscope.cli.audit import audit as audit_cmd
+
+    write_json_atomic(full, tmp_path / FILES["evaluation"])
+    app = typer.Typer()
+    app.command()(audit_cmd)
+    r = CliRunner().invoke(app, ["--circuit", str(tmp_path), "--json", str(tmp_path / "audit.json")])
+    assert r.exit_code == 0, r.output
+    assert [g["letter"] for g in json.loads((tmp_path / "audit.json").read_text())["grades"]] == ["B"]
 
 
 # -- rendering and the CLI ---------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from mechscope.cli.common import (
 @clean_errors
 def audit(
     claims: Path | None = typer.Argument(None, help="claims JSON: one claim object, a list, or {\"claims\": [...]}"),
+    circuit: list[Path] = typer.Option([], "--circuit", help="repeatable: a circuit folder (or its evaluation.json) "
+                                       "of `mechscope circuit evaluate`, audited as a causal claim"),
     html: Path | None = typer.Option(None, "--html", help="also write a self-contained HTML page of the audit here"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the audit (rubric, grades, reasons) as JSON here"),
     rubric: bool = typer.Option(False, "--rubric", help="print the rubric: its criteria and grade definitions"),
@@ -36,20 +38,27 @@ def audit(
     if not 0 < max_rel_width < float("inf"):
         raise InputError(f"--max-rel-width must be a positive number (1 = an interval as wide as the effect), got "
                          f"{max_rel_width}.")
-    if claims is None and not rubric:
-        raise InputError("give a claims JSON file to audit (mechscope audit CLAIMS.json), or --rubric to print the "
-                         "rubric.")
+    if claims is None and not circuit and not rubric:
+        raise InputError("give a claims JSON file to audit (mechscope audit CLAIMS.json), --circuit DIR, or --rubric "
+                         "to print the rubric.")
     for path, option, example in ((html, "--html", "audit.html"), (json_out, "--json", "audit.json")):
         if path is not None:
             check_out_file(path, option, example)
     if rubric:
         print_titled("rubric: criteria", rubric_table())
         print_titled("rubric: grades", grades_table())
-    if claims is None:
+    if claims is None and not circuit:
         return
-    result = run_audit(read_claims(claims), max_rel_width=max_rel_width)
+    items = read_claims(claims) if claims is not None else []
+    if circuit:
+        from mechscope.circuits.runs import read_evaluation
+        from mechscope.safety.claims_from import claim_from_circuit
+
+        items += [claim_from_circuit(read_evaluation(c)) for c in circuit]
+    result = run_audit(items, max_rel_width=max_rel_width)
     counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
-    print_titled(f"audit of {len(result.grades)} claim(s) from {claims}: {counts or 'none'}", result.table())
+    sources = ", ".join(str(p) for p in ([claims] if claims is not None else []) + list(circuit))
+    print_titled(f"audit of {len(result.grades)} claim(s) from {sources}: {counts or 'none'}", result.table())
     if details:
         print_titled("reasons", result.reasons_table())
     if html is not None:
