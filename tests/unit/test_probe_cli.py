@@ -143,6 +143,10 @@ def test_monitor_calibrate_generate_drift_and_report(files, swept, tiny_model_di
         assert r["scores"] == pytest.approx(g.scores.tolist(), abs=1e-6) and len(r["token_strings"]) == len(r["tokens"])
         assert r["threshold"] == pytest.approx(ref.threshold)
     assert "generations alarmed" in text
+    batched = tmp_path / "batched.jsonl"
+    invoke("monitor", "generate", folder, "w5 w9 w30", "w40 w41", "--calibration", cal, "--raw", "--max-new-tokens", 6,
+           "--batch-size", 2, "--model", tiny_model_dir, "--out", batched, "--threads", 1)
+    assert [json.loads(line)["tokens"] for line in batched.read_text().splitlines()] == [r["tokens"] for r in rows]
     drift = tmp_path / "drift.json"
     invoke("monitor", "drift", cal, "--model", tiny_model_dir, "--control", files / "ctrl.jsonl", "--out", drift,
            "--threads", 1)
@@ -173,3 +177,23 @@ def test_bad_inputs_are_one_line_exit_2(files, swept, tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tokens": [1]}\n')
     assert "not a monitored generation" in fails("probe", "report", out, "--generations", bad, "--out", tmp_path / "r.html")
+
+
+def test_monitor_on_sae_latents(files, tiny_model_dir, tmp_path):  # noqa: F811
+    """A dictionary folder with --latents: the same tokens and scores as a Monitor over a LatentScorer."""
+    from mechscope.dictionaries.io import save_dictionary
+    from mechscope.safety import LatentScorer, Monitor
+    from tests.unit.test_latent_monitor import make_dictionary
+
+    d = make_dictionary("relu", d_in=32)  # the saved tiny Llama has d_model 32
+    folder = save_dictionary(d, tmp_path / "sae")
+    gens = tmp_path / "gens.jsonl"
+    invoke("monitor", "generate", folder, "w5 w9 w30", "--latents", "3,7-9", "--threshold", 0.05, "--raw",
+           "--max-new-tokens", 5, "--model", tiny_model_dir, "--out", gens, "--threads", 1)
+    (row,) = [json.loads(line) for line in gens.read_text().splitlines()]
+    model = mechscope.load(str(tiny_model_dir))
+    (want,) = Monitor(LatentScorer(d, [3, 7, 8, 9]), threshold=0.05, on_alarm="flag").generate(model, "w5 w9 w30",
+                                                                                               max_new_tokens=5)
+    assert row["tokens"] == want.tokens.tolist() and row["scores"] == pytest.approx(want.scores.tolist(), abs=1e-6)
+    assert len(row["alarms"]) == len(want.alarms)
+    assert "beyond the latents" in fails("monitor", "generate", folder, "w5", "--latents", "99", "--threshold", 1)

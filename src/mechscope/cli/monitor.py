@@ -47,10 +47,24 @@ def _group() -> None:
     """Runtime monitors: generate under a probe, calibrate, drift."""
 
 
-def _probe(folder: Path, model=None):
+def _probe(folder: Path, model=None, latents: str | None = None):
+    """A saved probe, or with ``latents`` a :class:`LatentScorer` over those latents of the dictionary in ``folder``."""
     from mechscope.safety.probe import Probe
 
-    return Probe.load(folder, model=model)
+    if latents is None:
+        return Probe.load(folder, model=model)
+    from mechscope.cli.common import expand_latents, load_dictionaries, parse_latents
+    from mechscope.safety import LatentScorer
+
+    ranges = parse_latents(latents)
+    d = load_dictionaries([folder])[0]
+    ids = expand_latents(ranges, d.cfg.d_sae, str(folder))
+    scorer = LatentScorer(d, ids, model_name=None if model is None else model.cfg.name)
+    if model is not None:
+        from mechscope.dictionaries.splice import check_fits
+
+        check_fits(model, d)
+    return scorer
 
 
 def _load(model: str, dtype: str):
@@ -75,7 +89,7 @@ def _read_calibration(path: Path):
         raise InputError(f"--calibration {path} does not exist; write one with `mechscope monitor calibrate --out`.")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-        return Calibration.from_dict(d["calibration"]), d.get("probe")
+        return Calibration.from_dict(d["calibration"]), d.get("probe"), d.get("latents")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise InputError(f"{path} is not a calibration file ({type(e).__name__}: {e}); write one with "
                          "`mechscope monitor calibrate --out`.") from None
@@ -106,9 +120,12 @@ def _marked(model, g, threshold: float) -> Text:
 @monitor_app.command("generate")
 @clean_errors
 def generate_cmd(
-    probe: Path = typer.Argument(..., help="probe folder (cfg.json + probe.safetensors)"),
+    probe: Path = typer.Argument(..., help="probe folder (cfg.json + probe.safetensors), or a dictionary folder "
+                                 "with --latents"),
     prompts: list[str] | None = typer.Argument(None, help="prompts (each a user message unless --raw)"),
     prompts_file: Path | None = typer.Option(None, "--prompts-file", help="one prompt per line"),
+    latents: str | None = typer.Option(None, "--latents", help="PROBE is a sparse dictionary (SAE or transcoder): "
+                                       "score each token by the sum of these latents' activations, e.g. 12,40-42"),
     threshold: float | None = typer.Option(None, "--threshold", help="alarm above this rule value (logit units)"),
     calibration: Path | None = typer.Option(None, "--calibration", help="calibration.json of `monitor calibrate`"),
     fpr: float = typer.Option(0.01, "--fpr", help="without --threshold or --calibration: calibrate on --control to "
@@ -121,6 +138,8 @@ def generate_cmd(
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=1, max=4096),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
     seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="prompts generated together (left-padded, KV "
+                                   "cache; the same tokens as one at a time)"),
     raw: bool = typer.Option(False, "--raw", help="generate from the prompt text as it is (no chat template)"),
     log: Path | None = typer.Option(None, "--log", help="append every alarm to this JSONL file"),
     out_file: Path | None = typer.Option(None, "--out", "-o", help="write every generation as JSON lines (for "
@@ -147,10 +166,10 @@ def generate_cmd(
         texts += [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise InputError("no prompts: give them as arguments or with --prompts-file.")
-    p = _probe(probe)
+    p = _probe(probe, latents=latents)
     cal, ctrl = None, None
     if calibration is not None:
-        cal, _ = _read_calibration(calibration)
+        cal, _, _ = _read_calibration(calibration)
         rule, ema, window = cal.rule, cal.ema, cal.window
     elif threshold is None:
         try:
@@ -165,14 +184,14 @@ def generate_cmd(
                   on_alarm=on_alarm, log=log)
     set_threads(threads)
     m = _load(model, dtype)
-    p = _probe(probe, m)
+    p = _probe(probe, m, latents)
     mon.probe = p
     if ctrl is not None:
         c = mon.calibrate(m, ctrl, fpr)
         out.print(Text(f"calibrated on {c.n_items} {ctrl.name} items: threshold {c.threshold:.3f} "
                        f"(item-level FPR {c.achieved_fpr:.3f}, target {fpr:g})"))
     gens = mon.generate(m, [_prompt_ids(m, t, not raw) for t in texts], max_new_tokens=max_new_tokens,
-                        temperature=temperature, seed=seed)
+                        temperature=temperature, seed=seed, batch_size=batch_size)
     rows = []
     for text, g in zip(texts, gens):
         status = "STOPPED" if g.stopped else ("FLAGGED" if g.alarms else "clean")
@@ -206,7 +225,9 @@ def _calibration_table(cals: dict) -> Table:
 @monitor_app.command("calibrate")
 @clean_errors
 def calibrate_cmd(
-    probe: Path = typer.Argument(..., help="probe folder"),
+    probe: Path = typer.Argument(..., help="probe folder, or a dictionary folder with --latents"),
+    latents: str | None = typer.Option(None, "--latents", help="PROBE is a sparse dictionary: these latents' summed "
+                                       "activations are the score"),
     fpr: float = typer.Option(0.01, "--fpr", help="item-level false-positive rate on the control set, in (0, 1)"),
     control: str = ControlOpt,
     rule: str = RuleOpt,
@@ -222,15 +243,16 @@ def calibrate_cmd(
 
     check_choice(rule, RULES, "--rule")
     check_model_dtype(dtype)
-    p = _probe(probe)
+    p = _probe(probe, latents=latents)
     ctrl = _dataset(control)
     check_out_file(out_file, "--out", "calibration.json")
     mon = Monitor(p, fpr=fpr, rule=rule, ema=ema, window=window)
     set_threads(threads)
     m = _load(model, dtype)
-    mon.probe = _probe(probe, m)
+    mon.probe = _probe(probe, m, latents)
     c = mon.calibrate(m, ctrl, fpr)
-    write_json_atomic({"probe": str(probe), "site": p.site, "control": ctrl.name, "calibration": c.to_dict()}, out_file)
+    write_json_atomic({"probe": str(probe), "latents": latents, "site": p.site, "control": ctrl.name,
+                       "calibration": c.to_dict()}, out_file)
     print_titled(f"{p.method} probe at {p.site} on {c.n_items} {ctrl.name} items ({m.cfg.name})",
                  _calibration_table({m.cfg.name: c}))
     out.print(Text(f"wrote {out_file}"))
@@ -251,11 +273,11 @@ def drift_cmd(
     from mechscope.safety import Monitor
 
     check_model_dtype(dtype)
-    before, named = _read_calibration(calibration)
+    before, named, latents = _read_calibration(calibration)
     folder = probe or (Path(named) if named else None)
     if folder is None:
         raise InputError(f"{calibration} names no probe; pass --probe DIR.")
-    p = _probe(folder)  # no model-name check: a fine-tuned checkpoint has another name; the width is checked below
+    p = _probe(folder, latents=latents)  # no model-name check: a fine-tune has another name; the width is checked
     ctrl = _dataset(control)
     if out_file is not None:
         check_out_file(out_file, "--out", "drift.json")

@@ -17,9 +17,10 @@ imports it.
 - :func:`causal_check` -> :class:`CausalCheck`: steer along a probe's direction (add, or ablate by
   projection) and measure the behavioural effect on twin continuations beside random directions, with the
   KL on control text; a direction without an effect beyond the random ones is reported as correlational;
-- :class:`Monitor`: a probe read at every generated token (tokens exactly those of plain generation), an
-  alarm rule (EMA or rolling-window max), actions (record, flag, stop, a callback), a JSONL alarm log, and
-  calibration to an item-level FPR on control text with drift reports for new checkpoints;
+- :class:`Monitor`: a probe (or SAE latents, :class:`LatentScorer`) read at every generated token (tokens
+  exactly those of plain generation), an alarm rule (EMA or rolling-window max), actions (record, flag, stop,
+  a callback), a JSONL alarm log, and calibration to an item-level FPR on control text with drift reports for
+  new checkpoints;
 - :class:`Claim` (JSON, :func:`read_claims` / :func:`write_claims`): a behaviour, the mechanism proposed, the
   tests run with their intervals and controls, the data and model, what was not tested; made from probe runs,
   causal checks, monitors, steering and circuits (``claim_from_*``); :func:`audit` / :func:`grade` grade them
@@ -46,6 +47,7 @@ from mechscope.safety.claims_from import (
                                           claim_from_probe_run,
                                           claim_from_steering,
 )
+from mechscope.safety.latent_scorer import LatentScorer
 from mechscope.safety.metrics import (
                                           ProbeEvaluation,
                                           auroc,
@@ -82,6 +84,7 @@ __all__ = [
                                           "Drift",
                                           "Features",
                                           "Grade",
+    "LatentScorer",
                                           "Mechanism",
                                           "ModelRef",
                                           "Monitor",

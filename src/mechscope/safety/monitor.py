@@ -1,8 +1,10 @@
-"""A runtime monitor: a linear probe read at every generated token, an alarm rule, and actions on alarms.
+"""A runtime monitor: a linear probe or SAE latents read at every generated token, an alarm rule, and actions.
 
 While :func:`mechscope.features.generation.generate` runs, a hook reads the probe's site (it never changes
 the value, so the tokens are exactly those of plain generation) and scores each new position with
-:meth:`Probe.score_tokens`. An alarm rule turns the sequence of scores into one value per token:
+:meth:`Probe.score_tokens` (or :meth:`~mechscope.safety.latent_scorer.LatentScorer.score_tokens`: the sum or max
+of chosen latents of a sparse dictionary at its input site, in its activation units). An alarm rule turns the
+sequence of scores into one value per token:
 
 - ``ema``: the exponential moving average ``v_0 = s_0``, ``v_t = a s_t + (1 - a) v_{t-1}`` (``a = ema``);
 - ``window_max``: the mean of the last ``window`` scores (fewer at the start), so that the item's score
@@ -17,9 +19,10 @@ The threshold is calibrated on a control set of ordinary text to an item-level f
 alarms iff the max of its rule values is above the threshold, so at most ``fpr`` of the control items do.
 Probes drift as the model changes: :meth:`Monitor.recalibrate` on every new checkpoint reports the shift.
 
-Cost: the probe is one dot product per token; with the KV cache the last generated token needs one extra
-forward, stopped right after the probe's layer. Prompts are generated one at a time (``generate`` takes one
-prompt).
+Cost: the probe is one dot product per token (a LatentScorer: one dictionary encode); with the KV cache the
+last generated token needs one extra forward, stopped right after the probe's layer. Prompts are generated one at
+a time, or ``batch_size`` at a time (left-padded, with the KV cache; :mod:`mechscope.safety.monitor_batch`), with
+the same tokens and records either way.
 
 References:
     Goldowsky-Dill et al. 2025, "Detecting Strategic Deception Using Linear Probes" (per-token probe scores,
@@ -46,9 +49,20 @@ from mechscope.data.labelled import LabelledDataset
 from mechscope.data.labelled_render import RenderedExample, render
 from mechscope.features.generation import generate as _generate
 from mechscope.safety.activations import collect_features
+from mechscope.safety.latent_scorer import LatentScorer
 from mechscope.safety.metrics import check_fpr, threshold_at_fpr
-from mechscope.safety.monitor_rules import (ACTIONS, QUANTILES, RULES, Alarm, Calibration, Drift, MonitoredGeneration,
-                                            RuleState, check_rule, rule_values)
+from mechscope.safety.monitor_rules import (
+    ACTIONS,
+    QUANTILES,
+    RULES,
+    Alarm,
+    Calibration,
+    Drift,
+    MonitoredGeneration,
+    RuleState,
+    check_rule,
+    rule_values,
+)
 from mechscope.safety.probes import Probe
 
 
@@ -71,6 +85,15 @@ class _Watch:
         self.above = False
         self.stopped = self.flagged = self.halt_after_site = False
         self.past = None
+
+    def record(self) -> MonitoredGeneration:
+        """What this prompt's generation saw, as its record."""
+        tok = getattr(self.model, "tokenizer", None)
+        text = tok.decode(self.ids[self.n_prompt:], skip_special_tokens=True) if tok is not None else None
+        return MonitoredGeneration(self.index, torch.tensor(self.ids, dtype=torch.long), self.n_prompt, text,
+                                   torch.tensor(self.scores, dtype=torch.float64),
+                                   torch.tensor(self.values, dtype=torch.float64), tuple(self.alarms), self.stopped,
+                                   self.flagged)
 
     def pre(self, module, args, kwargs):  # on model.hf: which tokens this forward reads, from which position
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -135,11 +158,13 @@ def _prompt_ids(model, prompt) -> Tensor:
 
 
 class Monitor:
-    """A probe watching generation: per-token scores, an alarm rule, a threshold, actions and a log.
+    """A probe or SAE latents watching generation: per-token scores, an alarm rule, a threshold, actions and a log.
 
     Args:
-        probe: a :class:`Probe` with ``site`` set (one vector per position, e.g. ``blocks.15.hook_resid_post``).
-        threshold: the rule value alarmed above (logit units); None until :meth:`calibrate` sets it.
+        probe: a :class:`Probe` with ``site`` set (one vector per position, e.g. ``blocks.15.hook_resid_post``),
+            or a :class:`~mechscope.safety.latent_scorer.LatentScorer` (chosen latents of a sparse dictionary).
+        threshold: the rule value alarmed above (the scorer's units: logits for a probe, the dictionary's
+            activation units for latents); None until :meth:`calibrate` sets it.
         fpr: the default target item-level false-positive rate of :meth:`calibrate`, in (0, 1).
         rule: ``"ema"`` or ``"window_max"`` (module docstring); ema: the newest score's weight in (0, 1];
             window: tokens per rolling window (``window_max``), and scores kept in each alarm's record.
@@ -150,15 +175,16 @@ class Monitor:
             lines from concurrent writers do not interleave); None: no log.
 
     Raises:
-        InputError: a probe without a site; an unknown rule or action; ema, window, fpr or threshold out of
-            range; a log whose folder does not exist.
+        InputError: neither a Probe nor a LatentScorer; a probe without a site; an unknown rule or action; ema,
+            window, fpr or threshold out of range; a log whose folder does not exist.
     """
 
-    def __init__(self, probe: Probe, *, threshold: float | None = None, fpr: float | None = None, rule: str = "ema",
-                 ema: float = 0.3, window: int = 8, on_alarm: str | Callable[[Alarm], Any] = "record",
+    def __init__(self, probe: Probe | LatentScorer, *, threshold: float | None = None, fpr: float | None = None,
+                 rule: str = "ema", ema: float = 0.3, window: int = 8, on_alarm: str | Callable[[Alarm], Any] = "record",
                  include_prompt: bool = False, log: str | os.PathLike | None = None):
-        if not isinstance(probe, Probe):
-            raise InputError(f"Monitor needs a Probe (fit_probe or Probe.load), got {type(probe).__name__}.")
+        if not isinstance(probe, (Probe, LatentScorer)):
+            raise InputError(f"Monitor needs a Probe (fit_probe or Probe.load) or a LatentScorer(dictionary, latents),"
+                             f" got {type(probe).__name__}.")
         if probe.site is None:
             raise InputError("the probe has no site, so the monitor does not know where to read it; use "
                              "dataclasses.replace(probe, site='blocks.L.hook_resid_post') with its site.")
@@ -167,7 +193,7 @@ class Monitor:
             raise InputError(f"on_alarm must be one of {ACTIONS} or a callable fn(alarm) -> 'stop' | None, "
                              f"got {on_alarm!r}.")
         if threshold is not None and not math.isfinite(threshold):
-            raise InputError(f"threshold must be a finite number (logit units), got {threshold!r}.")
+            raise InputError(f"threshold must be a finite number (the scorer's units), got {threshold!r}.")
         if log is not None and not Path(log).parent.is_dir():
             raise InputError(f"the alarm log's folder {Path(log).parent} does not exist; create it or pick another path.")
         self.probe, self.rule, self.ema, self.window = probe, rule, float(ema), window
@@ -179,12 +205,12 @@ class Monitor:
 
     # -- attaching -------------------------------------------------------------------------------
     def check_model(self, model) -> str:
-        """The probe's concrete site on ``model``, after checking it exists and has the probe's width.
+        """The scorer's concrete site on ``model``, after checking it exists and has the scorer's width.
 
         Raises:
             HookNameError / SiteUnavailableError: the model has no such site.
-            InputError: the site has not one vector per position, or its width is not the probe's ``d_model``
-                (a probe fitted for another model or width).
+            InputError: the site has not one vector per position, or its width is not the scorer's ``d_model``
+                (a probe fitted, or a dictionary trained, for another model or width).
         """
         (name,) = model.resolve([self.probe.site])
         axes = model.hook_names()[name].split()
@@ -193,9 +219,11 @@ class Monitor:
                              "e.g. blocks.L.hook_resid_post.")
         width = getattr(model.cfg, axes[2])
         if width != self.probe.d_model:
-            raise InputError(f"the probe reads {self.probe.d_model} features but {name} of {model.cfg.name!r} has "
-                             f"{width} ({axes[2]}): it was fitted for another model or width "
-                             f"({self.probe.model_name!r}). Refit it on this model's activations at {name}.")
+            what, fix = (("the dictionary", "Use a dictionary trained on this model at") if isinstance(
+                self.probe, LatentScorer) else ("the probe", "Refit it on this model's activations at"))
+            raise InputError(f"{what} reads {self.probe.d_model} features but {name} of {model.cfg.name!r} has "
+                             f"{width} ({axes[2]}): it was made for another model or width "
+                             f"({self.probe.model_name!r}). {fix} {name}.")
         return name
 
     def _log(self, alarm: Alarm) -> None:
@@ -212,25 +240,33 @@ class Monitor:
     @torch.no_grad()
     def generate(self, model, prompts: str | Tensor | Sequence[str | Tensor], *, max_new_tokens: int = 40,
                  temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-                 use_kv_cache: bool = True) -> list[MonitoredGeneration]:
-        """Generate with :func:`~mechscope.features.generation.generate` under the monitor, one prompt at a time.
+                 use_kv_cache: bool = True, batch_size: int = 1) -> list[MonitoredGeneration]:
+        """Generate with :func:`~mechscope.features.generation.generate` under the monitor (or in batches).
 
         The tokens are exactly those of ``generate`` with the same arguments (the hook returns None), cut at
         the alarm token when an alarm stops a generation. Every token is scored, the last one by one extra
         forward (with the KV cache: of that token only) that ends at the probe's layer. Steering is not
         supported here: that extra forward would not be steered.
 
+        With ``batch_size > 1``, :func:`~mechscope.safety.monitor_batch.generate_batched` generates that many
+        prompts together (left-padded, attention mask and position ids, KV cache), each row with its own
+        scores, rule state, alarms, actions and seeded generator: the same records and log lines as
+        ``batch_size=1`` up to float rounding (log lines interleave across rows). A row that ends (EOS, stop)
+        stays in the batch, masked, until the batch ends.
+
         Args:
             model: a HookedModel whose site matches the probe (:meth:`check_model`).
             prompts: a text, token ids ([pos], or [batch, pos]: one prompt per row), or a list of them.
             max_new_tokens, temperature, seed, stop_at_eos, use_kv_cache: as ``generate`` (``seed`` per prompt).
+            batch_size: prompts generated together; 1 (the default) runs ``generate`` on each prompt in turn.
 
         Returns:
             One :class:`MonitoredGeneration` per prompt, in order.
 
         Raises:
             InputError: no threshold (calibrate first or pass ``threshold=``); the probe does not fit the model;
-                NaN or infinite activations (names the site, position and prompt); bad prompts or arguments.
+                NaN or infinite activations (names the site, position and prompt); bad prompts or arguments
+                (``batch_size`` not an int >= 1).
         """
         if self.threshold is None:
             raise InputError("the monitor has no threshold: call monitor.calibrate(model, control, fpr) first, or "
@@ -240,6 +276,13 @@ class Monitor:
             prompts = list(prompts) if isinstance(prompts, Tensor) and prompts.dim() == 2 else [prompts]
         if len(prompts) == 0:
             raise InputError("no prompts given.")
+        if batch_size != 1 or isinstance(batch_size, bool):
+            from mechscope.safety.monitor_batch import generate_batched
+
+            return generate_batched(model, site, [_prompt_ids(model, p) for p in prompts],
+                                    lambda i, n: _Watch(self, model, i, n), _Halt, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                    stop_at_eos=stop_at_eos, use_kv_cache=use_kv_cache)
         return [self._one(model, site, i, _prompt_ids(model, p), max_new_tokens, temperature, seed, stop_at_eos,
                           use_kv_cache) for i, p in enumerate(prompts)]
 
@@ -270,11 +313,7 @@ class Monitor:
             for h in handles:
                 h.remove()
             w.past = None
-        tokens = torch.tensor(w.ids, dtype=torch.long)
-        tok = getattr(model, "tokenizer", None)
-        text = tok.decode(w.ids[w.n_prompt:], skip_special_tokens=True) if tok is not None else None
-        return MonitoredGeneration(index, tokens, w.n_prompt, text, torch.tensor(w.scores, dtype=torch.float64),
-                                   torch.tensor(w.values, dtype=torch.float64), tuple(w.alarms), w.stopped, w.flagged)
+        return w.record()
 
     # -- calibration -------------------------------------------------------------------------------
     def control_scores(self, model, controls, *, batch_size: int = 16) -> list[Float[Tensor, " _n_i"]]:
