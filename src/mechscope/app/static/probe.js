@@ -14,7 +14,10 @@ const fmt = x => (x >= 0 ? "+" : "") + x.toFixed(4);
 function strip(tokens, scores, threshold, opts) {
   const o = opts || {};
   const alarms = new Set(o.alarms || []);
-  const far = Math.max(1e-9, ...scores.map(s => Math.abs(s - threshold)));
+  // full colour at the 95th percentile of the distances, so that one outlier (the first token of a chat, an
+  // attention sink, often scores hundreds of logits away) does not wash out every other token
+  const dist = scores.map(s => Math.abs(s - threshold)).sort((a, b) => a - b);
+  const far = Math.max(1e-9, dist.length ? dist[Math.floor(0.95 * (dist.length - 1))] : 0);
   const line = ms.el("div", {cls: "ctx strip"});
   ms.groups(tokens, null).forEach((g, k) => {
     const last = g.pos[g.pos.length - 1];
