@@ -29,6 +29,8 @@ from mechscope.safety.audit import (
     RUBRIC,
     audit,
     audit_html,
+    beats,
+    excludes_null,
     grade,
     relative_width,
     supports,
@@ -104,12 +106,28 @@ def draw_claim(draw) -> Claim:
                       for _ in range(draw(st.integers(0, 2))))
         return Test(f"t{i}", "causal" if causal else "correlational", draw(finite),
                     intervention=draw(st.sampled_from(("steer", "ablate", "patch"))) if causal else "none",
-                    low=a, high=b, null=draw(finite), n=draw(st.none() | st.integers(1, 10**6)),
+                    low=a, high=b, null=draw(finite), alternative=draw(st.sampled_from(("two-sided", "greater", "less"))),
+                    n=draw(st.none() | st.integers(1, 10**6)),
                     held_out=draw(st.booleans()), passed=draw(st.none() | st.booleans()), controls=ctrls,
                     details={"x": draw(finite)})
     return Claim(draw(words), Mechanism(draw(words), sites=tuple(draw(st.lists(words, max_size=3)))),
                  tuple(one_test(i) for i in range(draw(st.integers(0, 3)))),
                  model=draw(st.none() | st.builds(ModelRef, words)), not_tested=tuple(draw(st.lists(words, max_size=2))))
+
+
+def test_a_one_sided_test_supports_only_on_its_side():
+    """An AUROC claimed above chance that comes out far below it (a probe that reads the opposite, as SmolLM2's
+    truth probe on negated statements, 0.18) excludes the null but does not support the claim."""
+    inverted = correlational(estimate=0.18, low=0.09, high=0.29, alternative="greater",
+                             controls=(Control("random directions", 0.5, 0.4, 0.6),))
+    assert not excludes_null(inverted) and not beats(inverted, inverted.controls[0]) and not supports(inverted)
+    assert "does not lie above the null 0.5" in grade(make_claim(inverted)).result("null_excluded").reason
+    two_sided = correlational(estimate=0.18, low=0.09, high=0.29, controls=(Control("random directions", 0.5, 0.4, 0.6),))
+    assert supports(two_sided)  # either side of chance counts when the claim does not say which
+    less = make_test(estimate=-2.0, low=-2.5, high=-1.5, alternative="less")
+    assert supports(less) and not supports(make_test(alternative="less"))
+    with pytest.raises(InputError, match="alternative must be one of"):
+        make_test(alternative="above")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

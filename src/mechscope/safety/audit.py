@@ -58,7 +58,9 @@ RUBRIC: tuple[Criterion, ...] = (
               "patterns) shows the information is there, not that the model uses it"),
     Criterion("null_excluded", "Interval excludes the null",
               "The deciding test has a confidence interval and it excludes the null value (0 for a change, 0.5 "
-              "for an AUROC).", "the interval excludes the null", "the interval contains the null, or there is none"),
+              "for an AUROC), on the side the claim names when its alternative is one-sided (an AUROC claimed above "
+              "chance must lie above 0.5).", "the interval excludes the null",
+              "the interval contains the null, lies on the wrong side of it, or there is none"),
     Criterion("beats_control", "Beats its controls",
               "The deciding test's estimate lies beyond every control's far end (its interval, or the range of "
               "its draws, or its estimate) on the same side of the null.",
@@ -154,14 +156,27 @@ def _ci(t: Test) -> str:
     return f"{_fmt(t.estimate)}{ci}{' ' + t.units if t.units else ''}"
 
 
+def _side(t: Test) -> float:
+    """+1 / -1: the side of the null that supports the claim (a two-sided test: the estimate's side; 0 at the null)."""
+    if t.alternative == "greater":
+        return 1.0
+    if t.alternative == "less":
+        return -1.0
+    return math.copysign(1.0, t.estimate - t.null) if t.estimate != t.null else 0.0
+
+
 def excludes_null(t: Test) -> bool:
-    """The test's interval lies wholly above or below its null (False without an interval)."""
-    return t.has_interval and (t.low > t.null or t.high < t.null)
+    """The test's interval lies wholly on the supporting side of its null (either side for a two-sided test;
+    False without an interval)."""
+    if not t.has_interval:
+        return False
+    above, below = t.low > t.null, t.high < t.null
+    return {"greater": above, "less": below}.get(t.alternative, above or below)
 
 
 def beats(t: Test, c) -> bool:
-    """The test's estimate lies beyond the control's far end (of estimate, low, high) on the test's side of the null."""
-    side = math.copysign(1.0, t.estimate - t.null) if t.estimate != t.null else 0.0
+    """The test's estimate lies beyond the control's far end (of estimate, low, high) on the supporting side."""
+    side = _side(t)
     far = max(side * (v - t.null) for v in (c.estimate, c.low, c.high) if v is not None)
     return side != 0 and side * (t.estimate - t.null) > far
 
@@ -197,8 +212,13 @@ def _results(claim: Claim, t: Test | None, causal: bool, max_rel_width: float) -
             r.append(CriterionResult("null_excluded", False, f"{name} has no interval; report a confidence interval"))
         else:
             ok = excludes_null(t)
-            r.append(CriterionResult("null_excluded", ok, f"{name} {'excludes' if ok else 'contains'} the null "
-                                                          f"{_fmt(t.null)}"))
+            if t.alternative == "two-sided":
+                why = f"{'excludes' if ok else 'contains'} the null {_fmt(t.null)}"
+            else:
+                want = "above" if t.alternative == "greater" else "below"
+                why = (f"lies {want} the null {_fmt(t.null)}" if ok else
+                       f"does not lie {want} the null {_fmt(t.null)}, where the claim needs it")
+            r.append(CriterionResult("null_excluded", ok, f"{name} {why}"))
         if not t.controls:
             r.append(CriterionResult("beats_control", False, "no control to beat"))
         else:

@@ -37,6 +37,7 @@ SCHEMA = "mechscope.claim/1"
 KINDS = ("causal", "correlational")
 #: Interventions a test may make; ``none`` (reading only) is the correlational one.
 INTERVENTIONS = ("none", "steer", "ablate", "patch")
+ALTERNATIVES = ("two-sided", "greater", "less")
 
 
 def _now() -> str:
@@ -157,6 +158,9 @@ class Test:
         estimate: the effect size. low / high: its confidence interval (both or neither; None: none given).
         ci_level: the interval's confidence level, e.g. 0.95.
         null: the value of no effect (0 for a change; 0.5 for an AUROC).
+        alternative: which side of the null supports the claim: ``"greater"`` (an AUROC claimed above chance:
+            an AUROC far below 0.5 reads the opposite and does not support it), ``"less"``, or ``"two-sided"``
+            (either side, e.g. "steering moves the metric").
         n: examples, prompts or pairs behind the estimate. held_out: measured on data not used to find the
             mechanism. data: the name of the :class:`DataRef` it used (None: unnamed).
         passed: the producing tool's own rule (e.g. :data:`mechscope.safety.causal.RULE`), or None.
@@ -177,6 +181,7 @@ class Test:
     high: float | None = None
     ci_level: float = 0.95
     null: float = 0.0
+    alternative: str = "two-sided"
     n: int | None = None
     held_out: bool = False
     data: str | None = None
@@ -199,6 +204,8 @@ class Test:
             raise _Bad("intervention", f"is {self.intervention!r} but kind is {self.kind!r}: a causal test intervenes "
                                        "(steer, ablate or patch) and a correlational one does not (none); fix the "
                                        "kind or the intervention")
+        if self.alternative not in ALTERNATIVES:
+            raise _Bad("alternative", f"must be one of {', '.join(ALTERNATIVES)}, got {self.alternative!r}")
         _text(self.metric, "metric", empty=True)
         _text(self.units, "units", empty=True)
         for k in ("estimate", "null", "ci_level"):
@@ -452,7 +459,8 @@ _SPEC = {
     Control: {"name": _text, "estimate": _num, "low": _opt(_num), "high": _opt(_num), "n": _count,
               "description": _any_text},
     Test: {"name": _text, "kind": _text, "estimate": _num, "intervention": _text, "metric": _any_text,
-           "units": _any_text, "low": _opt(_num), "high": _opt(_num), "ci_level": _num, "null": _num, "n": _count,
+           "units": _any_text, "low": _opt(_num), "high": _opt(_num), "ci_level": _num, "null": _num,
+           "alternative": _text, "n": _count,
            "held_out": _bool, "data": _opt(_text), "passed": _opt(_bool), "details": _details},
     Mechanism: {"description": _text, **dict.fromkeys(("sites", "heads", "features", "directions", "edges"), _texts)},
     DataRef: {"name": _text, "fingerprint": _opt(_text), "split": _opt(_text), "n": _count},

@@ -75,7 +75,8 @@ def _probe_controls(ev) -> list[Control]:
 
 def _probe_test(ev, name: str, data: str, held_out: bool, details: dict) -> Test:
     return Test(name, "correlational", ev.auroc.estimate, metric="auroc", units="dimensionless", low=ev.auroc.low,
-                high=ev.auroc.high, ci_level=1 - ev.auroc.alpha, null=0.5, n=ev.n_pos + ev.n_neg, held_out=held_out,
+                high=ev.auroc.high, ci_level=1 - ev.auroc.alpha, null=0.5, alternative="greater",
+                n=ev.n_pos + ev.n_neg, held_out=held_out,
                 data=data, controls=_probe_controls(ev),
                 details={"balanced_accuracy": ev.balanced_accuracy.estimate, "recall": ev.recall.estimate,
                          "fpr": ev.fpr, "threshold": ev.threshold, "honest_fpr": ev.honest_fpr,
@@ -190,7 +191,8 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
         probe: the :class:`~mechscope.safety.probes.Probe` whose direction was checked (names the mechanism).
         held_out: whether the twin pairs were kept out of finding the direction; default: True iff
             ``found_on`` names another data set than the check's, else False.
-        found_on: the name of the data the direction was found on (a probe's training set).
+        found_on: the name of the data the direction was found on (default: the probe's ``info["dataset"]``,
+            which :func:`~mechscope.safety.train.train_probe` records).
         data_fingerprint: the twin data set's fingerprint (``LabelledDataset.fingerprint()``).
         model: a ModelRef, a name or a HookedModel; default the check's model name.
 
@@ -200,6 +202,8 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
     if alphas not in ("all", "best"):
         raise InputError(f"alphas must be 'all' or 'best', got {alphas!r}.")
     ds = check.info.get("dataset", "twin pairs")
+    if found_on is None and probe is not None:
+        found_on = probe.info.get("dataset")  # train_probe records its training set's name
     if held_out is None:
         held_out = found_on is not None and found_on != ds
     tests = _causal_tests(check, alphas, held_out, ds)
@@ -277,7 +281,9 @@ def claim_from_monitor(calibration_or_monitor, *, behaviour: str, recall=None, a
             continue
         est, low, high = _triple(value, metric)
         tests.append(Test(label, "correlational", est, metric=metric, units="share of items" if metric != "auroc"
-                          else "dimensionless", low=low, high=high, null=null, n=n, held_out=True, data=ev_name,
+                          else "dimensionless", low=low, high=high, null=null,
+                          alternative="less" if metric.endswith("false-positive rate") else "greater", n=n,
+                          held_out=True, data=ev_name,
                           controls=controls(base)))
     if len(tests) > 1:
         refs.append(DataRef(ev_name, None, "held-out", n))
@@ -404,7 +410,7 @@ def claim_from_circuit(evaluation: dict | str | Path, *, behaviour: str | None =
                     intervention="patch" if row["ablation"] == "corrupted" else "ablate",
                     metric=f"normalised faithfulness of {row.get('metric', 'the task metric')}", units="dimensionless",
                     low=fc["low"], high=fc["high"], ci_level=1 - fc.get("alpha", 0.05), null=0.0,
-                    n=row.get("n_prompts"), held_out=held, data=name, controls=controls,
+                    alternative="greater", n=row.get("n_prompts"), held_out=held, data=name, controls=controls,
                     details={"per_prompt": {k: v for k, v in (row.get("per_prompt") or {}).items() if v is not None},
                              "m_model": row["m_model"]["estimate"], "m_empty": row["m_empty"]["estimate"],
                              "m_circuit": row["m_circuit"]["estimate"], **extra})

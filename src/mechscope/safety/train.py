@@ -155,6 +155,8 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
                         groups=test.groups if clustered else None, fit_kwargs=kw,
                         model_name=model.cfg.name, aggregation=aggregation, fpr=fpr, n_boot=n_boot,
                         n_random=n_random, shuffled=shuffled, seed=seed)
+    for p in sweep.probes.values():
+        p.info.update(dataset=ds.name, fingerprint=ds.fingerprint())
     out: dict[str, dict[tuple[str, str], ProbeEvaluation]] = {}
     for t in others:
         x = rows(f"transfer:{t.name}")
