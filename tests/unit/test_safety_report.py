@@ -254,6 +254,20 @@ def test_token_strips_carry_every_token_and_mark_the_alarms(page):
     assert fig["data"][1]["x"] == list(range(5, 12))  # rule values of the generated tokens
 
 
+def test_an_outlier_token_neither_flattens_the_plot_nor_whitens_the_strip():
+    """SmolLM2's chat starts with a token scoring about -430 logits; the rest sit within a few logits."""
+    from mechscope.report.safety_figures import check_generation, token_strip
+
+    g = make_generation(0)
+    g["scores"] = [-430.0] + g["scores"][1:]
+    fig = safety_figures(None, [g])["fig-g0"]
+    lo, hi = fig["layout"]["yaxis"]["range"]
+    assert -2 < lo < -0.5 and 1.4 < hi < 2  # the axis spans the other scores, the rule values and the threshold
+    assert "1 outlying score(s) off the axis" in fig["layout"]["title"]["text"]
+    alphas = [float(t["bg"].rsplit(",", 1)[1].rstrip(")")) for t in token_strip(check_generation(g, 0))]
+    assert alphas[0] == pytest.approx(0.8) and alphas[9] > 0.3  # the alarm token (1.4, threshold 0.7) is visible
+
+
 def test_the_claim_table_shows_grades_and_unknown_shapes_as_json(page):
     claims = page.split('<section id="claims">')[1]
     assert "honesty-L16" in claims and "correlational" in claims and '<span class="grade">B</span>' in claims

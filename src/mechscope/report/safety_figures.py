@@ -286,11 +286,19 @@ def _colour(score: float, threshold: float, scale: float) -> str:
     return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.08 + 0.72 * abs(d):.3f})"
 
 
+def _robust(values, q: float) -> float:
+    """The q-quantile of ``values`` (nearest rank; 0.0 for none)."""
+    v = sorted(values)
+    return v[int(q * (len(v) - 1))] if v else 0.0
+
+
 def token_strip(g: dict) -> list[dict]:
     """The tokens of a checked generation (:func:`check_generation`) as spans: ``{"text", "bg", "prompt",
-    "alarm", "title"}``; the colour scale is per generation, ``|score - threshold|`` at its largest = full."""
+    "alarm", "title"}``; the colour scale is per generation, full from the 95th percentile of
+    ``|score - threshold|`` (one outlier, such as a chat's first token at hundreds of logits, would otherwise
+    wash out every other token)."""
     thr, scores = g["threshold"], g["scores"]
-    scale = max((abs(s - thr) for s in scores), default=0.0) or 1.0
+    scale = _robust([abs(s - thr) for s in scores], 0.95) or 1.0
     alarms = {a["position"] for a in g["alarms"]}
     out = []
     for i, (text, s) in enumerate(zip(g["token_strings"], scores)):
@@ -351,10 +359,21 @@ def generation_figure(g: dict) -> Fig:
     if 0 < g["prompt_len"] < n:
         shapes.append({"type": "line", "yref": "paper", "x0": g["prompt_len"] - 0.5, "x1": g["prompt_len"] - 0.5,
                        "y0": 0, "y1": 1, "line": {"color": "#5f6b7a", "dash": "dot", "width": 1}})
+    # the y range leaves out scores more than 3 IQR beyond the quartiles (a chat's first token can sit hundreds
+    # of logits below the rest and flatten every other point); the rule's values, alarms and threshold always show
+    shown = [v for v in vals if math.isfinite(v)] + [thr] + [a["value"] for a in g["alarms"] if a.get("value") is not None]
+    q1, q3 = _robust(g["scores"], 0.25), _robust(g["scores"], 0.75)
+    lo = min([max(min(g["scores"]), q1 - 3 * (q3 - q1)), *shown])
+    hi = max([min(max(g["scores"]), q3 + 3 * (q3 - q1)), *shown])
+    pad = 0.05 * (hi - lo) or 1.0
+    clipped = sum(s < lo or s > hi for s in g["scores"])
+    title = f"Score and {rule} value by position (threshold {thr:.3g}; the prompt ends at the dotted line)"
+    if clipped:
+        title += f"; {clipped} outlying score(s) off the axis"
     return {"data": data, "layout": _layout(
-        f"Score and {rule} value by position (threshold {thr:.3g}; the prompt ends at the dotted line)", height=300,
+        title, height=300,
         hovermode="closest", shapes=shapes, xaxis={"title": {"text": "position"}},
-        yaxis={"title": {"text": "logit units"}}, legend={"orientation": "h", "y": -0.3},
+        yaxis={"title": {"text": "logit units"}, "range": [lo - pad, hi + pad]}, legend={"orientation": "h", "y": -0.3},
         margin={"l": 60, "r": 20, "t": 48, "b": 80})}
 
 
