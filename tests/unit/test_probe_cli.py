@@ -174,6 +174,8 @@ def test_bad_inputs_are_one_line_exit_2(files, swept, tiny_model_dir, tmp_path):
     assert "does not exist" in fails("monitor", "generate", folder, "w5", "--calibration", tmp_path / "c.json")
     assert "no chat template" in fails("monitor", "generate", folder, "w5", "--threshold", 1, "--model", tiny_model_dir)
     assert "holds no run.json" in fails("probe", "report", tmp_path)
+    assert "not both" in fails("probe", "causal", folder, "--pairs", "deception_scenarios", "--refusal", "harmfulness")
+    assert "--refusal" in fails("probe", "causal", folder, "--refusal", "harmfulnes")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tokens": [1]}\n')
     assert "not a monitored generation" in fails("probe", "report", out, "--generations", bad, "--out", tmp_path / "r.html")

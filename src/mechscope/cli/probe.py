@@ -5,9 +5,9 @@ site per method picked on a validation split), evaluates each cell on held-out g
 baselines, tests transfer to other datasets, and writes a run folder: ``run.json``, the best probe of each
 method under ``probes/``, their claims (``claims.json``) and the HTML safety report. ``train`` is the same
 at one site and one method, writing the probe folder itself. ``eval`` scores a saved probe on a dataset;
-``causal`` steers along a saved probe's direction on twin pairs beside random directions and writes its claim;
-``report`` re-renders a run's report with monitored generations and claims. Dataset names, files and option
-values are checked before the model loads.
+``causal`` steers along a saved probe's direction on twin pairs (or refusal-style prefixes) beside random
+directions and writes its claim; ``report`` re-renders a run's report with monitored generations and claims.
+Dataset names, files and option values are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -317,8 +317,11 @@ def eval_cmd(
 @clean_errors
 def causal_cmd(
     probe: Path = typer.Argument(..., help="probe folder (cfg.json + probe.safetensors)"),
-    pairs: str = typer.Option("deception_scenarios", "--pairs", help="twin-pair dataset (one honest and one "
-                              "deceptive answer per group, same prompt)"),
+    pairs: str | None = typer.Option(None, "--pairs", help="twin-pair dataset (one honest and one deceptive answer "
+                                     "per group, same prompt; default deception_scenarios)"),
+    refusal: str | None = typer.Option(None, "--refusal", help="instead of --pairs: a dataset of requests (its "
+                                       "label-1 examples, e.g. harmfulness) answered by a refusal and a compliance "
+                                       "prefix; the metric is log P(refusal) - log P(compliance)"),
     alphas: str = typer.Option("-8,-4,-2,0,2,4,8", "--alphas", help="steering strengths in units of the site's "
                                "per-coordinate RMS, comma-separated"),
     mode: str = typer.Option("add", "--mode", help="add (activation addition) or ablate (projection)"),
@@ -342,7 +345,14 @@ def causal_cmd(
     except ValueError:
         raise InputError(f"--alphas {alphas!r} is not comma-separated numbers, e.g. -8,-4,0,4,8.") from None
     p = _probe(probe)
-    ds = _dataset(pairs, "--pairs")
+    if refusal is not None and pairs is not None:
+        raise InputError("give --pairs or --refusal, not both.")
+    if refusal is not None:
+        from mechscope.safety.refusal import refusal_pairs
+
+        ds = refusal_pairs(_dataset(refusal, "--refusal"))
+    else:
+        ds = _dataset(pairs or "deception_scenarios", "--pairs")
     ctrl = _control(control)
     check_out_file(claims_out, "--claims", "claims.json")
     set_threads(threads)
