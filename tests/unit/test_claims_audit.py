@@ -305,6 +305,14 @@ def test_causal_check_claim_carries_the_checks_numbers(wmodel):
     assert len(held.tests) == 1 and held.tests[0].held_out
     assert grade(held).letter == ("A" if relative_width(held.tests[0]) <= 1 else "B")
     assert any("5%-level" in x for x in held.not_tested)  # 8 random directions
+    assert [t.alternative for t in c.tests] == ["less", "greater"]  # signed: alpha < 0 lowers, alpha > 0 raises
+    # a direction used backwards (the planted one, negated: adding it favours the label-0 answer) is causal for
+    # the check, but does not support the signed claim that it acts as its probe reads it
+    back = causal_check(wmodel, -planted_direction(wmodel), ds, site=SITE, alphas=(-4, 0, 4), n_random=8, n_boot=200)
+    assert back.verdict == "causal" and back.estimate[back.alphas.index(4.0)] < 0
+    assert grade(claim_from_causal_check(back, found_on="x")).letter == "F"
+    unsigned = claim_from_causal_check(back, found_on="x", signed=False)
+    assert {t.alternative for t in unsigned.tests} == {"two-sided"} and grade(unsigned).letter in ("A", "B")
 
 
 def test_null_causal_check_gives_f():

@@ -149,7 +149,7 @@ def claim_from_probe_run(run, method: str = "logistic", *, site: str | None = No
 
 
 # -- causal checks -------------------------------------------------------------------------------------------
-def _causal_tests(check, alphas: str, held_out: bool, data: str) -> list[Test]:
+def _causal_tests(check, alphas: str, held_out: bool, data: str, signed: bool = True) -> list[Test]:
     mode = check.mode
     run = [j for j, a in enumerate(check.alphas) if mode == "ablate" or a != 0]
     if alphas == "best":
@@ -172,14 +172,16 @@ def _causal_tests(check, alphas: str, held_out: bool, data: str) -> list[Test]:
         what = "add along the direction" if mode == "add" else "ablate the direction, set its component"
         tests.append(Test(f"{what}, alpha {a:g}", "causal", ci.estimate, intervention="steer" if mode == "add"
                           else "ablate", metric="mean change of log P(label-1 cont.) - log P(label-0 cont.)",
-                          units="nats", low=ci.low, high=ci.high, ci_level=1 - ci.alpha, null=0.0, n=check.n_pairs,
+                          units="nats", low=ci.low, high=ci.high, ci_level=1 - ci.alpha, null=0.0,
+                          alternative=("greater" if a > 0 else "less") if signed and mode == "add" else "two-sided",
+                          n=check.n_pairs,
                           held_out=held_out, data=data, passed=a in check.passing_alphas, controls=(ctrl,),
                           details=details))
     return tests
 
 
 def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, alphas: str = "all",
-                            held_out: bool | None = None, found_on: str | None = None,
+                            signed: bool = True, held_out: bool | None = None, found_on: str | None = None,
                             data_fingerprint: str | None = None, model=None) -> Claim:
     """A causal claim from a :class:`~mechscope.safety.causal.CausalCheck`: one causal test per alpha that was
     run (alpha 0 of add mode is the clean run and is left out), or only the best with ``alphas="best"`` (the
@@ -189,6 +191,11 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
 
     Args:
         probe: the :class:`~mechscope.safety.probes.Probe` whose direction was checked (names the mechanism).
+        signed: the claim is that the direction acts as its probe reads it: adding its label-1 side (alpha > 0)
+            makes the label-1 continuation likelier and subtracting it (alpha < 0) the label-0 one, so each add
+            test's alternative is "greater" or "less" by the sign of alpha (an effect of the opposite sign does
+            not support it). False: the claim is only that the direction moves the choice, either way (two-sided
+            tests). Ablation tests are two-sided either way.
         held_out: whether the twin pairs were kept out of finding the direction; default: True iff
             ``found_on`` names another data set than the check's, else False.
         found_on: the name of the data the direction was found on (default: the probe's ``info["dataset"]``,
@@ -206,7 +213,7 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
         found_on = probe.info.get("dataset")  # train_probe records its training set's name
     if held_out is None:
         held_out = found_on is not None and found_on != ds
-    tests = _causal_tests(check, alphas, held_out, ds)
+    tests = _causal_tests(check, alphas, held_out, ds, signed)
     n_rand = int(check.random_effects.shape[0])
     not_tested = ["behaviour in free generation (the metric is teacher-forced on fixed continuations)",
                   "other sites than " + check.site]
@@ -215,9 +222,13 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
     if check.kl is None:
         not_tested.append("side effects on ordinary text (KL; pass control_texts)")
     what = f"the {probe.method} probe direction" if probe is not None else "the direction"
+    if signed and check.mode == "add":
+        default = (f"adding the label-1 side of {what} at {check.site} makes the label-1 continuations of {ds!r} "
+                   "likelier, and subtracting it the label-0 ones")
+    else:
+        default = f"{what} at {check.site} causally moves the choice between the label-1 and label-0 continuations of {ds!r}"
     return Claim(
-        behaviour or f"{what} at {check.site} causally moves the choice between the label-1 and label-0 continuations "
-                     f"of {ds!r}",
+        behaviour or default,
         Mechanism(f"{what} at {check.site} ({check.mode})", sites=(check.site,),
                   directions=(f"{probe.method} probe direction at {check.site}" if probe is not None else
                               f"direction at {check.site}",)),
