@@ -289,7 +289,7 @@ def grade(claim: Claim, *, max_rel_width: float = DEFAULT_MAX_REL_WIDTH) -> Grad
             fails = [c.title.lower() for c in RUBRIC if c.id in ("null_excluded", "beats_control", "own_rule")
                      and not ok[c.id] and not (c.id == "beats_control" and not t.controls)]
             letter, summary = "F", (f"none of {n_kind} causal tests supports the claim (best: {t.name!r}, "
-                                    f"{_ci(t)}; fails: {', '.join(fails)})")
+                                    f"{_ci(t)}; criteria not met: {', '.join(fails)})")
         elif not gaps:
             letter, summary = "A", (f"{t.name!r} ({_ci(t)}) supports the claim on held-out data, beats its "
                                     "controls and is narrow")
