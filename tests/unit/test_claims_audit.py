@@ -272,6 +272,8 @@ def test_probe_run_claim_carries_the_runs_numbers(wmodel):
     tr = run.transfer["planted"][site, "logistic"]
     assert c.tests[1].estimate == tr.auroc.estimate and c.tests[1].held_out
     assert c.data[0].fingerprint == run.info["fingerprint"] and c.data[0].n == run.info["n_test"]
+    assert all(d.fingerprint for d in c.data)  # training, transfer and control sets all fingerprinted
+    assert grade(claim_from_probe_run(run, model=wmodel)).result("provenance").passed
     assert any("causal effect of the direction" in x for x in c.not_tested)
     g = grade(c)  # the held-out test decides: held out, above 0.5, beyond the random directions' mean + 2 sd
     assert g.letter == "C" and g.deciding_test == 0 and not g.result("causal").passed and g.n_supporting == 2
@@ -291,6 +293,7 @@ def test_causal_check_claim_carries_the_checks_numbers(wmodel):
     chk = causal_check(wmodel, planted_direction(wmodel), ds, site=SITE, alphas=(-4, 0, 4), n_random=8, n_boot=200)
     assert chk.verdict == "causal"
     c = claim_from_causal_check(chk, data_fingerprint=ds.fingerprint())
+    assert c == claim_from_causal_check(chk)  # the check records its pairs' fingerprint
     assert [t.details["alpha"] for t in c.tests] == [-4.0, 4.0]  # alpha 0 of add mode is the clean run
     for t in c.tests:
         j = chk.alphas.index(t.details["alpha"])

@@ -109,5 +109,7 @@ def test_bad_datasets_name_the_fix(wmodel):
     with pytest.raises(InputError, match="fpr"):
         train_probe(wmodel, planted(), methods=("diff_means",), control=None, fpr=1.5, n_boot=50, n_random=5,
                     progress=False)
+    with pytest.raises(InputError, match="transfer datasets named \\['planted'\\] appear more than once"):
+        train_probe(wmodel, planted(), transfer=[planted(8, seed=5), planted(6, seed=6)], progress=False)
     with pytest.raises(InputError, match="validation_fraction must lie in"):
         train_probe(wmodel, planted(), validation_fraction=1.0, progress=False)

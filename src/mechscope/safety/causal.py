@@ -418,7 +418,7 @@ def causal_check(model, direction_or_probe: Probe | Float[Tensor, " d_model"], p
         verdict = "correlational"
     info = {"groups": groups, "n_skipped_groups": n_other, "n_random": n_random, "seed": seed, "n_boot": n_boot,
             "rule": RULE, "mean_norm": mean_norm, "n_control_texts": len(texts), "n_control_tokens": n_tokens,
-            "dataset": ds.name, "model": model.cfg.name}
+            "dataset": ds.name, "fingerprint": ds.fingerprint(), "model": model.cfg.name}
     return CausalCheck(alphas, effect, pair_effects, clean_pair, random_effects, kl, kl_random, verdict, reason,
                        passing, float(clean_pair.mean()), norm_unit, len(twins), site, mode, info)
 

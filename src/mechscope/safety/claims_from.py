@@ -122,11 +122,13 @@ def claim_from_probe_run(run, method: str = "logistic", *, site: str | None = No
     for tname, cells in run.transfer.items():
         if (site, method) in cells:
             ref = tname if tname not in {d.name for d in data} else f"{tname} (transfer)"  # a name shared with training
-            data.append(DataRef(ref, None, "whole (transfer)", cells[site, method].n_pos + cells[site, method].n_neg))
+            data.append(DataRef(ref, info.get("fingerprints", {}).get(tname), "whole (transfer)",
+                                cells[site, method].n_pos + cells[site, method].n_neg))
             tests.append(_probe_test(cells[site, method], f"{method} probe AUROC on {ref}", ref, True,
                                      {"site": site, "method": method}))
     if info.get("control") and info["control"] not in {d.name for d in data}:
-        data.append(DataRef(info["control"], None, "control set (threshold at fpr)", info.get("n_control") or None))
+        data.append(DataRef(info["control"], info.get("fingerprints", {}).get(info["control"]),
+                            "control set (threshold at fpr)", info.get("n_control") or None))
     not_tested = []
     if chosen:
         not_tested.append(f"the held-out AUROC at a site fixed in advance (the site was chosen by it among "
@@ -200,7 +202,7 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
             ``found_on`` names another data set than the check's, else False.
         found_on: the name of the data the direction was found on (default: the probe's ``info["dataset"]``,
             which :func:`~mechscope.safety.train.train_probe` records).
-        data_fingerprint: the twin data set's fingerprint (``LabelledDataset.fingerprint()``).
+        data_fingerprint: the twin data set's fingerprint (default: the one the check records).
         model: a ModelRef, a name or a HookedModel; default the check's model name.
 
     Raises:
@@ -232,7 +234,7 @@ def claim_from_causal_check(check, probe=None, *, behaviour: str | None = None, 
         Mechanism(f"{what} at {check.site} ({check.mode})", sites=(check.site,),
                   directions=(f"{probe.method} probe direction at {check.site}" if probe is not None else
                               f"direction at {check.site}",)),
-        tuple(tests), (DataRef(ds, data_fingerprint, "twin pairs", check.n_pairs),),
+        tuple(tests), (DataRef(ds, data_fingerprint or check.info.get("fingerprint"), "twin pairs", check.n_pairs),),
         _model_ref(model, check.info.get("model")), tuple(not_tested),
         source="mechscope.safety.claims_from.claim_from_causal_check", notes=f"verdict: {check.verdict}: {check.reason}")
 

@@ -126,6 +126,11 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
     if control is not None:
         parts["control"] = _dataset(control)
     others = [_dataset(t) for t in transfer]
+    names = [t.name for t in others]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"transfer datasets named {twice} appear more than once; their results are kept by name, so "
+                         "give each a distinct name (LabelledDataset(name, examples)).")
     for t in others:
         t.require_both_classes(f"testing transfer to {t.name!r}")
         parts[f"transfer:{t.name}"] = t
@@ -183,6 +188,8 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
             "control": None if control is None else parts["control"].name,
             "n_control": 0 if control is None else len(parts["control"]),
             "transfer": [t.name for t in others], "paired": pairs is not None,
+            "fingerprints": {part.name: part.fingerprint() for key, part in parts.items()
+                             if key == "control" or key.startswith("transfer:")},
             "seconds": {"activations": t_collect, "fits": time.perf_counter() - t1}}
     return ProbeRun(sweep, out, info, scores)
 
