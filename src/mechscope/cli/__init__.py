@@ -5,8 +5,9 @@ status 2, thread choice); :mod:`~mechscope.cli.root` the top-level commands (``v
 ``lens``, ``report``, ``serve``); :mod:`~mechscope.cli.sae`, :mod:`~mechscope.cli.features` and
 :mod:`~mechscope.cli.toys` the ``sae``, ``features`` and ``toy`` groups; :mod:`~mechscope.cli.circuit` the
 ``circuit`` group; :mod:`~mechscope.cli.probe` and :mod:`~mechscope.cli.monitor` the ``probe`` and ``monitor``
-groups; :mod:`~mechscope.cli.audit` the ``audit`` command. This module only assembles them: the command
-modules import ``common`` and library code, never each other.
+groups; :mod:`~mechscope.cli.audit` and :mod:`~mechscope.cli.finetune` the ``audit`` and ``finetune``
+commands. This module only assembles them: the command modules import ``common`` and library code, never
+each other.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mechscope.cli.audit import audit
 from mechscope.cli.circuit import circuit_app
 from mechscope.cli.common import auto_threads, clean_errors
 from mechscope.cli.features import features_app
+from mechscope.cli.finetune import finetune_cmd
 from mechscope.cli.monitor import monitor_app
 from mechscope.cli.probe import probe_app
 from mechscope.cli.root import app
@@ -28,6 +30,7 @@ app.add_typer(circuit_app, name="circuit")
 app.add_typer(probe_app, name="probe")
 app.add_typer(monitor_app, name="monitor")
 app.command("audit")(audit)
+app.command("finetune")(finetune_cmd)
 
 __all__ = ["app", "auto_threads", "clean_errors", "main"]
 

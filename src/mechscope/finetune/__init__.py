@@ -1,0 +1,8 @@
+"""Fine-tuning of whole models: full or LoRA (the ``peft`` library) on labelled text or chat examples, with the
+loss on the scored (assistant) tokens, gradient accumulation, bf16 autocast, checkpoints with exact resume and a
+metrics log; the result is a transformers model folder that :func:`mechscope.load` opens."""
+
+from mechscope.finetune.config import METHODS, FinetuneConfig
+from mechscope.finetune.train import FinetuneResult, default_targets, finetune
+
+__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "default_targets", "finetune"]

@@ -1,0 +1,361 @@
+"""The fine-tuning loop: full or LoRA, loss on the scored (assistant) tokens only, checkpoints with exact resume.
+
+Layout of ``out_dir``::
+
+    metrics.jsonl                 one line per optimizer step: step, loss (nats per scored token), lr, tokens
+                                  (scored tokens in the step), seconds (wall time of the step)
+    checkpoints/step-N/           trainable.safetensors, optimizer.safetensors, rng.safetensors, state.json
+    model/                        a transformers model folder (LoRA merged) with the tokenizer
+    adapter/                      (LoRA only) the peft adapter, for PeftModel.from_pretrained
+    finetune.json                 config, data fingerprint, base model, steps, final loss
+
+Data order: example indices come from an endless stream of seeded permutations (epoch ``e`` is
+``randperm(n, generator=seed + e)``); micro-batch ``k`` takes stream positions ``k * batch_size`` onwards. The data
+position of a checkpoint is therefore its step, and a resumed run reads the very batches the uninterrupted one
+would, with the model, optimizer and RNG states restored, so its float32 weights equal it bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mechscope.core.errors import InputError
+from mechscope.core.io import (
+    load_safetensors,
+    save_safetensors_atomic,
+    write_folder_atomic,
+    write_json_atomic,
+)
+from mechscope.data.labelled import LabelledDataset, read_labelled
+from mechscope.data.labelled_render import render
+from mechscope.finetune.config import FinetuneConfig
+
+_RESUMABLE_CHANGES = {"n_steps", "n_epochs", "checkpoint_every"}
+_PROJ_CLASSES = ("Linear", "Conv1D")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What :func:`finetune` did.
+
+    Attributes:
+        out_dir: the run folder. model_dir: the HF model folder (``out_dir / "model"``).
+        n_steps: optimizer steps done in total (a resumed run counts the earlier ones).
+        losses: mean cross-entropy (nats per scored token) of each optimizer step of this call.
+        final_loss: the loss of the last step (None when a resume found nothing left to do).
+        trainable: names of the parameters that trained.
+    """
+
+    out_dir: Path
+    model_dir: Path
+    n_steps: int
+    losses: tuple[float, ...]
+    final_loss: float | None
+    trainable: tuple[str, ...]
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+def _load_model(model_or_path):
+    from mechscope.models.loading import load
+
+    hooked = load(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    if not hasattr(hooked, "hf"):
+        raise InputError(f"finetune needs a model name, a model folder or a HookedModel, got {type(model_or_path).__name__}.")
+    tok = hooked._need_tokenizer()
+    hf = copy.deepcopy(hooked.hf).float()  # never train the caller's model in place
+    return hf, tok, hooked.cfg.name
+
+
+def _load_data(data) -> LabelledDataset:
+    if isinstance(data, LabelledDataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return read_labelled(data)
+    raise InputError(f"data must be a .jsonl path or a LabelledDataset, got {type(data).__name__}.")
+
+
+def _encode(tok, dataset: LabelledDataset, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, labels) per example: labels are the ids at scored tokens, -100 elsewhere (cut to max_len)."""
+    out = []
+    for i, r in enumerate(render(tok, dataset)):
+        ids, mask = r.tokens[:max_len], r.score_mask[:max_len]
+        labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        if not bool(mask[1:].any()):  # position 0 is never predicted
+            raise InputError(f"dataset {dataset.name!r}, example {i}: no scored token after the first within max_len="
+                             f"{max_len} tokens; the answer must follow a prompt. Put a prompt before the scored span "
+                             "or raise max_len.")
+        out.append((ids, labels))
+    return out
+
+
+def default_targets(hf: nn.Module) -> list[str]:
+    """Module-name suffixes of every linear projection of the decoder layers (attention and MLP), e.g.
+    ``["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]`` for Llama."""
+    skip = ("lm_head", "embed", "wte", "wpe", "score")
+    names = {n.rsplit(".", 1)[-1] for n, m in hf.named_modules()
+             if type(m).__name__ in _PROJ_CLASSES and not any(k in n for k in skip)}
+    if not names:
+        raise InputError("found no linear projections in the decoder layers for LoRA; pass lora_target_modules.")
+    return sorted(names)
+
+
+def _wrap(hf: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    if cfg.method == "full":
+        for p in hf.parameters():
+            p.requires_grad_(True)
+        return hf
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg.lora_target_modules or default_targets(hf))
+    present = {n.rsplit(".", 1)[-1] for n, _ in hf.named_modules()}
+    missing = sorted(set(targets) - present)
+    if missing:
+        raise InputError(f"lora_target_modules {missing} name no module of this model; use some of "
+                         f"{default_targets(hf)}.")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(hf, lcfg)
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
+    """The latest checkpoint folder when resuming, else None; checks the folder can hold a run."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"out_dir {out_dir} is a file; give a folder path (it is created if missing).")
+    folder = out_dir / "checkpoints"
+    ckpts = [c for c in folder.glob("step-*") if re.fullmatch(r"step-\d+", c.name) and (c / "state.json").is_file()] \
+        if folder.is_dir() else []  # skips the temporary folders of an interrupted write
+    ckpts.sort(key=lambda c: int(c.name[5:]))
+    if resume:
+        if not ckpts:
+            raise InputError(f"resume=True but {out_dir} holds no checkpoint (checkpoints/step-N/); run without "
+                             "resume to start afresh, or point out_dir at the run to continue.")
+        return ckpts[-1]
+    if ckpts:
+        raise InputError(f"{out_dir} already holds a run (checkpoints up to {ckpts[-1].name}); pass resume=True to "
+                         "continue it, or choose another out_dir.")
+    return None
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(folder: Path, model, opt, step: int, run_info: dict) -> None:
+    params = _trainable(model)
+    index = {id(p): n for n, p in params.items()}
+    opt_tensors, opt_scalars = {}, {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, val in opt.state.get(p, {}).items():
+                if torch.is_tensor(val):
+                    opt_tensors[f"{index[id(p)]}::{key}"] = val
+                else:
+                    opt_scalars[f"{index[id(p)]}::{key}"] = val
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+    def write(tmp: Path):
+        save_safetensors_atomic({n: p.detach() for n, p in params.items()}, tmp / "trainable.safetensors")
+        save_safetensors_atomic(opt_tensors, tmp / "optimizer.safetensors")
+        save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        write_json_atomic({"step": step, "param_groups": groups, "optimizer_scalars": opt_scalars, **run_info},
+                          tmp / "state.json")
+
+    write_folder_atomic(folder, write)
+
+
+def _load_checkpoint(folder: Path, model, opt) -> dict:
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    params = _trainable(model)
+    saved = load_safetensors(folder / "trainable.safetensors", "checkpoint weights")
+    if set(saved) != set(params):
+        raise InputError(f"checkpoint {folder} holds other trainable parameters than this model has; resume with the "
+                         "same base model and method, or start a new out_dir.")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    opt_saved = load_safetensors(folder / "optimizer.safetensors", "optimizer state")
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for i, n in enumerate(params):  # one param group, parameters in named_parameters order
+        entry = {key.split("::", 1)[1]: t for key, t in opt_saved.items() if key.split("::", 1)[0] == n}
+        entry.update({key.split("::", 1)[1]: v for key, v in state["optimizer_scalars"].items()
+                      if key.split("::", 1)[0] == n})
+        if entry:
+            sd["state"][i] = entry
+    for g, saved_g in zip(sd["param_groups"], state["param_groups"]):
+        g.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved_g.items()})
+    opt.load_state_dict(sd)
+    rng = load_safetensors(folder / "rng.safetensors", "RNG state")
+    torch.set_rng_state(rng["torch_cpu"])
+    return state
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def _batches(encoded, cfg: FinetuneConfig, step: int):
+    """The micro-batches of optimizer step ``step``: (ids, attention mask, labels) each, right-padded."""
+    n, b = len(encoded), cfg.batch_size
+    perms: dict[int, list[int]] = {}
+    out = []
+    for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+        idx = []
+        for pos in range(k * b, (k + 1) * b):
+            epoch, at = divmod(pos, n)
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            idx.append(perms[epoch][at])
+        longest = max(len(encoded[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), longest, dtype=torch.long)
+        att = torch.zeros(len(idx), longest, dtype=torch.long)
+        lab = torch.full((len(idx), longest), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            t, lb = encoded[i]
+            ids[row, : len(t)], att[row, : len(t)], lab[row, : len(t)] = t, 1, lb
+        out.append((ids, att, lab))
+    return out
+
+
+def _step_loss(model, batches, bf16: bool) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; the mean over all scored tokens."""
+    n_tok = sum(int((lab[:, 1:] != -100).sum()) for _, _, lab in batches)
+    total = 0.0
+    for ids, att, lab in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=att).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), lab[:, 1:].flatten(),
+                                           ignore_index=-100, reduction="sum") / max(n_tok, 1)
+        loss.backward()
+        total += float(loss.detach())
+    return total, n_tok
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line, None for a blank or torn one (a run killed mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfig | None = None, *,
+             resume: bool = False, progress: bool = True) -> FinetuneResult:
+    """Fine-tune a causal LM on labelled text or chat examples, training on the scored tokens only.
+
+    Args:
+        model_or_path: a model name or folder (opened with :func:`mechscope.load`) or a HookedModel (copied;
+            the caller's model is left as it was). Trained in float32.
+        data: a labelled-data ``.jsonl`` path or a :class:`~mechscope.data.labelled.LabelledDataset`. The loss
+            covers each example's scored tokens (the last message of a chat, i.e. the assistant answer, or its
+            ``score_span``); ``label`` is ignored.
+        out_dir: the run folder (layout in the module docstring).
+        cfg: the settings (default :class:`FinetuneConfig`()).
+        resume: continue from the latest checkpoint of ``out_dir``; the settings must match the earlier run
+            except ``n_steps``, ``n_epochs`` and ``checkpoint_every``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        FinetuneResult; the losses are mean cross-entropy in nats per scored token.
+
+    Raises:
+        InputError: an out_dir that is a file; an out_dir holding a run without resume, or resume without a
+            checkpoint; a resume with other settings, data or base model; data that is empty or has no scored
+            token after the first of an example; LoRA target modules the model lacks; settings as
+            :class:`FinetuneConfig` raises.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or FinetuneConfig()
+    out_dir = Path(out_dir).expanduser()
+    ckpt = _check_out_dir(out_dir, resume)
+    dataset = _load_data(data)
+    hf, tok, base_name = _load_model(model_or_path)
+    encoded = _encode(tok, dataset, cfg.max_len)
+    run_info = {"config": cfg.to_dict(), "data_fingerprint": dataset.fingerprint(), "base_model": base_name}
+
+    torch.manual_seed(cfg.seed)
+    model = _wrap(hf, cfg)
+    model.train()
+    opt = torch.optim.AdamW(list(_trainable(model).values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if ckpt is not None:
+        prev = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != prev["config"].get(k))
+        if set(changed) - _RESUMABLE_CHANGES or prev["data_fingerprint"] != run_info["data_fingerprint"] \
+                or prev["base_model"] != base_name:
+            what = [k for k in changed if k not in _RESUMABLE_CHANGES]
+            what += ["the data"] * (prev["data_fingerprint"] != run_info["data_fingerprint"])
+            what += ["the base model"] * (prev["base_model"] != base_name)
+            raise InputError(f"cannot resume {out_dir}: {', '.join(what)} differ from the checkpointed run; resume "
+                             "with the same settings, data and model (only n_steps, n_epochs and checkpoint_every "
+                             "may change), or start a new out_dir.")
+        start = _load_checkpoint(ckpt, model, opt)["step"]
+    total = cfg.total_steps(len(dataset))
+
+    metrics_path = out_dir / "metrics.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if start and metrics_path.is_file():
+        kept = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _logged_step(ln) is not None and _logged_step(ln) <= start]
+    metrics_path.write_text("".join(kept), encoding="utf-8")
+
+    losses: list[float] = []
+    bar = tqdm(total=total, initial=min(start, total), unit="step", desc=f"finetune ({cfg.method})",
+               disable=not progress, dynamic_ncols=True)
+    with open(metrics_path, "a", encoding="utf-8") as log:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss, n_tok = _step_loss(model, _batches(encoded, cfg, step), cfg.bf16)
+            opt.step()
+            losses.append(loss)
+            log.write(json.dumps({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": cfg.lr,
+                                  "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 6)}) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            done = step + 1
+            if done == total or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                _save_checkpoint(out_dir / "checkpoints" / f"step-{done}", model, opt, done, run_info)
+    bar.close()
+    n_done = max(start, total)
+    trainable = tuple(_trainable(model))
+    n_trainable = sum(p.numel() for p in _trainable(model).values())
+    _write_outputs(out_dir, model, tok, cfg)
+    final = losses[-1] if losses else None
+    write_json_atomic({**run_info, "n_steps": n_done, "n_examples": len(dataset),
+                       "final_loss": final if final is None or math.isfinite(final) else None,
+                       "trainable_parameters": n_trainable},
+                      out_dir / "finetune.json")
+    return FinetuneResult(out_dir, out_dir / "model", n_done, tuple(losses), final, trainable)
+
+
+def _write_outputs(out_dir: Path, model, tok, cfg: FinetuneConfig) -> None:
+    model.eval()
+    if cfg.method == "lora":
+        write_folder_atomic(out_dir / "adapter", lambda tmp: model.save_pretrained(tmp))
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    write_folder_atomic(out_dir / "model", write)
+
+
+__all__ = ["FinetuneResult", "default_targets", "finetune"]

@@ -1,0 +1,214 @@
+"""mechscope.finetune: full and LoRA fine-tuning, exact resume, metrics, bad inputs (tiny word-tokenizer Llama)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import mechscope
+from mechscope.core.errors import InputError
+from mechscope.data.labelled import Example, LabelledDataset
+from mechscope.finetune import FinetuneConfig, finetune
+from tests.conftest import make_tokenizer
+from tests.unit.test_cli import _save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return _save_tiny_llama(tmp_path_factory.mktemp("ft-base"), make_tokenizer())
+
+
+def _planted(n: int = 8, seed: int = 0) -> tuple[LabelledDataset, list[tuple[str, str]]]:
+    """Text examples "wA wB wC wX" where the answer wX (the scored span) is planted per prompt."""
+    rng = random.Random(seed)
+    pairs, examples = [], []
+    for i in range(n):
+        prompt = " ".join(f"w{rng.randrange(0, 40)}" for _ in range(3))
+        answer = f"w{50 + i}"
+        text = f"{prompt} {answer}"
+        pairs.append((prompt, answer))
+        examples.append(Example(text=text, label=i % 2, group=f"g{i}", score_span={"start": len(prompt) + 1}))
+    return LabelledDataset("planted", tuple(examples)), pairs
+
+
+def _greedy(hf, tok, prompt: str) -> str:
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        return tok.convert_ids_to_tokens(int(hf(input_ids=ids).logits[0, -1].argmax()))
+
+
+def test_full_finetune_learns_planted_mapping(base_dir, tmp_path):
+    data, pairs = _planted()
+    cfg = FinetuneConfig(method="full", lr=1e-2, n_steps=40, batch_size=4, grad_accum=2)
+    res = finetune(str(base_dir), data, tmp_path / "run", cfg, progress=False)
+    assert len(res.losses) == 40 and res.n_steps == 40
+    assert res.losses[-1] < 0.2 * res.losses[0]
+    tuned = mechscope.load(str(res.model_dir))
+    hits = sum(_greedy(tuned.hf, tuned.tokenizer, p) == a for p, a in pairs)
+    assert hits >= 6, hits
+    info = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert info["n_steps"] == 40 and info["data_fingerprint"] == data.fingerprint()
+    assert FinetuneConfig.from_dict(info["config"]) == cfg
+    # metrics: one line per optimizer step, finite losses
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 41))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) and m["tokens"] == 8 for m in lines)
+    assert set(lines[0]) == {"step", "loss", "lr", "tokens", "seconds"}
+
+
+def test_lora_trains_adapters_only_and_merges(base_dir, tmp_path):
+    from peft import PeftModel
+
+    data, _ = _planted()
+    cfg = FinetuneConfig(method="lora", lr=1e-2, n_steps=6, batch_size=4, lora_r=4, lora_dropout=0.0)
+    res = finetune(str(base_dir), data, tmp_path / "run", cfg, progress=False)
+    assert res.trainable and all("lora_" in n for n in res.trainable)
+    ckpt = mechscope.finetune.train.load_safetensors(tmp_path / "run" / "checkpoints" / "step-6" / "trainable.safetensors")
+    assert set(ckpt) == set(res.trainable)
+
+    base = mechscope.load(str(base_dir))
+    peft_model = PeftModel.from_pretrained(mechscope.load(str(base_dir)).hf, str(tmp_path / "run" / "adapter")).eval()
+    base_sd = base.hf.state_dict()
+    peft_base = {n.replace("base_model.model.", "").replace("base_layer.", ""): p
+                 for n, p in peft_model.state_dict().items() if "lora_" not in n}
+    assert all(torch.equal(base_sd[n], p) for n, p in peft_base.items())  # base weights untouched before merge
+
+    merged = mechscope.load(str(res.model_dir))
+    ids = torch.tensor([[4, 15, 16, 17, 60, 9]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = merged.hf(input_ids=ids).logits
+        assert not torch.allclose(base.hf(input_ids=ids).logits, got, atol=1e-4)  # training changed something
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    merged_sd = merged.hf.state_dict()
+    assert torch.equal(merged_sd["model.embed_tokens.weight"], base_sd["model.embed_tokens.weight"])
+    assert not torch.equal(merged_sd["model.layers.0.self_attn.q_proj.weight"],
+                           base_sd["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_is_exact(base_dir, tmp_path, method):
+    data, _ = _planted(n=6)
+    kw = {"method": method, "lr": 5e-3, "batch_size": 4, "grad_accum": 2, "lora_r": 4, "lora_dropout": 0.1, "seed": 3}
+    straight = finetune(str(base_dir), data, tmp_path / "a", FinetuneConfig(n_steps=6, **kw), progress=False)
+    first = finetune(str(base_dir), data, tmp_path / "b", FinetuneConfig(n_steps=3, **kw), progress=False)
+    resumed = finetune(str(base_dir), data, tmp_path / "b", FinetuneConfig(n_steps=6, **kw), resume=True, progress=False)
+    assert first.losses + resumed.losses == straight.losses
+    a = mechscope.load(str(straight.model_dir)).hf.state_dict()
+    b = mechscope.load(str(resumed.model_dir)).hf.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_bf16_autocast_runs(base_dir, tmp_path):
+    data, _ = _planted(n=4)
+    res = finetune(str(base_dir), data, tmp_path / "run", FinetuneConfig(n_steps=2, batch_size=2, bf16=True),
+                   progress=False)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert next(mechscope.load(str(res.model_dir)).hf.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kw, match", [({"method": "qlora"}, "use one of"), ({"n_steps": 0}, "n_steps"),
+                                       ({"n_steps": None}, "give n_steps"), ({"lr": -1.0}, "positive"),
+                                       ({"lora_dropout": 1.0}, "lora_dropout")])
+def test_bad_config(kw, match):
+    with pytest.raises(InputError, match=match):
+        FinetuneConfig(**kw)
+
+
+def test_bad_config_keys():
+    with pytest.raises(InputError, match="unknown fine-tuning config keys"):
+        FinetuneConfig.from_dict({"method": "full", "steps": 3})
+
+
+def test_bad_inputs(base_dir, tmp_path):
+    cfg = FinetuneConfig(n_steps=1, batch_size=2)
+    data, _ = _planted(n=2)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="holds no examples"):
+        finetune(str(base_dir), empty, tmp_path / "r0", cfg, progress=False)
+    unscored = LabelledDataset("u", (Example(text="w5 w6", group="g", score_span={"start": 0, "end": 2}),))
+    with pytest.raises(InputError, match="no scored token after the first"):
+        finetune(str(base_dir), unscored, tmp_path / "r1", cfg, progress=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is a file; give a folder"):
+        finetune(str(base_dir), data, afile, cfg, progress=False)
+    with pytest.raises(InputError, match="holds no checkpoint"):
+        finetune(str(base_dir), data, tmp_path / "r2", cfg, resume=True, progress=False)
+    finetune(str(base_dir), data, tmp_path / "r3", cfg, progress=False)
+    with pytest.raises(InputError, match="pass resume=True"):
+        finetune(str(base_dir), data, tmp_path / "r3", cfg, progress=False)
+    with pytest.raises(InputError, match="lr differ"):
+        finetune(str(base_dir), data, tmp_path / "r3", FinetuneConfig(n_steps=2, batch_size=2, lr=1.0), resume=True,
+                 progress=False)
+    with pytest.raises(InputError, match="name no module"):
+        finetune(str(base_dir), data, tmp_path / "r4", FinetuneConfig(method="lora", n_steps=1,
+                                                                      lora_target_modules=("nope",)), progress=False)
+
+
+def test_cli_finetune_command(base_dir, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mechscope.cli.finetune import finetune_cmd
+
+    app = typer.Typer()
+    app.command("finetune")(finetune_cmd)
+    app.command("other")(lambda: None)  # two commands keep the subcommand name in argv
+    data, _ = _planted(n=4)
+    path = data.to_jsonl(tmp_path / "train.jsonl")
+    args = ["finetune", str(path), "--model", str(base_dir), "--out", str(tmp_path / "run"), "--method", "lora",
+            "--steps", "2", "--batch-size", "2", "--lora-r", "2", "--threads", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "2 steps" in r.output and (tmp_path / "run" / "model" / "config.json").is_file()
+    r = CliRunner().invoke(app, args)  # the run exists: one red line, exit 2
+    assert r.exit_code == 2 and "pass resume=True" in r.output
+    r = CliRunner().invoke(app, [*args[:-6], "--steps", "3", "--batch-size", "2", "--lora-r", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "3 steps" in r.output
+    r = CliRunner().invoke(app, ["finetune", str(path), "--method", "qlora", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "use one of" in r.output
+
+
+def test_chat_loss_covers_the_assistant_answer_only(base_dir):
+    from mechscope.finetune.train import _encode
+
+    tok = mechscope.load(str(base_dir)).tokenizer
+    chat = Example(messages=[{"role": "user", "content": "w10 w11 w12"}, {"role": "assistant", "content": "w50 w51"}],
+                   group="g")
+    (ids, labels), = _encode(tok, LabelledDataset("chat", (chat,)), max_len=64)
+    scored = [tok.convert_ids_to_tokens(int(i)) for i in ids[labels != -100]]
+    assert scored == ["w50", "w51"]
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+
+
+def test_hooked_model_input_is_not_modified(base_dir, tmp_path):
+    model = mechscope.load(str(base_dir))
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    data, _ = _planted(n=4)
+    res = finetune(model, data, tmp_path / "run", FinetuneConfig(n_epochs=1.0, n_steps=None, batch_size=2, lr=1e-2),
+                   progress=False)
+    assert res.n_steps == 2  # ceil(1 epoch * 4 examples / 2 per step)
+    assert all(torch.equal(before[k], v) for k, v in model.hf.state_dict().items())
+    assert not any(p.requires_grad for p in model.hf.parameters())
+
+
+def test_resume_skips_torn_metrics_and_temp_folders(base_dir, tmp_path):
+    data, _ = _planted(n=4)
+    cfg = FinetuneConfig(n_steps=2, batch_size=2, checkpoint_every=1)
+    finetune(str(base_dir), data, tmp_path / "run", cfg, progress=False)
+    (tmp_path / "run" / "checkpoints" / "step-9.abc.tmp").mkdir()  # an interrupted checkpoint write
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a torn last line
+    res = finetune(str(base_dir), data, tmp_path / "run", FinetuneConfig(n_steps=3, batch_size=2, checkpoint_every=1),
+                   resume=True, progress=False)
+    assert res.n_steps == 3 and len(res.losses) == 1
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
