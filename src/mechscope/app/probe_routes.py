@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from mechscope.core.errors import InputError
+from mechscope.data.labelled_render import user_prompt_ids
 
 MAX_PROBE_TOKENS = 512  # a typed prompt, chat template included
 MAX_MONITOR_TOKENS = 200  # new tokens per monitored generation
@@ -191,9 +192,7 @@ def prompt_tokens(model, text: str, *, chat: bool, generation_prompt: bool, max_
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{model.cfg.name}'s tokenizer has no chat template; untick 'chat' to score the text "
                              "as it is, or serve a chat model.")
-        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=generation_prompt)
-        tokens = model.to_tokens(rendered, prepend_bos=False)
+        tokens = user_prompt_ids(model, text, generation_prompt=generation_prompt)
     else:
         tokens = model.to_tokens(text)
     if tokens.shape[1] == 0:

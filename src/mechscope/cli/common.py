@@ -186,6 +186,31 @@ def load_dictionaries(folders: Sequence[Path], hook: str | None = None) -> list:
     return [load_dictionary(f, hook=hook) for f in folders]
 
 
+def labelled_option(source: str, option: str):
+    """A labelled dataset (built-in name, ``.jsonl`` file or ``hf:`` source) named by ``option``; its errors name
+    the option."""
+    from mechscope.data.labelled_builtins import load_labelled
+
+    try:
+        return load_labelled(source)
+    except InputError as e:
+        raise InputError(f"{option}: {e}") from None
+
+
+def load_probe(folder: Path, model=None):
+    """A saved probe folder; with ``model``, one fitted for another model or width is refused."""
+    from mechscope.safety.probe import Probe
+
+    return Probe.load(folder, model=model)
+
+
+def load_model(model: str, dtype: str):
+    """``mechscope.load(model, dtype=dtype)``."""
+    import mechscope
+
+    return mechscope.load(model, dtype=dtype)
+
+
 def open_database(path: Path):
     """Open a feature database read-only (raises InputError/CorruptFileError for a missing or broken file)."""
     from mechscope.features.db import FeatureDB

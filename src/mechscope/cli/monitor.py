@@ -23,7 +23,13 @@ from mechscope.cli.common import (
     check_model_dtype,
     check_out_file,
     clean_errors,
+    expand_latents,
+    labelled_option,
+    load_dictionaries,
+    load_model,
+    load_probe,
     out,
+    parse_latents,
     print_titled,
     set_threads,
 )
@@ -49,11 +55,8 @@ def _group() -> None:
 
 def _probe(folder: Path, model=None, latents: str | None = None):
     """A saved probe, or with ``latents`` a :class:`LatentScorer` over those latents of the dictionary in ``folder``."""
-    from mechscope.safety.probe import Probe
-
     if latents is None:
-        return Probe.load(folder, model=model)
-    from mechscope.cli.common import expand_latents, load_dictionaries, parse_latents
+        return load_probe(folder, model)
     from mechscope.safety import LatentScorer
 
     ranges = parse_latents(latents)
@@ -65,21 +68,6 @@ def _probe(folder: Path, model=None, latents: str | None = None):
 
         check_fits(model, d)
     return scorer
-
-
-def _load(model: str, dtype: str):
-    import mechscope
-
-    return mechscope.load(model, dtype=dtype)
-
-
-def _dataset(source: str):
-    from mechscope.data.labelled_builtins import load_labelled
-
-    try:
-        return load_labelled(source)
-    except InputError as e:
-        raise InputError(f"--control: {e}") from None
 
 
 def _read_calibration(path: Path):
@@ -100,10 +88,9 @@ def _prompt_ids(model, text: str, chat: bool):
         return text
     if model.tokenizer is None or getattr(model.tokenizer, "chat_template", None) is None:
         raise InputError(f"{model.cfg.name} has no chat template; pass --raw to generate from the text as it is.")
-    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              return_tensors="pt")
-    ids = ids["input_ids"] if not hasattr(ids, "dim") else ids
-    return ids[0]
+    from mechscope.data.labelled_render import user_prompt_ids
+
+    return user_prompt_ids(model, text)[0]
 
 
 def _marked(model, g, threshold: float) -> Text:
@@ -176,14 +163,14 @@ def generate_cmd(
             check_fpr(fpr)
         except InputError as e:
             raise InputError(f"--fpr: {e}") from None
-        ctrl = _dataset(control)
+        ctrl = labelled_option(control, "--control")
     for path, option in ((log, "--log"), (out_file, "--out")):
         if path is not None:
             check_out_file(path, option, "monitor.jsonl")
     mon = Monitor(p, threshold=cal.threshold if cal else threshold, fpr=fpr, rule=rule, ema=ema, window=window,
                   on_alarm=on_alarm, log=log)
     set_threads(threads)
-    m = _load(model, dtype)
+    m = load_model(model, dtype)
     p = _probe(probe, m, latents)
     mon.probe = p
     if ctrl is not None:
@@ -244,11 +231,11 @@ def calibrate_cmd(
     check_choice(rule, RULES, "--rule")
     check_model_dtype(dtype)
     p = _probe(probe, latents=latents)
-    ctrl = _dataset(control)
+    ctrl = labelled_option(control, "--control")
     check_out_file(out_file, "--out", "calibration.json")
     mon = Monitor(p, fpr=fpr, rule=rule, ema=ema, window=window)
     set_threads(threads)
-    m = _load(model, dtype)
+    m = load_model(model, dtype)
     mon.probe = _probe(probe, m, latents)
     c = mon.calibrate(m, ctrl, fpr)
     write_json_atomic({"probe": str(probe), "latents": latents, "site": p.site, "control": ctrl.name,
@@ -278,13 +265,13 @@ def drift_cmd(
     if folder is None:
         raise InputError(f"{calibration} names no probe; pass --probe DIR.")
     p = _probe(folder, latents=latents)  # no model-name check: a fine-tune has another name; the width is checked
-    ctrl = _dataset(control)
+    ctrl = labelled_option(control, "--control")
     if out_file is not None:
         check_out_file(out_file, "--out", "drift.json")
     mon = Monitor(p, fpr=before.fpr, rule=before.rule, ema=before.ema, window=before.window)
     mon.calibration, mon.threshold = before, before.threshold
     set_threads(threads)
-    m = _load(model, dtype)
+    m = load_model(model, dtype)
     mon.check_model(m)
     drift = mon.recalibrate(m, ctrl)
     print_titled(f"control-score drift of the {p.method} probe at {p.site} (threshold shift "

@@ -26,6 +26,9 @@ from mechscope.cli.common import (
     check_out_dir,
     check_out_file,
     clean_errors,
+    labelled_option,
+    load_model,
+    load_probe,
     note,
     out,
     print_titled,
@@ -54,17 +57,8 @@ def _group() -> None:
     """Linear probes: sweep sites and methods, train, evaluate, test causally, report."""
 
 
-def _dataset(source: str, option: str):
-    from mechscope.data.labelled_builtins import load_labelled
-
-    try:
-        return load_labelled(source)
-    except InputError as e:
-        raise InputError(f"{option}: {e}") from None
-
-
 def _control(control: str):
-    return None if control.lower() == "none" else _dataset(control, "--control")
+    return None if control.lower() == "none" else labelled_option(control, "--control")
 
 
 def _checks(fpr: float, aggregation: str, dtype: str, methods: list[str] | None = None) -> None:
@@ -83,12 +77,6 @@ def _checks(fpr: float, aggregation: str, dtype: str, methods: list[str] | None 
 
 def _ci(ci: dict | None) -> str:
     return "n/a" if ci is None else f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
-
-
-def _load(model: str, dtype: str):
-    import mechscope
-
-    return mechscope.load(model, dtype=dtype)
 
 
 def _summary_table(run: dict) -> Table:
@@ -140,11 +128,11 @@ def _run_probes(dataset: str, *, sites, methods, aggregation, control, transfer,
         claim_from_probe_run,
     )
 
-    ds = _dataset(dataset, "DATASET")
+    ds = labelled_option(dataset, "DATASET")
     ds.require_both_classes(f"training a probe on {ds.name!r}")
     ctrl = _control(control)
-    others = [_dataset(t, "--transfer") for t in transfer]
-    pairs = None if causal_pairs is None else _dataset(causal_pairs, "--causal")
+    others = [labelled_option(t, "--transfer") for t in transfer]
+    pairs = None if causal_pairs is None else labelled_option(causal_pairs, "--causal")
     if not 0 < test_fraction < 1:
         raise InputError(f"--test-fraction must lie strictly between 0 and 1, e.g. 0.5; got {test_fraction}.")
     if not 0 <= validation_fraction < 1:
@@ -152,7 +140,7 @@ def _run_probes(dataset: str, *, sites, methods, aggregation, control, transfer,
                          f"which makes its AUROC optimistic); got {validation_fraction}.")
     check_out_dir(out_dir)
     set_threads(threads)
-    m = _load(model, dtype)
+    m = load_model(model, dtype)
     t0 = time.perf_counter()
     run = train_probe(m, ds, sites=sites, methods=tuple(methods), aggregation=aggregation, control=ctrl,
                       transfer=others, fpr=fpr, test_fraction=test_fraction, validation_fraction=float(validation_fraction),
@@ -167,7 +155,7 @@ def _run_probes(dataset: str, *, sites, methods, aggregation, control, transfer,
         site = run.sweep.best_site(method)
         ev = run.sweep.evaluations[site, method]
         p = run.best(method)
-        p.info.update(threshold=ev.threshold, fpr=fpr, dataset=ds.name, fingerprint=ds.fingerprint(),
+        p.info.update(threshold=ev.threshold, fpr=fpr,  # dataset and fingerprint: recorded by train_probe
                       control=None if ctrl is None else ctrl.name, test_auroc=ev.auroc.estimate,
                       split={"test_fraction": test_fraction, "validation_fraction": validation_fraction, "seed": seed})
         probes[method] = p
@@ -261,12 +249,6 @@ def train_cmd(
                 title_sweep=False)
 
 
-def _probe(folder: Path, model=None):
-    from mechscope.safety.probe import Probe
-
-    return Probe.load(folder, model=model)
-
-
 @probe_app.command("eval")
 @clean_errors
 def eval_cmd(
@@ -286,15 +268,15 @@ def eval_cmd(
     from mechscope.safety import collect_features, evaluate_probe
 
     _checks(fpr, "mean", dtype)
-    p = _probe(probe)  # a missing or corrupt folder costs no model load
-    ds = _dataset(dataset, "DATASET")
+    p = load_probe(probe)  # a missing or corrupt folder costs no model load
+    ds = labelled_option(dataset, "DATASET")
     ds.require_both_classes(f"evaluating a probe on {ds.name!r}")
     ctrl = _control(control)
     if json_out is not None:
         check_out_file(json_out, "--json", "evaluation.json")
     set_threads(threads)
-    m = _load(model, dtype)
-    p = _probe(probe, m)
+    m = load_model(model, dtype)
+    p = load_probe(probe, m)
     parts = [("data", ds)] + ([("control", ctrl)] if ctrl is not None else [])
     x = {name: collect_features(m, render(m, part), [p.site], aggregation=p.aggregation, batch_size=batch_size,
                                 progress=True).vectors[m.resolve([p.site])[0]] for name, part in parts}
@@ -344,20 +326,20 @@ def causal_cmd(
         values = [float(a) for a in alphas.split(",") if a.strip()]
     except ValueError:
         raise InputError(f"--alphas {alphas!r} is not comma-separated numbers, e.g. -8,-4,0,4,8.") from None
-    p = _probe(probe)
+    p = load_probe(probe)
     if refusal is not None and pairs is not None:
         raise InputError("give --pairs or --refusal, not both.")
     if refusal is not None:
         from mechscope.safety.refusal import refusal_pairs
 
-        ds = refusal_pairs(_dataset(refusal, "--refusal"))
+        ds = refusal_pairs(labelled_option(refusal, "--refusal"))
     else:
-        ds = _dataset(pairs or "deception_scenarios", "--pairs")
+        ds = labelled_option(pairs or "deception_scenarios", "--pairs")
     ctrl = _control(control)
     check_out_file(claims_out, "--claims", "claims.json")
     set_threads(threads)
-    m = _load(model, dtype)
-    p = _probe(probe, m)
+    m = load_model(model, dtype)
+    p = load_probe(probe, m)
     check = causal_check(m, p, ds, alphas=values, mode=mode, n_random=n_random, control_texts=ctrl, n_boot=n_boot)
     out.print(Text(str(check)))
     write_claims(claims_out, [claim_from_causal_check(check, probe=p)])
@@ -405,21 +387,16 @@ def report_cmd(
 
 
 def _read_generations(path: Path) -> list[dict]:
+    from mechscope.data.textfiles import jsonl_objects
+
     if not path.is_file():
         raise InputError(f"--generations {path} does not exist; write it with `mechscope monitor generate --out`.")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i} is not JSON ({e}); write it with `mechscope monitor generate --out`.") from None
-        if not isinstance(row, dict) or not {"tokens", "scores", "token_strings", "threshold"} <= set(row):
+    for i, row in jsonl_objects(path):
+        if not {"tokens", "scores", "token_strings", "threshold"} <= set(row):
             raise InputError(f"{path}:{i} is not a monitored generation (needs tokens, scores, token_strings, "
                              "threshold); write it with `mechscope monitor generate --out`.")
         rows.append(row)
     return rows
-
 
 __all__ = ["probe_app"]

@@ -119,4 +119,20 @@ def render(tokenizer_or_model, dataset: LabelledDataset, *, chat_template: bool 
     return out
 
 
-__all__ = ["RenderedExample", "render"]
+
+def user_prompt_ids(model, text: str, *, generation_prompt: bool = True):
+    """int64 [1, pos]: ``text`` as one user message through the model's chat template (with the assistant's
+    generation prompt), tokenized as the rendered string (no extra BOS), as :func:`render` tokenizes chats.
+
+    Raises:
+        InputError: the model has no tokenizer or its tokenizer no chat template.
+    """
+    tok = _tokenizer(model)
+    if not getattr(tok, "chat_template", None):
+        raise InputError(f"{getattr(getattr(model, 'cfg', None), 'name', 'this model')}'s tokenizer has no chat "
+                         "template; tokenize the text as it is.")
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=generation_prompt)
+    return model.to_tokens(rendered, prepend_bos=False)
+
+__all__ = ["RenderedExample", "render", "user_prompt_ids"]

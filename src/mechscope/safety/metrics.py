@@ -285,7 +285,7 @@ def evaluate_probe(probe: Probe, X_test, y_test, *, control=None, honest=None, f
     else:
         w = _cluster_weights(list(groups), n, n_boot, seed)
         wp, wn = w[:, y == 1], w[:, y == 0]
-        auc = auroc_ci(s, y, groups=groups, n_boot=n_boot, alpha=alpha, seed=seed)
+        auc = _ci(auroc(s, y), _weighted_auroc(pos, neg, wp, wn), n, alpha)  # auroc_ci(groups=) on these weights
         ba_boot = 0.5 * (_weighted_mean(wp, pos[None] > ba_threshold) + _weighted_mean(wn, neg[None] <= ba_threshold))
         if control is None:  # the threshold moves with the resampled negatives
             t_boot = torch.stack([_weighted_threshold(neg, wn[b], fpr) for b in range(n_boot)])

@@ -160,8 +160,9 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
                         groups=test.groups if clustered else None, fit_kwargs=kw,
                         model_name=model.cfg.name, aggregation=aggregation, fpr=fpr, n_boot=n_boot,
                         n_random=n_random, shuffled=shuffled, seed=seed)
+    fingerprint = ds.fingerprint()
     for p in sweep.probes.values():
-        p.info.update(dataset=ds.name, fingerprint=ds.fingerprint())
+        p.info.update(dataset=ds.name, fingerprint=fingerprint)
     out: dict[str, dict[tuple[str, str], ProbeEvaluation]] = {}
     for t in others:
         x = rows(f"transfer:{t.name}")
@@ -178,7 +179,7 @@ def train_probe(model, dataset, *, sites: str | Sequence[str] = "blocks.*.hook_r
             name: {"scores": probe.score(rows(name)[site]).tolist(),
                    "labels": None if name == "control" else [int(v) for v in parts[name].labels]}
             for name in parts if name != "train"}}
-    info = {"dataset": ds.name, "fingerprint": ds.fingerprint(), "test_fraction": test_fraction, "seed": seed,
+    info = {"dataset": ds.name, "fingerprint": fingerprint, "test_fraction": test_fraction, "seed": seed,
             "validation_fraction": validation_fraction, "selection": sweep.selection,
             "bootstrap": "clustered" if clustered else "stratified",
             "n_train": len(train), "n_test": len(test), "train_groups": sorted(set(train.groups)),
