@@ -151,7 +151,8 @@ class Generation(NamedTuple):
     prompt_len: int
 
 
-def _eos_ids(model) -> set[int]:
+def eos_ids(model) -> set[int]:
+    """The end-of-sequence token ids generation stops at: the tokenizer's and the generation config's."""
     ids: set[int] = set()
     tok = getattr(model, "tokenizer", None)
     if tok is not None and tok.eos_token_id is not None:
@@ -210,7 +211,7 @@ def generate(model, prompt: str | Int[Tensor, "pos"] | Int[Tensor, "1 pos"], *, 
     splices, plain = _flatten(interventions, saes)
     tracker = PositionTracker(model)
     wrapped = [FromPosition(iv.site, inner=iv, start=start, tracker=tracker) for iv in plain]
-    eos = _eos_ids(model) if stop_at_eos else set()
+    eos = eos_ids(model) if stop_at_eos else set()
     g = torch.Generator(device="cpu").manual_seed(seed)
     ctx_len = getattr(model.cfg, "n_ctx", None)
     if ctx_len:

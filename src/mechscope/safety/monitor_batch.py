@@ -36,7 +36,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.core.errors import InputError
-from mechscope.features.generation import _eos_ids
+from mechscope.features.generation import eos_ids
 from mechscope.safety.monitor_rules import MonitoredGeneration
 
 
@@ -110,7 +110,7 @@ def _batch(model, site, prompts, start, watch, halt, max_new_tokens, temperature
         n = p.shape[1]
         max_new = min(max_new_tokens, max(ctx - n, 0)) if ctx else max_new_tokens
         rows.append(_Row(watch(start + i, n), p[0].tolist(), width - n, max_new, seed))
-    eos = _eos_ids(model) if stop_at_eos else set()
+    eos = eos_ids(model) if stop_at_eos else set()
     pad = pad_id(model)
     device = prompts[0].device
     tokens = torch.tensor([[pad] * r.pad + r.w.ids for r in rows], dtype=torch.long, device=device)
