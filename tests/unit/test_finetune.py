@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -104,6 +105,80 @@ def test_resume_is_exact(base_dir, tmp_path, method):
     assert steps == list(range(1, 7))
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_after_a_kill_is_exact_with_a_schedule(base_dir, tmp_path, monkeypatch, method):
+    """A run killed mid-way (after the checkpoint of step 3, during step 5) resumes to the same weights as an
+    uninterrupted run, warmup and cosine schedule included; it loses only the step after the checkpoint."""
+    from mechscope.finetune import train as train_mod
+
+    data, _ = _planted(n=6)
+    cfg = FinetuneConfig(method=method, lr=5e-3, n_steps=6, batch_size=4, grad_accum=2, lr_schedule="cosine",
+                         warmup_steps=2, checkpoint_every=3, seed=1, lora_r=4, lora_dropout=0.1)
+    straight = finetune(str(base_dir), data, tmp_path / "a", cfg, progress=False)
+    real_step, calls = train_mod._step_loss, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_step_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(base_dir), data, tmp_path / "b", cfg, progress=False)
+    monkeypatch.setattr(train_mod, "_step_loss", real_step)
+    assert [c.name for c in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-3"]
+    resumed = finetune(str(base_dir), data, tmp_path / "b", cfg, resume=True, progress=False)
+    assert resumed.losses == straight.losses[3:]
+    a = mechscope.load(str(straight.model_dir)).hf.state_dict()
+    b = mechscope.load(str(resumed.model_dir)).hf.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [cfg.lr_at(i, 6) for i in range(6)]
+
+
+def test_lr_schedules():
+    assert [FinetuneConfig(lr=1.0, warmup_steps=4).lr_at(i, 10) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    lin = FinetuneConfig(lr=1.0, lr_schedule="linear", warmup_steps=2)
+    assert [lin.lr_at(i, 6) for i in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cos = FinetuneConfig(lr=2.0, lr_schedule="cosine")
+    assert cos.lr_at(0, 5) == 2.0 and cos.lr_at(2, 5) == pytest.approx(2 * 0.5 * (1 + math.cos(math.pi * 0.4)))
+
+
+def test_divergence_stops_with_a_clear_error(base_dir, tmp_path):
+    from mechscope.finetune import FinetuneDiverged
+
+    data, _ = _planted(n=6)
+    cfg = FinetuneConfig(method="full", lr=10.0, n_steps=40, batch_size=2, checkpoint_every=1)
+    with pytest.raises(FinetuneDiverged, match="diverged at step .*Lower lr") as err:
+        finetune(str(base_dir), data, tmp_path / "run", cfg, progress=False)
+    e = err.value
+    assert isinstance(e, InputError) and 1 < e.step < 40
+    assert e.checkpoint == tmp_path / "run" / "checkpoints" / f"step-{e.step - 1}"
+    assert not (tmp_path / "run" / "model").exists()
+    logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == e.step
+
+
+def test_nan_loss_stops_at_once(base_dir, tmp_path, monkeypatch):
+    from mechscope.finetune import FinetuneDiverged
+    from mechscope.finetune import train as train_mod
+
+    real_step, calls = train_mod._step_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss, n = real_step(*a, **k)
+        return (float("nan"), n) if len(calls) == 3 else (loss, n)
+
+    monkeypatch.setattr(train_mod, "_step_loss", poisoned)
+    data, _ = _planted(n=4)
+    with pytest.raises(FinetuneDiverged, match="step 3: the loss is nan") as err:
+        finetune(str(base_dir), data, tmp_path / "run", FinetuneConfig(n_steps=10, batch_size=2), progress=False)
+    assert err.value.checkpoint is None
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"] is None
+
+
 def test_bf16_autocast_runs(base_dir, tmp_path):
     data, _ = _planted(n=4)
     res = finetune(str(base_dir), data, tmp_path / "run", FinetuneConfig(n_steps=2, batch_size=2, bf16=True),
@@ -114,7 +189,9 @@ def test_bf16_autocast_runs(base_dir, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [({"method": "qlora"}, "use one of"), ({"n_steps": 0}, "n_steps"),
                                        ({"n_steps": None}, "give n_steps"), ({"lr": -1.0}, "positive"),
-                                       ({"lora_dropout": 1.0}, "lora_dropout")])
+                                       ({"lora_dropout": 1.0}, "lora_dropout"),
+                                       ({"lr_schedule": "step"}, "lr_schedule"), ({"warmup_steps": -1}, "warmup"),
+                                       ({"diverge_factor": 0.5}, "diverge_factor")])
 def test_bad_config(kw, match):
     with pytest.raises(InputError, match=match):
         FinetuneConfig(**kw)
@@ -165,12 +242,15 @@ def test_cli_finetune_command(base_dir, tmp_path):
     path = data.to_jsonl(tmp_path / "train.jsonl")
     args = ["finetune", str(path), "--model", str(base_dir), "--out", str(tmp_path / "run"), "--method", "lora",
             "--steps", "2", "--batch-size", "2", "--lora-r", "2", "--threads", "1"]
-    r = CliRunner().invoke(app, args)
+    r = CliRunner().invoke(app, [*args, "--lr-schedule", "linear", "--warmup", "1"])
     assert r.exit_code == 0, r.output
     assert "2 steps" in r.output and (tmp_path / "run" / "model" / "config.json").is_file()
+    cfg = json.loads((tmp_path / "run" / "finetune.json").read_text())["config"]
+    assert cfg["lr_schedule"] == "linear" and cfg["warmup_steps"] == 1
     r = CliRunner().invoke(app, args)  # the run exists: one red line, exit 2
     assert r.exit_code == 2 and "pass resume=True" in r.output
-    r = CliRunner().invoke(app, [*args[:-6], "--steps", "3", "--batch-size", "2", "--lora-r", "2", "--resume"])
+    r = CliRunner().invoke(app, [*args[:-6], "--steps", "3", "--batch-size", "2", "--lora-r", "2", "--resume",
+                                 "--lr-schedule", "linear", "--warmup", "1"])
     assert r.exit_code == 0, r.output
     assert "3 steps" in r.output
     r = CliRunner().invoke(app, ["finetune", str(path), "--method", "qlora", "--out", str(tmp_path / "x")])

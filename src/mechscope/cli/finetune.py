@@ -24,7 +24,9 @@ def finetune_cmd(
     method: str = typer.Option("full", "--method", help="full or lora"),
     steps: int | None = typer.Option(None, "--steps", help="optimizer steps (default: --epochs, or 100)"),
     epochs: float | None = typer.Option(None, "--epochs", help="passes over the data (instead of --steps)"),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate"),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW (peak) learning rate"),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, linear or cosine (after warmup)"),
+    warmup: int = typer.Option(0, "--warmup", help="optimizer steps of linear warmup"),
     batch_size: int = typer.Option(8, "--batch-size", help="examples per micro-batch"),
     grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank"),
@@ -41,7 +43,7 @@ def finetune_cmd(
     """Fine-tune a model (full or LoRA) on chat or text examples; writes OUT/model, which --model OUT/model opens."""
     from mechscope.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(method=method, lr=lr, n_steps=steps if steps is not None or epochs is not None else 100,
+    cfg = FinetuneConfig(method=method, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup, n_steps=steps if steps is not None or epochs is not None else 100,
                          n_epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lora_r=lora_r,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_target_modules=tuple(lora_targets) or None, seed=seed, bf16=bf16,

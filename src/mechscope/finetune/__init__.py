@@ -2,7 +2,12 @@
 loss on the scored (assistant) tokens, gradient accumulation, bf16 autocast, checkpoints with exact resume and a
 metrics log; the result is a transformers model folder that :func:`mechscope.load` opens."""
 
-from mechscope.finetune.config import METHODS, FinetuneConfig
-from mechscope.finetune.train import FinetuneResult, default_targets, finetune
+from mechscope.finetune.config import METHODS, SCHEDULES, FinetuneConfig
+from mechscope.finetune.train import (
+    FinetuneDiverged,
+    FinetuneResult,
+    default_targets,
+    finetune,
+)
 
-__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "default_targets", "finetune"]
+__all__ = ["METHODS", "SCHEDULES", "FinetuneConfig", "FinetuneDiverged", "FinetuneResult", "default_targets", "finetune"]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from mechscope.core.errors import InputError
 
 METHODS = ("full", "lora")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _check_int(name: str, value, low: int, *, allow_none: bool = False) -> None:
@@ -23,7 +24,13 @@ class FinetuneConfig:
 
     Attributes:
         method: "full" (every parameter trains) or "lora" (low-rank adapters, merged into the weights at the end).
-        lr: AdamW learning rate (constant; per optimizer step).
+        lr: AdamW peak learning rate.
+        lr_schedule: "constant", "linear" (decay to 0 at the last step) or "cosine" (half cosine to 0), each after
+            the warmup.
+        warmup_steps: optimizer steps of linear warmup from ``lr / warmup_steps`` to ``lr``.
+        diverge_factor: stop with :class:`~mechscope.finetune.train.FinetuneDiverged` when the loss is not finite,
+            or when the mean loss of the last 5 steps exceeds ``diverge_factor`` times the first step's loss
+            (0 turns the second rule off).
         n_steps: number of optimizer steps; give this or ``n_epochs`` (n_steps wins when both are given).
         n_epochs: passes over the data; the steps are ``ceil(n_epochs * n_examples / (batch_size * grad_accum))``.
         batch_size: examples per micro-batch (one forward/backward).
@@ -40,12 +47,16 @@ class FinetuneConfig:
         max_len: tokens per example; longer examples are cut at the end.
 
     Raises:
-        InputError: an unknown method; a non-positive lr; steps, epochs, batch_size, grad_accum, lora_r or max_len
+        InputError: an unknown method or lr_schedule; a non-positive lr; a negative warmup_steps; a diverge_factor
+            that is neither 0 nor above 1; steps, epochs, batch_size, grad_accum, lora_r or max_len
             below 1; neither steps nor epochs; a dropout outside [0, 1); a negative checkpoint_every or weight_decay.
     """
 
     method: str = "full"
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    diverge_factor: float = 5.0
     n_steps: int | None = 100
     n_epochs: float | None = None
     batch_size: int = 8
@@ -66,6 +77,13 @@ class FinetuneConfig:
                              "'lora' trains low-rank adapters).")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"lr is {self.lr!r}; it must be a positive number (e.g. 1e-4).")
+        if self.lr_schedule not in SCHEDULES:
+            raise InputError(f"lr_schedule is {self.lr_schedule!r}; use one of {list(SCHEDULES)}.")
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if isinstance(self.diverge_factor, bool) or not isinstance(self.diverge_factor, (int, float)) \
+                or not (self.diverge_factor == 0 or self.diverge_factor > 1):
+            raise InputError(f"diverge_factor is {self.diverge_factor!r}; give a number above 1 (e.g. 5), or 0 to "
+                             "stop only on a non-finite loss.")
         if self.n_steps is None and self.n_epochs is None:
             raise InputError("give n_steps (optimizer steps) or n_epochs (passes over the data).")
         _check_int("n_steps", self.n_steps, 1, allow_none=True)
@@ -97,6 +115,18 @@ class FinetuneConfig:
             return self.n_steps
         return max(1, math.ceil(self.n_epochs * n_examples / (self.batch_size * self.grad_accum)))
 
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of a ``total``-step run."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        left = max(total - self.warmup_steps, 1)
+        frac = min((step - self.warmup_steps) / left, 1.0)
+        if self.lr_schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
     def to_dict(self) -> dict:
         """The settings as a JSON object (lists for tuples)."""
         d = asdict(self)
@@ -119,4 +149,4 @@ class FinetuneConfig:
         return cls(**d)
 
 
-__all__ = ["METHODS", "FinetuneConfig"]
+__all__ = ["METHODS", "SCHEDULES", "FinetuneConfig"]

@@ -40,7 +40,20 @@ from mechscope.data.labelled import LabelledDataset, read_labelled
 from mechscope.data.labelled_render import render
 from mechscope.finetune.config import FinetuneConfig
 
-_RESUMABLE_CHANGES = {"n_steps", "n_epochs", "checkpoint_every"}
+_RESUMABLE_CHANGES = {"n_steps", "n_epochs", "checkpoint_every", "diverge_factor"}
+_DIVERGE_WINDOW = 5
+
+
+class FinetuneDiverged(InputError):
+    """The loss of a fine-tune became non-finite or grew past ``diverge_factor`` times its start.
+
+    Attributes: step (the optimizer step that tripped the check, 1-based), loss (its loss, possibly nan),
+    checkpoint (the latest checkpoint folder on disk, or None).
+    """
+
+    def __init__(self, message: str, step: int, loss: float, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
 _PROJ_CLASSES = ("Linear", "Conv1D")
 
 
@@ -128,14 +141,19 @@ def _wrap(hf: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return get_peft_model(hf, lcfg)
 
 
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first (skips temporary folders of an interrupted write)."""
+    folder = out_dir / "checkpoints"
+    ckpts = [c for c in folder.glob("step-*") if re.fullmatch(r"step-\d+", c.name) and (c / "state.json").is_file()] \
+        if folder.is_dir() else []
+    return sorted(ckpts, key=lambda c: int(c.name[5:]))
+
+
 def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
     """The latest checkpoint folder when resuming, else None; checks the folder can hold a run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"out_dir {out_dir} is a file; give a folder path (it is created if missing).")
-    folder = out_dir / "checkpoints"
-    ckpts = [c for c in folder.glob("step-*") if re.fullmatch(r"step-\d+", c.name) and (c / "state.json").is_file()] \
-        if folder.is_dir() else []  # skips the temporary folders of an interrupted write
-    ckpts.sort(key=lambda c: int(c.name[5:]))
+    ckpts = _checkpoints(out_dir)
     if resume:
         if not ckpts:
             raise InputError(f"resume=True but {out_dir} holds no checkpoint (checkpoints/step-N/); run without "
@@ -242,6 +260,20 @@ def _step_loss(model, batches, bf16: bool) -> tuple[float, int]:
     return total, n_tok
 
 
+def _diverged(history: list[float], factor: float) -> str | None:
+    """Why the run diverged (None if it did not): a non-finite last loss, or the last window's mean loss above
+    ``factor`` times the first step's (the untouched model's loss on its batch)."""
+    last = history[-1]
+    if not math.isfinite(last):
+        return f"the loss is {last}"
+    w = _DIVERGE_WINDOW
+    if factor and len(history) > w:
+        start, now = history[0], sum(history[-w:]) / w
+        if now > factor * start:
+            return f"the mean loss of the last {w} steps ({now:.3g}) is above {factor:g} x the first step's ({start:.3g})"
+    return None
+
+
 def _logged_step(line: str) -> int | None:
     """The step of a metrics line, None for a blank or torn one (a run killed mid-write)."""
     try:
@@ -270,6 +302,8 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
         FinetuneResult; the losses are mean cross-entropy in nats per scored token.
 
     Raises:
+        FinetuneDiverged: (an InputError) the loss became non-finite or grew past ``cfg.diverge_factor`` times its
+            start; nothing after the latest checkpoint is written.
         InputError: an out_dir that is a file; an out_dir holding a run without resume, or resume without a
             checkpoint; a resume with other settings, data or base model; data that is empty or has no scored
             token after the first of an example; LoRA target modules the model lacks; settings as
@@ -311,6 +345,7 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
         kept = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
                 if _logged_step(ln) is not None and _logged_step(ln) <= start]
     metrics_path.write_text("".join(kept), encoding="utf-8")
+    history = [float("nan") if json.loads(ln)["loss"] is None else json.loads(ln)["loss"] for ln in kept]
 
     losses: list[float] = []
     bar = tqdm(total=total, initial=min(start, total), unit="step", desc=f"finetune ({cfg.method})",
@@ -318,13 +353,26 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
     with open(metrics_path, "a", encoding="utf-8") as log:
         for step in range(start, total):
             t0 = time.perf_counter()
+            lr = cfg.lr_at(step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss, n_tok = _step_loss(model, _batches(encoded, cfg, step), cfg.bf16)
-            opt.step()
-            losses.append(loss)
-            log.write(json.dumps({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": cfg.lr,
+            history.append(loss)
+            log.write(json.dumps({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
                                   "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 6)}) + "\n")
             log.flush()
+            why = _diverged(history, cfg.diverge_factor)
+            if why is not None:
+                bar.close()
+                last = (_checkpoints(out_dir) or [None])[-1]
+                raise FinetuneDiverged(
+                    f"the fine-tune diverged at step {step + 1}: {why}. Lower lr (it is {cfg.lr:g}), add warmup_steps "
+                    f"or a cosine schedule, or check the data. The weights of this step were not kept; "
+                    + (f"the latest checkpoint is {last}." if last else "no checkpoint was written."),
+                    step + 1, loss, last)
+            opt.step()
+            losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             done = step + 1
@@ -358,4 +406,4 @@ def _write_outputs(out_dir: Path, model, tok, cfg: FinetuneConfig) -> None:
     write_folder_atomic(out_dir / "model", write)
 
 
-__all__ = ["FinetuneResult", "default_targets", "finetune"]
+__all__ = ["FinetuneDiverged", "FinetuneResult", "default_targets", "finetune"]
