@@ -1,0 +1,124 @@
+"""``mechscope diff``: compare a base model with a tuned one (weights, activations, next-token KL, logit lens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from mechscope.cli.common import (
+    SplitLinesOpt,
+    TextFieldOpt,
+    check_corpora,
+    check_model_dtype,
+    check_out_dir,
+    clean_errors,
+    load_model,
+    out,
+    print_titled,
+    set_threads,
+)
+
+OutOpt = typer.Option(Path("mechscope-diff"), "--out", "-o", help="folder for diff.json (created if missing)")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)")
+
+
+def _preds(items: list[dict]) -> str:
+    return ", ".join(f"{p['token']!r} {p['prob']:.2f}" for p in items[:2])
+
+
+@clean_errors
+def diff_cmd(
+    base: str = typer.Argument(..., help="the base model: built-in alias, local folder, .gguf file or hub id"),
+    tuned: str = typer.Argument(..., help="the tuned model (same architecture and tokenizer)"),
+    texts: str = typer.Option("pydoc", "--texts", "-t", help="corpus name, .txt/.jsonl/.parquet file, folder or "
+                              "hf:NAME[:CONFIG] whose documents are compared"),
+    n: int = typer.Option(32, "--n", min=1, help="documents compared (the first N)"),
+    out_dir: Path = OutOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    max_len: int = typer.Option(128, "--max-len", min=2, help="tokens kept per document"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="documents per forward pass"),
+    first_k: int = typer.Option(5, "--first-k", min=1, help="positions in the first-k window"),
+    include_first: bool = typer.Option(False, "--include-first", help="count position 0 (the attention sink) in "
+                                       "the activation windows"),
+    top: int = typer.Option(10, "--top", min=1, help="rows per summary table (diff.json keeps 20 KL tokens or more)"),
+    n_boot: int = typer.Option(1000, "--n-boot", min=10, help="bootstrap resamples of the KL interval"),
+    mean_diff: bool = typer.Option(False, "--mean-diff", help="also write OUT/mean_diff.safetensors: the mean "
+                                   "tuned - base activation per site (steering directions)"),
+    text_field: str = TextFieldOpt,
+    split_lines: bool = SplitLinesOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Diff a tuned model against its base: weight deltas, activation changes, next-token KL; writes OUT/diff.json."""
+    from mechscope.core.errors import InputError
+    from mechscope.core.io import save_safetensors_atomic
+    from mechscope.data.sources import load_documents
+    from mechscope.diff import diff_models
+
+    check_model_dtype(dtype)
+    check_corpora([texts])
+    check_out_dir(out_dir)
+    set_threads(threads)
+    docs = load_documents(texts, text_field=text_field, split_lines=split_lines)[:n]
+    if len(docs) < 2:
+        raise InputError(f"--texts {texts} holds {len(docs)} document; the KL interval needs at least 2 (pass more "
+                         "text, or --split-lines for a .txt file with one document per line).")
+    mb = load_model(base, dtype)
+    mt = load_model(tuned, dtype)
+    res = diff_models(mb, mt, docs, first_k=first_k, skip_first=not include_first, mean_diff=mean_diff,
+                      top_n=max(20, top), n_boot=n_boot, batch_size=batch_size, max_len=max_len)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = res.save(out_dir / "diff.json")
+    if mean_diff:
+        save_safetensors_atomic({k: v.contiguous() for k, v in res.activations.mean_diff.items()},
+                                out_dir / "mean_diff.safetensors")
+    _summary(res, top)
+    out.print(Text(f"wrote {path}" + (f" and {out_dir / 'mean_diff.safetensors'}" if mean_diff else "")),
+              soft_wrap=True)
+
+
+def _summary(res, top: int) -> None:
+    w, a, kl = res.weights, res.activations, res.kl
+    tot = w.total
+    out.print(Text(f"{res.tuned} vs {res.base}: {res.n_texts} texts, {int(kl.n_tokens.sum())} tokens; weights "
+                   f"changed in {len(w.changed())} of {len(w.params)} tensors, ||dW||/||W|| = {tot['relative']:.3g}"),
+              soft_wrap=True)
+    t = Table(title_justify="left")
+    for c in ("layer", "||dW||/||W||", "||dW||", "most changed kind"):
+        t.add_column(c, justify="left" if c in ("layer", "most changed kind") else "right")
+    for L, rel in w.top_layers(top):
+        kinds = w.by_layer_kind[L]
+        kind = max(kinds, key=lambda k: kinds[k]["relative"]) if kinds else "-"
+        t.add_row(f"layer {L}", f"{rel:.3g}", f"{w.by_layer[L]['delta']:.3g}",
+                  f"{kind} ({kinds[kind]['relative']:.3g})" if kinds else "-")
+    g = w.global_params
+    if g.get("n_params"):
+        t.add_row("embed/final/unembed", f"{g['relative']:.3g}", f"{g['delta']:.3g}", "")
+    print_titled("Top layers by weight change", t)
+    t = Table()
+    k = a.first_k
+    for c in ("layer", "rel. diff", "cosine", "norm ratio", f"rel. diff, first {k}"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    rd_k = a.per_layer("rel_diff", "first_k")
+    cos, nr = a.per_layer("cosine"), a.per_layer("norm_ratio")
+    for L, v in a.top_layers(top):
+        t.add_row(f"layer {L}", f"{v:.3g}", f"{float(cos[L]):.4f}", f"{float(nr[L]):.3f}", f"{float(rd_k[L]):.3g}")
+    print_titled(f"Top layers by activation change (hook_resid_post, mean over {a.n_tokens['all']} tokens"
+                 f"{', position 0 left out' if a.skip_first else ''})", t)
+    ci = f" (95% CI {kl.ci.low:.4g} to {kl.ci.high:.4g} over texts)" if kl.ci is not None else ""
+    out.print(Text(f"mean KL(P_tuned || P_base) = {kl.mean:.4g} nats/token{ci}; through the logit lens, by layer: "
+                   + " ".join(f"{float(v):.2g}" for v in res.lens.kl), style="bold"), soft_wrap=True)
+    t = Table()
+    for c in ("KL", "text:pos", "context", "next", "base predicts", "tuned predicts"):
+        t.add_column(c, justify="right" if c == "KL" else "left")
+    for item in kl.top[:top]:
+        ctx = item["context"].replace("\n", "\\n")
+        t.add_row(f"{item['kl']:.3g}", f"{item['text']}:{item['position']}", Text(ctx[-40:]),
+                  Text(repr(item["next"]) if item["next"] is not None else "-"), Text(_preds(item["base_top"])),
+                  Text(_preds(item["tuned_top"])))
+    print_titled("Tokens whose next-token distribution changed most", t)
+
+
+__all__ = ["diff_cmd"]
