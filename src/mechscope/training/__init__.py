@@ -5,3 +5,8 @@ from mechscope.training.losses import LossOutput, compute_loss
 from mechscope.training.trainer import Trainer, TrainingDivergedError, train
 
 __all__ = ["DictionarySpec", "TrainConfig", "LossOutput", "compute_loss", "Trainer", "TrainingDivergedError", "train"]
+from mechscope.training.crosscoder import (CrosscoderTrainConfig, CrosscoderTrainResult, PairedActivations,
+                                           paired_activations, train_crosscoder, train_diff_sae)
+
+__all__ += ["CrosscoderTrainConfig", "CrosscoderTrainResult", "PairedActivations", "paired_activations",
+            "train_crosscoder", "train_diff_sae"]
