@@ -25,7 +25,11 @@ imports it.
 - :class:`Claim` (JSON, :func:`read_claims` / :func:`write_claims`): a behaviour, the mechanism proposed, the
   tests run with their intervals and controls, the data and model, what was not tested; made from probe runs,
   causal checks, monitors, steering and circuits (``claim_from_*``); :func:`audit` / :func:`grade` grade them
-  on the published rubric (:data:`RUBRIC`, ``docs/safety/audit-rubric.md``).
+  on the published rubric (:data:`RUBRIC`, ``docs/safety/audit-rubric.md``);
+- the refusal direction (Arditi et al. 2024): :func:`candidate_directions`, :func:`select_direction` ->
+  :class:`Selection`, :func:`refusal_effects` -> :class:`RefusalEffects`; the interventions
+  :func:`directional_ablation`, :func:`orthogonalize_weights`, :func:`activation_addition`; :func:`is_refusal` /
+  :func:`refusal_rate`; :func:`direction_cosine`, :func:`transfer_direction`.
 """
 
 from mechscope.safety.activations import Features, collect_features
@@ -68,6 +72,24 @@ from mechscope.safety.monitor_rules import (
 )
 from mechscope.safety.probes import AGGREGATIONS, METHODS, Probe, fit_probe
 from mechscope.safety.refusal import refusal_pairs
+from mechscope.safety.refusal_direction import (
+                                          Candidates,
+                                          RefusalEffects,
+                                          Selection,
+                                          candidate_directions,
+                                          refusal_effects,
+                                          select_direction,
+                                          select_from_scores,
+)
+from mechscope.safety.refusal_interventions import (
+                                          activation_addition,
+                                          direction_cosine,
+                                          directional_ablation,
+                                          is_refusal,
+                                          orthogonalize_weights,
+                                          refusal_rate,
+                                          transfer_direction,
+)
 from mechscope.safety.sweep import SweepResult, ensemble, probe_sweep
 from mechscope.safety.train import ProbeRun, group_pairs, train_probe
 
@@ -79,6 +101,7 @@ __all__ = [
     "Alarm",
     "Audit",
     "Calibration",
+    "Candidates",
     "CausalCheck",
     "Claim",
     "Control",
@@ -94,13 +117,17 @@ __all__ = [
     "Probe",
     "ProbeEvaluation",
     "ProbeRun",
+    "RefusalEffects",
+    "Selection",
     "SweepResult",
     "Test",
+    "activation_addition",
     "audit",
     "audit_html",
     "auroc",
     "auroc_ci",
     "balanced_accuracy",
+    "candidate_directions",
     "causal_check",
     "claim_from_causal_check",
     "claim_from_circuit",
@@ -108,17 +135,26 @@ __all__ = [
     "claim_from_probe_run",
     "claim_from_steering",
     "collect_features",
+    "direction_cosine",
+    "directional_ablation",
     "ensemble",
     "evaluate_probe",
     "fit_probe",
     "grade",
     "group_pairs",
+    "is_refusal",
+    "orthogonalize_weights",
     "probe_sweep",
     "read_claims",
     "recall_at_fpr",
+    "refusal_effects",
     "refusal_pairs",
+    "refusal_rate",
     "rule_values",
+    "select_direction",
+    "select_from_scores",
     "threshold_at_fpr",
     "train_probe",
+    "transfer_direction",
     "write_claims",
 ]
