@@ -144,6 +144,9 @@ class FinetuneConfig:
         if unknown:
             raise InputError(f"unknown fine-tuning config keys {unknown}; known keys are {sorted(known)}.")
         d = dict(d)
+        for key in ("lr", "n_epochs", "lora_alpha", "lora_dropout", "weight_decay", "diverge_factor"):
+            if isinstance(d.get(key), int) and not isinstance(d[key], bool):
+                d[key] = float(d[key])  # JSON writes 32 for 32.0
         if d.get("lora_target_modules") is not None:
             d["lora_target_modules"] = tuple(d["lora_target_modules"])
         return cls(**d)
