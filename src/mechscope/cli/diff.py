@@ -21,7 +21,8 @@ from mechscope.cli.common import (
     set_threads,
 )
 
-OutOpt = typer.Option(Path("mechscope-diff"), "--out", "-o", help="folder for diff.json (created if missing)")
+OutOpt = typer.Option(Path("mechscope-diff"), "--out", "-o", help="folder for diff.json and diff.html (created if "
+                      "missing)")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)")
 
 
@@ -50,8 +51,10 @@ def diff_cmd(
     text_field: str = TextFieldOpt,
     split_lines: bool = SplitLinesOpt,
     threads: int | None = ThreadsOpt,
+    html: bool = typer.Option(True, "--html/--no-html", help="also write OUT/diff.html, a self-contained report"),
 ) -> None:
-    """Diff a tuned model against its base: weight deltas, activation changes, next-token KL; writes OUT/diff.json."""
+    """Diff a tuned model against its base: weight deltas, activation changes, next-token KL; writes OUT/diff.json
+    and (unless --no-html) OUT/diff.html."""
     from mechscope.core.errors import InputError
     from mechscope.core.io import save_safetensors_atomic
     from mechscope.data.sources import load_documents
@@ -71,12 +74,18 @@ def diff_cmd(
                       top_n=max(20, top), n_boot=n_boot, batch_size=batch_size, max_len=max_len)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = res.save(out_dir / "diff.json")
+    written = [path]
+    if html:
+        from mechscope.report.diff import render_diff_report
+
+        written.append(render_diff_report(res, out_dir / "diff.html"))
     if mean_diff:
         save_safetensors_atomic({k: v.contiguous() for k, v in res.activations.mean_diff.items()},
                                 out_dir / "mean_diff.safetensors")
     _summary(res, top)
-    out.print(Text(f"wrote {path}" + (f" and {out_dir / 'mean_diff.safetensors'}" if mean_diff else "")),
-              soft_wrap=True)
+    if mean_diff:
+        written.append(out_dir / "mean_diff.safetensors")
+    out.print(Text("wrote " + ", ".join(str(p) for p in written)), soft_wrap=True)
 
 
 def _summary(res, top: int) -> None:
