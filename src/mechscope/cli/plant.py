@@ -8,7 +8,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mechscope.cli.common import check_out_dir, clean_errors, load_model, print_table, set_threads
+from mechscope.cli.common import (
+    check_out_dir,
+    clean_errors,
+    load_model,
+    print_table,
+    set_threads,
+)
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="base model: built-in alias, local folder or hub id")
 OutOpt = typer.Option(Path("mechscope-plant"), "--out", "-o", help="run folder (reused: finished fine-tunes are kept)")
