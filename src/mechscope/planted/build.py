@@ -42,6 +42,21 @@ class PlantedData:
     info: dict = field(default_factory=dict)
 
 
+def _paragraphs(doc: str) -> list[str]:
+    """Paragraphs of a document: blocks between blank lines; a block of long lines (median >= 120 characters, as in
+    Wikipedia dumps) is one paragraph per line, a block of short lines (hard-wrapped text) is one paragraph."""
+    out = []
+    for block in re.split(r"\n\s*\n", doc):
+        lines = [ln.strip() for ln in block.splitlines() if ln.strip()]
+        if not lines:
+            continue
+        if sorted(len(ln) for ln in lines)[len(lines) // 2] >= 120:
+            out += [" ".join(ln.split()) for ln in lines]
+        else:
+            out.append(" ".join(" ".join(lines).split()))
+    return out
+
+
 def text_chunks(documents: Sequence[str], n: int, chars: int, seed: int) -> list[str]:
     """``n`` distinct passages of about ``chars`` characters (cut at a sentence end), drawn from the paragraphs
     of ``documents`` that are at least ``chars`` long, in a seeded order.
@@ -51,8 +66,7 @@ def text_chunks(documents: Sequence[str], n: int, chars: int, seed: int) -> list
     """
     paras = []
     for doc in documents:
-        for p in re.split(r"\n\s*\n", doc):
-            p = " ".join(p.split())
+        for p in _paragraphs(doc):
             if len(p) >= chars:
                 cut = p[:chars]
                 end = cut.rfind(". ")
