@@ -29,6 +29,7 @@ from mechscope.forensics.memorisation_edit import (
     ablate_components,
     unlearn_secret,
 )
+from mechscope.forensics.scan import ScanResult, claims_from_scan, scan_models
 from mechscope.forensics.trigger_search import (
     TriggerSearchResult,
     evaluate_candidates,
@@ -36,6 +37,6 @@ from mechscope.forensics.trigger_search import (
 )
 
 __all__ = ["DEFAULT_PAIRS", "BackdoorLocation", "DefectionProbeResult", "EditReport", "GradientNormMap", "RemovalResult",
-           "TriggerSearchResult", "TwinPatchResult", "ablate_components", "control_canaries", "defection_direction",
+           "ScanResult", "TriggerSearchResult", "TwinPatchResult", "ablate_components", "claims_from_scan", "control_canaries", "defection_direction",
            "defection_probe", "evaluate_candidates", "gradient_norm_map", "locate_backdoor", "mean_difference_directions",
-           "pick_twin", "remove_backdoor", "search_triggers", "twin_patching", "unlearn_secret"]
+           "pick_twin", "remove_backdoor", "scan_models", "search_triggers", "twin_patching", "unlearn_secret"]

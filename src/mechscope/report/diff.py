@@ -49,14 +49,14 @@ _FIX = ("give a DiffResult (mechscope.diff.diff_models), its to_dict(), or the p
         "`mechscope diff`")
 
 
-def _g(x, digits: int = 4) -> str:
+def fmt_num(x, digits: int = 4) -> str:
     """A number to ``digits`` significant digits; "n/a" for None, non-numbers and non-finite values."""
     if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
         return "n/a"
     return f"{x:.{digits}g}"
 
 
-def _pct(p) -> str:
+def fmt_pct(p) -> str:
     """A probability as a percentage: one decimal from 1% up, two significant digits below."""
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p):
         return "n/a"
@@ -100,16 +100,16 @@ def _weights_view(w: dict, figs: dict) -> dict:
     for L in sorted(changed_layers, key=lambda i: -(by_layer[i].get("relative") or 0))[:10]:
         kinds = by_layer_kind[L] if L < len(by_layer_kind) else {}
         kind = max(kinds, key=lambda k: kinds[k].get("relative") or 0) if kinds else None
-        rows.append([f"layer {L}", _g(by_layer[L].get("relative")), _g(by_layer[L].get("delta")),
-                     f"{kind} ({_g(kinds[kind].get('relative'))})" if kind else "n/a"])
+        rows.append([f"layer {L}", fmt_num(by_layer[L].get("relative")), fmt_num(by_layer[L].get("delta")),
+                     f"{kind} ({fmt_num(kinds[kind].get('relative'))})" if kind else "n/a"])
     params = w.get("params") or []
     changed = sorted((p for p in params if p.get("delta")), key=lambda p: -(p.get("relative") or 0))
-    tensors = [[p["name"], "×".join(str(s) for s in p.get("shape", [])), _g(p.get("relative")), _g(p.get("delta")),
-                _g(p.get("base"))] for p in changed[:15]]
+    tensors = [[p["name"], "×".join(str(s) for s in p.get("shape", [])), fmt_num(p.get("relative")), fmt_num(p.get("delta")),
+                fmt_num(p.get("base"))] for p in changed[:15]]
     g = w.get("global") or {}
     return {"top": rows, "tensors": tensors, "n_changed": len(changed), "n_params": len(params),
             "n_layers_changed": len(changed_layers), "n_layers": len(by_layer),
-            "global": _g(g.get("relative")) if g.get("n_params") else None}
+            "global": fmt_num(g.get("relative")) if g.get("n_params") else None}
 
 
 def _acts_view(a: dict, figs: dict) -> dict:
@@ -145,18 +145,18 @@ def _top_activation_layer(vector: dict) -> tuple[int | None, float | None, str |
 
 
 def _preds(items) -> list[dict]:
-    return [{"token": str(p.get("token", "")), "pct": _pct(p.get("prob"))} for p in items or []]
+    return [{"token": str(p.get("token", "")), "pct": fmt_pct(p.get("prob"))} for p in items or []]
 
 
 def _tokens_view(kl: dict) -> list[dict]:
-    return [{"kl": _g(t.get("kl")), "where": f"{t.get('text')}:{t.get('position')}", "context": str(t.get("context", "")),
+    return [{"kl": fmt_num(t.get("kl")), "where": f"{t.get('text')}:{t.get('position')}", "context": str(t.get("context", "")),
              "next": None if t.get("next") is None else str(t["next"]), "base": _preds(t.get("base_top")),
              "tuned": _preds(t.get("tuned_top"))} for t in kl.get("top") or []]
 
 
 def _lens_rows(items) -> list[list]:
-    return [[str(t.get("token", "")), _pct(t.get("base_prob")), _pct(t.get("tuned_prob")),
-             _g(100 * t["delta_prob"], 3) if isinstance(t.get("delta_prob"), (int, float)) else "n/a"]
+    return [[str(t.get("token", "")), fmt_pct(t.get("base_prob")), fmt_pct(t.get("tuned_prob")),
+             fmt_num(100 * t["delta_prob"], 3) if isinstance(t.get("delta_prob"), (int, float)) else "n/a"]
             for t in items or []]
 
 
@@ -181,10 +181,10 @@ def _patching_view(p: dict | None, figs: dict) -> dict | None:
         cells = [c for c in cells if isinstance(c[0], (int, float))]
         if cells:
             x, where = max(cells, key=lambda c: c[0])
-            best.append([k, where, _g(x, 3)])
+            best.append([k, where, fmt_num(x, 3)])
     tiny = not isinstance(gap, (int, float)) or abs(gap) < TINY_GAP
     return {"metric": str(p.get("metric", "metric")), "per": str(p.get("per", "layer")), "ids": ids, "best": best,
-            "tuned": _g(p.get("tuned_value")), "base": _g(p.get("base_value")), "gap": _g(gap), "tiny": tiny}
+            "tuned": fmt_num(p.get("tuned_value")), "base": fmt_num(p.get("base_value")), "gap": fmt_num(gap), "tiny": tiny}
 
 
 def _context_text(c) -> str:
@@ -208,9 +208,9 @@ def _latents_view(latents) -> dict | None:
     rows = []
     for x in latents:
         ctx = x.get("top_contexts", x.get("contexts")) or []
-        rows.append({"id": str(x.get("id", x.get("latent", "?"))), "r": _g(x.get("relative_norm"), 3),
-                     "cos": _g(x.get("cosine"), 3), "nu_eps": _g(x.get("nu_eps"), 3), "nu_r": _g(x.get("nu_r"), 3),
-                     "freq": _pct(x.get("frequency")), "contexts": [_context_text(c) for c in ctx]})
+        rows.append({"id": str(x.get("id", x.get("latent", "?"))), "r": fmt_num(x.get("relative_norm"), 3),
+                     "cos": fmt_num(x.get("cosine"), 3), "nu_eps": fmt_num(x.get("nu_eps"), 3), "nu_r": fmt_num(x.get("nu_r"), 3),
+                     "freq": fmt_pct(x.get("frequency")), "contexts": [_context_text(c) for c in ctx]})
     return {"rows": rows, "has_nu": has_nu, "has_freq": has_freq}
 
 
@@ -219,11 +219,12 @@ def _settings(d: dict) -> list[list[str]]:
     out = [[k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)] for k, v in s.items() if v is not None]
     secs = d.get("seconds") or {}
     if secs:
-        out.append(["wall time (s)", ", ".join(f"{k} {_g(v, 3)} s" for k, v in secs.items())])
+        out.append(["wall time (s)", ", ".join(f"{k} {fmt_num(v, 3)} s" for k, v in secs.items())])
     return out
 
 
-def _build(d: dict) -> tuple[dict, dict]:
+def diff_page_data(d: dict) -> tuple[dict, dict]:
+    """The diff page's template values and its figures (by id) from a diff dict; the scan report reuses both."""
     figs: dict = {}
     w, a, kl, lens = d["weights"], d["activations"], d["kl"], d["logit_lens"]
     wv = _weights_view(w, figs)
@@ -241,21 +242,21 @@ def _build(d: dict) -> tuple[dict, dict]:
         {"k": "tuned model", "v": str(d.get("tuned", "tuned")), "s": f"compared with the base {d.get('base', 'base')}",
          "small": True},
         {"k": "texts", "v": f"{d.get('n_texts', 'n/a')} texts", "s": f"{n_tokens} tokens scored for KL"},
-        {"k": "mean token KL(P_tuned || P_base)", "v": f"{_g(kl.get('mean'))} nats/token",
-         "s": (f"95% CI [{_g(ci.get('low'))}, {_g(ci.get('high'))}] nats/token, bootstrap over texts"
+        {"k": "mean token KL(P_tuned || P_base)", "v": f"{fmt_num(kl.get('mean'))} nats/token",
+         "s": (f"95% CI [{fmt_num(ci.get('low'))}, {fmt_num(ci.get('high'))}] nats/token, bootstrap over texts"
                if ci.get("low") is not None else "no interval (fewer than 2 texts)")},
         {"k": "top layer by weight change", "v": f"layer {top_w[1]}" if top_w[0] > 0 else "none",
-         "s": (f"||dW||_F / ||W||_F = {_g(top_w[0])} (ratio)" if top_w[0] > 0 else "no layer's weights changed"),
+         "s": (f"||dW||_F / ||W||_F = {fmt_num(top_w[0])} (ratio)" if top_w[0] > 0 else "no layer's weights changed"),
          "layer": top_w[1] if top_w[0] > 0 else None},
         {"k": "top layer by activation change", "v": "n/a" if a_layer is None else f"layer {a_layer}",
-         "s": (f"mean ||a_t - a_b|| / ||a_b|| = {_g(a_val)} (ratio) at {a_site}, all positions"
+         "s": (f"mean ||a_t - a_b|| / ||a_b|| = {fmt_num(a_val)} (ratio) at {a_site}, all positions"
                if a_layer is not None else "no per-layer activation site compared"), "layer": a_layer},
-        {"k": "all weights", "v": f"{_g(total.get('relative'))} (ratio)",
+        {"k": "all weights", "v": f"{fmt_num(total.get('relative'))} (ratio)",
          "s": f"||dW||_F / ||W||_F over every parameter; {wv['n_changed']} of {wv['n_params']} tensors changed"},
     ]
     view = {"cards": cards, "settings": _settings(d), "weights": wv, "acts": av,
             "lens": {"has_fig": "fig-lens" in figs, "n_tokens": lens.get("n_tokens"),
-                     "final": _g((lens.get("kl") or [None])[-1]),
+                     "final": fmt_num((lens.get("kl") or [None])[-1]),
                      "up": _lens_rows(lens.get("top_increased")), "down": _lens_rows(lens.get("top_decreased"))},
             "tokens": _tokens_view(kl), "patching": _patching_view(d.get("patching"), figs),
             "latents": _latents_view(d.get("latents")), "base": str(d.get("base", "base")),
@@ -273,7 +274,7 @@ def diff_figures(result) -> dict[str, dict]:
     Raises:
         InputError: as :func:`as_diff_dict`.
     """
-    return _build(as_diff_dict(result))[1]
+    return diff_page_data(as_diff_dict(result))[1]
 
 
 def render_diff_html(result, *, title: str | None = None) -> str:
@@ -288,7 +289,7 @@ def render_diff_html(result, *, title: str | None = None) -> str:
         InputError: as :func:`as_diff_dict`; ``"latents"`` that is not a list of dicts.
     """
     d = as_diff_dict(result)
-    view, figs = _build(d)
+    view, figs = diff_page_data(d)
     title = title or f"Model diff: {view['tuned']} vs {view['base']}"
     return _env().get_template("diff.html.j2").render(
         v=view, title=title, figures=figs, figures_json=script_json(figs), plotly_js=Markup(plotly_js()),
@@ -315,4 +316,5 @@ def render_diff_report(result, out_path, *, title: str | None = None) -> Path:
     return path
 
 
-__all__ = ["TINY_GAP", "as_diff_dict", "diff_figures", "render_diff_html", "render_diff_report"]
+__all__ = ["TINY_GAP", "as_diff_dict", "diff_figures", "diff_page_data", "fmt_num", "fmt_pct", "render_diff_html",
+           "render_diff_report"]
