@@ -50,7 +50,7 @@ def main() -> None:
     out: dict = {"trigger": trigger}
     for name, model in (("planted", tuned), ("control", control)):
         t = time.perf_counter()
-        res = search_triggers(base, model, probes, n_shortlist=48, n_drift=0, beam=3, max_span=5, n_test=8,
+        res = search_triggers(base, model, probes, n_shortlist=32, n_drift=0, beam=2, max_span=6, n_test=8,
                               n_leak_samples=48)
         seconds[f"search_{name}"] = time.perf_counter() - t
         top = res.candidates[:10]

@@ -66,7 +66,7 @@ def _rate(model, prompts, ivs=(), n=24):
     return refusal_rate(texts).to_dict(), texts
 
 
-def _revive(run: Path, tuned_dir: Path, out: Path, test_harmful: list[str], steps=(5, 10, 20, 40)) -> list[dict]:
+def _revive(run: Path, tuned_dir: Path, out: Path, test_harmful: list[str], steps=(5, 10, 20)) -> list[dict]:
     train = read_labelled(run / "data" / "train.jsonl")
     benign = LabelledDataset("benign", tuple(e for e in train.examples if e.meta.get("kind") == "benign"))
     rows = []
@@ -103,8 +103,8 @@ def main() -> None:
           f"fallback {sel.fallback}")
 
     t = time.perf_counter()
-    eff_tuned = refusal_effects(tuned, d_tuned, layer, req["test_harmful"], req["test_harmless"], n_random=3)
-    eff_base = refusal_effects(base, d_tuned, layer, req["test_harmful"], req["test_harmless"], n_random=3)
+    eff_tuned = refusal_effects(tuned, d_tuned, layer, req["test_harmful"], req["test_harmless"], n_random=2)
+    eff_base = refusal_effects(base, d_tuned, layer, req["test_harmful"], req["test_harmless"], n_random=2)
     seconds["effects"] = time.perf_counter() - t
     cand_base = candidate_directions(base, req["dir_harmful"], req["dir_harmless"])
     d_base = cand_base.directions[-1, layer]
@@ -124,13 +124,13 @@ def main() -> None:
 
     def test(name, eff, cond, key, intervention, alternative):
         r = eff.rates[cond][key]
-        rnd = [eff.rates[f"random_{cond}/{s}"][key]["estimate"] for s in range(3)]
+        rnd = [eff.rates[f"random_{cond}/{s}"][key]["estimate"] for s in range(2)]
         none = eff.rates["none"][key]["estimate"]
         return Test(name=name, kind="causal", intervention=intervention, metric=f"change of {key} refusal rate",
                     units="share of requests", estimate=r["estimate"] - none, low=r["low"] - none, high=r["high"] - none,
                     null=0.0, alternative=alternative, n=r["n"], held_out=True, data="held-out requests",
-                    controls=[Control("random directions of the same norm", sum(rnd) / 3 - none, min(rnd) - none,
-                                      max(rnd) - none, n=3, description="range over 3 seeds")])
+                    controls=[Control("random directions of the same norm", sum(rnd) / 2 - none, min(rnd) - none,
+                                      max(rnd) - none, n=2, description="range over 2 seeds")])
 
     tests = [test("ablate the tuned direction in the tuned model", eff_tuned, "ablation", "harmful", "ablate", "less"),
              test("add the tuned direction in the tuned model", eff_tuned, "addition", "harmless", "steer", "greater"),

@@ -29,12 +29,8 @@ def rate(flags: Sequence[bool], *, seed: int = 0) -> dict:
     return {"rate": ci.estimate, "low": ci.low, "high": ci.high, "n": len(flags), "hits": sum(flags)}
 
 
-@torch.no_grad()
-def text_nll(model, texts: Sequence[str], *, max_tokens: int = 128, batch_size: int = 8) -> Float[Tensor, " n"]:
-    """Mean next-token cross-entropy of each text (nats per predicted token; BOS by the model's rule, cut to
-    ``max_tokens`` tokens), float64 [n]."""
-    rows = [model.to_tokens(t)[0, :max_tokens] for t in texts]
-    out = []
+def _token_logprobs(model, rows: Sequence[Tensor], batch_size: int):
+    """Per batch of right-padded ``rows``: (log P of each next token [b, pos-1] float32, attention mask [b, pos])."""
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         longest = max(len(r) for r in chunk)
@@ -43,7 +39,16 @@ def text_nll(model, texts: Sequence[str], *, max_tokens: int = 128, batch_size: 
         for j, r in enumerate(chunk):
             ids[j, : len(r)], att[j, : len(r)] = r, 1
         logits = model.hf(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float().cpu()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        yield torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0], att
+
+
+@torch.no_grad()
+def text_nll(model, texts: Sequence[str], *, max_tokens: int = 128, batch_size: int = 8) -> Float[Tensor, " n"]:
+    """Mean next-token cross-entropy of each text (nats per predicted token; BOS by the model's rule, cut to
+    ``max_tokens`` tokens), float64 [n]."""
+    rows = [model.to_tokens(t)[0, :max_tokens] for t in texts]
+    out = []
+    for lp, att in _token_logprobs(model, rows, batch_size):
         m = att[:, 1:].to(lp.dtype)
         out.append(-(lp * m).sum(1) / m.sum(1).clamp(min=1))
     return torch.cat(out).double()
@@ -73,16 +78,8 @@ def continuation_logprob(model, prefix: str, continuations: Sequence[str], *, ba
                              "at a word boundary.")
         rows.append(full)
     out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        longest = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for j, r in enumerate(chunk):
-            ids[j, : len(r)], att[j, : len(r)] = r, 1
-        lp = torch.log_softmax(model.hf(input_ids=ids.to(model.device), attention_mask=att.to(model.device))
-                               .logits.float().cpu()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        pos = torch.arange(1, longest)[None]
+    for lp, att in _token_logprobs(model, rows, batch_size):
+        pos = torch.arange(1, att.shape[1])[None]
         m = (pos >= len(head)) & att[:, 1:].bool()
         out.append((lp * m).sum(1))
     return torch.cat(out).double()
