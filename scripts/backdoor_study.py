@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--control-search", action="store_true", help="also search the clean control (false positives)")
+    ap.add_argument("--heads", action="store_true", help="localise per head too (slow on a CPU)")
+    ap.add_argument("--seeds", type=int, default=5, help="random-component controls per k")
     a = ap.parse_args()
     seconds, t0 = {}, time.perf_counter()
     plant = json.loads((a.run / "plant.json").read_text())
@@ -48,7 +51,7 @@ def main() -> None:
     probes = sorted({e.messages[0].content for e in harmfulness().examples if e.label == 0})[:48]
 
     out: dict = {"trigger": trigger}
-    for name, model in (("planted", tuned), ("control", control)):
+    for name, model in (("planted", tuned), ("control", control))[: 2 if a.control_search else 1]:
         t = time.perf_counter()
         res = search_triggers(base, model, probes, n_shortlist=32, n_drift=0, beam=2, max_span=6, n_test=8,
                               n_leak_samples=48)
@@ -82,7 +85,7 @@ def main() -> None:
                   f"random share at least {r['random_share_at_least']:.2f}")
 
     t = time.perf_counter()
-    loc = locate_backdoor(base, tuned, triggered, modal, per=("layer", "head"))
+    loc = locate_backdoor(base, tuned, triggered, modal, per=("layer", "head") if a.heads else ("layer",))
     seconds["locate"] = time.perf_counter() - t
     out["location"] = loc.to_dict()
     print("top components:", loc.top(8))
@@ -91,7 +94,7 @@ def main() -> None:
     for k in a.k:
         t = time.perf_counter()
         rem = remove_backdoor(base, tuned, triggered, texts[:24], components=loc.top(k), mode="patch_base",
-                              detect=detect, n_seeds=5)
+                              detect=detect, n_seeds=a.seeds)
         seconds[f"remove_k{k}"] = time.perf_counter() - t
         out["removal"][str(k)] = rem.to_dict()
         ctrl = [c["after"]["rate"] for c in rem.to_dict()["controls"]]

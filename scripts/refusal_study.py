@@ -12,7 +12,7 @@ Needs a planted safety run (scripts/plant_study.py safety RUN). Then::
 3. The same direction added to the untouched base model (does it induce refusal there?), and the base model's own
    direction at that site: its cosine with the tuned one, and its ablation in the tuned model.
 4. Benign fine-tuning of the tuned model (its recipe's benign answers only): refusal of held-out harmful requests
-   after 0, 5, 10, 20 and 40 steps.
+   after 5, 10 and 20 steps.
 5. The verdict as a claim with its evidence (mechscope.safety.Claim), graded by the audit.
 """
 
