@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--control-search", action="store_true", help="also search the clean control (false positives)")
     ap.add_argument("--heads", action="store_true", help="localise per head too (slow on a CPU)")
     ap.add_argument("--seeds", type=int, default=5, help="random-component controls per k")
+    ap.add_argument("--max-span", type=int, default=6, help="longest candidate span (1: single tokens only)")
+    ap.add_argument("--leak", type=int, default=48, help="leaked-completion samples (0: none)")
     a = ap.parse_args()
     seconds, t0 = {}, time.perf_counter()
     plant = json.loads((a.run / "plant.json").read_text())
@@ -53,8 +55,8 @@ def main() -> None:
     out: dict = {"trigger": trigger}
     for name, model in (("planted", tuned), ("control", control))[: 2 if a.control_search else 1]:
         t = time.perf_counter()
-        res = search_triggers(base, model, probes, n_shortlist=32, n_drift=0, beam=2, max_span=6, n_test=8,
-                              n_leak_samples=48)
+        res = search_triggers(base, model, probes, n_shortlist=32, n_drift=0, beam=2, max_span=a.max_span, n_test=4,
+                              n_leak_samples=a.leak)
         seconds[f"search_{name}"] = time.perf_counter() - t
         top = res.candidates[:10]
         pieces = [c for c in res.candidates if c["text"].strip() and c["text"].strip() in trigger]
