@@ -345,20 +345,27 @@ def test_diff_models_runs_all_parts_and_saves_json(base, tuned, tmp_path):
         diff_models(base, other, TEXTS)
 
 
-def test_cli_diff_writes_json(tmp_path):
-    from typer.testing import CliRunner
+def saved_pair(tmp_path):
+    """Two saved tiny model folders (base, tuned) that differ only in layer 1's up_proj (+0.05)."""
+    from transformers import AutoModelForCausalLM
 
-    from mechscope.cli import app
     from tests.unit.test_cli import _save_tiny_llama
 
     b = _save_tiny_llama(tmp_path / "base", make_tokenizer())
     t = _save_tiny_llama(tmp_path / "tuned", make_tokenizer())
-    from transformers import AutoModelForCausalLM
-
     hf = AutoModelForCausalLM.from_pretrained(t)
     with torch.no_grad():
         hf.model.layers[1].mlp.up_proj.weight.add_(0.05)
     hf.save_pretrained(t)
+    return b, t
+
+
+def test_cli_diff_writes_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli import app
+
+    b, t = saved_pair(tmp_path)
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS * 2) + "\n")
     out = tmp_path / "out"

@@ -161,20 +161,12 @@ def test_bad_input_names_the_fix(result, tmp_path):
 
 
 def test_cli_writes_diff_html(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
     from mechscope.cli import app
-    from tests.conftest import make_tokenizer
-    from tests.unit.test_cli import _save_tiny_llama
+    from tests.unit.test_diff import saved_pair
 
-    b = _save_tiny_llama(tmp_path / "base", make_tokenizer())
-    t = _save_tiny_llama(tmp_path / "tuned", make_tokenizer())
-    hf = AutoModelForCausalLM.from_pretrained(t)
-    with torch.no_grad():
-        hf.model.layers[1].mlp.up_proj.weight.add_(0.05)
-    hf.save_pretrained(t)
+    b, t = saved_pair(tmp_path)
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS) + "\n")
     args = ["diff", str(b), str(t), "--texts", str(texts), "--split-lines", "--threads", "1", "--n-boot", "20"]
