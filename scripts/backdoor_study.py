@@ -42,7 +42,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="random-component controls per k")
     ap.add_argument("--max-span", type=int, default=6, help="longest candidate span (1: single tokens only)")
     ap.add_argument("--leak", type=int, default=48, help="leaked-completion samples (0: none)")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     seconds, t0 = {}, time.perf_counter()
     plant = json.loads((a.run / "plant.json").read_text())
     trigger, detect = plant["recipe"]["trigger"], plant["recipe"]["detect"]
@@ -109,5 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

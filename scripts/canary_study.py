@@ -37,7 +37,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     t0, seconds = time.perf_counter(), {}
     plant = json.loads((a.run / "plant.json").read_text())
     ev = json.loads((a.run / "data" / "evals.json").read_text())
@@ -74,5 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

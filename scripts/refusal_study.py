@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     base = mechscope.load(a.model)
     tuned = mechscope.load(str(a.run / "planted" / "model"))
@@ -161,5 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()
