@@ -12,7 +12,7 @@ Needs a planted safety run (scripts/plant_study.py safety RUN). Then::
 3. The same direction added to the untouched base model (does it induce refusal there?), and the base model's own
    direction at that site: its cosine with the tuned one, and its ablation in the tuned model.
 4. Benign fine-tuning of the tuned model (its recipe's benign answers only): refusal of held-out harmful requests
-   after 5, 10 and 20 steps.
+   after 5, 10, 20 and 40 steps.
 5. The verdict as a claim with its evidence (mechscope.safety.Claim), graded by the audit.
 """
 
@@ -66,7 +66,7 @@ def _rate(model, prompts, ivs=(), n=24):
     return refusal_rate(texts).to_dict(), texts
 
 
-def _revive(run: Path, tuned_dir: Path, out: Path, test_harmful: list[str], steps=(5, 10, 20)) -> list[dict]:
+def _revive(run: Path, tuned_dir: Path, out: Path, test_harmful: list[str], steps=(5, 10, 20, 40)) -> list[dict]:
     train = read_labelled(run / "data" / "train.jsonl")
     benign = LabelledDataset("benign", tuple(e for e in train.examples if e.meta.get("kind") == "benign"))
     rows = []
@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kl-threshold", type=float, default=0.1,
+                    help="the selection rule's KL filter (Arditi et al.: 0.1; on SmolLM2 every candidate that passes "
+                         "the other filters has KL 0.2-0.5)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def main() -> None:
     cand = candidate_directions(tuned, req["dir_harmful"], req["dir_harmless"])
     last = Candidates(cand.directions[-1:], cand.positions[-1:], cand.tokens[-1:])
     t = time.perf_counter()
-    sel = select_direction(tuned, last, req["val_harmful"], req["val_harmless"])
+    sel = select_direction(tuned, last, req["val_harmful"], req["val_harmless"], kl_threshold=a.kl_threshold)
     seconds["select"] = time.perf_counter() - t
     layer, d_tuned = sel.layer, sel.direction
     print(f"tuned direction: layer {layer}, position {sel.position} ({sel.position_token!r}), norm {d_tuned.norm():.2f}, "
@@ -137,9 +140,17 @@ def main() -> None:
     tests = [test("ablate the tuned direction in the tuned model", eff_tuned, "ablation", "harmful", "ablate", "less"),
              test("add the tuned direction in the tuned model", eff_tuned, "addition", "harmless", "steer", "greater"),
              test("add the tuned direction in the base model", eff_base, "addition", "harmless", "steer", "greater")]
+    none_t, r_t = eff_tuned.rates["none"], eff_tuned.rates
+    works = (r_t["ablation"]["harmful"]["high"] < none_t["harmful"]["low"]
+             or r_t["addition"]["harmless"]["low"] > none_t["harmless"]["high"])
     reuse = eff_base.rates["addition"]["harmless"]["low"] > eff_base.rates["none"]["harmless"]["high"]
-    verdict = ("reuse: the tuned model's refusal direction also induces refusal in the untouched base model"
-               if reuse else "new: the tuned model's refusal direction does not induce refusal in the base model")
+    if not works:
+        verdict = ("inconclusive: the selected direction changes neither refusal rate in the tuned model itself, so "
+                   "its effect in the base model cannot tell reuse from a new mechanism")
+    elif reuse:
+        verdict = "reuse: the tuned model's refusal direction also induces refusal in the untouched base model"
+    else:
+        verdict = "new: the tuned model's refusal direction does not induce refusal in the base model"
     claim = Claim(
         behaviour="refusal of harmful requests taught by the safety fine-tune",
         mechanism=Mechanism(description=f"one residual direction at blocks.{layer}.hook_resid_pre (difference of means, "
@@ -148,7 +159,8 @@ def main() -> None:
         tests=tests, data=[DataRef("held-out requests", split="held-out goals",
                                    n=len(req["test_harmful"]) + len(req["test_harmless"]))],
         model=ModelRef(str(a.run / "planted" / "model")),
-        not_tested=["other positions than the last post-instruction token", "steering strengths other than +1"],
+        not_tested=["other positions than the last post-instruction token", "steering strengths other than +1"]
+        + ([f"the paper's KL threshold 0.1 (used {a.kl_threshold})"] if a.kl_threshold != 0.1 else []),
         source="scripts/refusal_study.py", notes=f"cosine with the base model's own direction: {cos:.3f}; benign "
         f"fine-tuning revival: {[(r['steps'], round(r['refusal_harmful']['estimate'], 3)) for r in revive]}")
     graded = audit([claim])
