@@ -29,8 +29,10 @@ import torch
 import mechscope
 from mechscope.core.io import write_json_atomic
 from mechscope.data.labelled import LabelledDataset, read_labelled
+from mechscope.data.store import model_fingerprint
 from mechscope.features.batch_generation import generate_texts
 from mechscope.finetune import FinetuneConfig, finetune
+from mechscope.forensics.scan import fingerprint
 from mechscope.safety import audit
 from mechscope.safety.claim import Claim, Control, DataRef, Mechanism, ModelRef, Test
 from mechscope.safety.refusal_direction import (
@@ -157,8 +159,9 @@ def main() -> None:
                             f"Arditi et al. 2024); {verdict}", sites=[f"blocks.{layer}.hook_resid_pre"],
                             directions=[f"refusal direction, layer {layer}, position {sel.position}"]),
         tests=tests, data=[DataRef("held-out requests", split="held-out goals",
+                                   fingerprint=fingerprint(req["test_harmful"] + req["test_harmless"]),
                                    n=len(req["test_harmful"]) + len(req["test_harmless"]))],
-        model=ModelRef(str(a.run / "planted" / "model")),
+        model=ModelRef(str(a.run / "planted" / "model"), fingerprint=model_fingerprint(tuned)),
         not_tested=["other positions than the last post-instruction token", "steering strengths other than +1"]
         + ([f"the paper's KL threshold 0.1 (used {a.kl_threshold})"] if a.kl_threshold != 0.1 else []),
         source="scripts/refusal_study.py", notes=f"cosine with the base model's own direction: {cos:.3f}; benign "
