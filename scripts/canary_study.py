@@ -38,15 +38,20 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--locate-only", action="store_true",
+                    help="gradient map and twin patching only, of the most repeated canary (when none is extracted)")
+    ap.add_argument("--n-candidates", type=int, default=1000, help="random secrets per exposure estimate")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0, seconds = time.perf_counter(), {}
     plant = json.loads((a.run / "plant.json").read_text())
     ev = json.loads((a.run / "data" / "evals.json").read_text())
-    extracted = [c for c in plant["measures"]["planted"]["canaries"] if c["extracted"]]
-    if not extracted:
-        raise SystemExit("the planted model extracts no canary; nothing to localise")
-    target_name = max(extracted, key=lambda c: c["repeats"])["name"]
+    measured = plant["measures"]["planted"]["canaries"]
+    extracted = [c for c in measured if c["extracted"]]
+    if not extracted and not a.locate_only:
+        raise SystemExit("the planted model extracts no canary, so there is no extraction to stop; --locate-only "
+                         "localises the most repeated canary without the unlearning edit")
+    target_name = max(extracted or measured, key=lambda c: c["repeats"])["name"]
     canary = next(c for c in ev["canaries"] if c["name"] == target_name)
     others = [c for c in ev["canaries"] if c["name"] != target_name
               and any(x["extracted"] and x["name"] == c["name"] for x in extracted)]
@@ -64,9 +69,15 @@ def main() -> None:
     patch = twin_patching(tuned, canary, twin)
     seconds["twin_patching"] = time.perf_counter() - t
     print("top patched components:", patch.ranking()[:8])
+    if a.locate_only:
+        seconds["total"] = time.perf_counter() - t0
+        write_json_atomic({"canary": {k: canary[k] for k in ("name", "repeats")}, "twin": twin["name"],
+                           "gradient_map": {"top": top, "by_layer": by_layer}, "twin_patching": patch.to_dict(),
+                           "unlearn": None, "seconds": {k: round(v, 1) for k, v in seconds.items()}}, a.out)
+        return
     t = time.perf_counter()
     edit = unlearn_secret(tuned, canary, gmap, heldout_texts=texts[:24], top_k=4, top_fraction=0.01, max_steps=20,
-                          others=others)
+                          others=others, n_candidates=a.n_candidates)
     seconds["unlearn"] = time.perf_counter() - t
     print("edit:", json.dumps(edit.to_dict().get("summary"), indent=1))
     seconds["total"] = time.perf_counter() - t0
