@@ -22,26 +22,41 @@ def ev(run):  # noqa: F811
     return hostile(json.loads((run["root"] / "ev" / "evaluation.json").read_text()))
 
 
-def click_node(page, plot: str, name: str) -> None:
-    """Click node ``name``'s marker where plotly drew it (its data coordinates through the axes)."""
-    x, y = page.evaluate("""([id, name]) => {
-      const gd = document.getElementById(id);
-      gd.scrollIntoView({block: "center"});
-      const fl = gd._fullLayout, r = gd.getBoundingClientRect();
-      const t = gd.data.find(d => d.name === "nodes"), i = t.customdata.indexOf(name);
-      return [r.left + fl.xaxis._offset + fl.xaxis.l2p(t.x[i]), r.top + fl.yaxis._offset + fl.yaxis.l2p(t.y[i])];
-    }""", [plot, name])
-    page.mouse.move(x, y)
-    hover = (f"[...document.querySelectorAll('#{plot} .hoverlayer .hovertext')]"
-             f".some(e => e.textContent.includes({name!r}))")
-    wait_until(page, hover)  # plotly has picked this node as the point under the mouse
-    page.mouse.click(x, y)
+def click_node(page, plot: str, name: str, shown: str | None = None) -> None:
+    """Click node ``name``'s marker where plotly drew it (its data coordinates through the axes).
+
+    The mouse first leaves the plot, so a hover label left from an earlier click cannot pass for this node's,
+    and the label must be the node's own (edge labels name their nodes too). With ``shown`` (a JS expression
+    true once the page shows the node), the click is retried up to three times: under a loaded CPU plotly
+    can attribute a click to the point hovered before."""
+    for attempt in range(3):
+        page.mouse.move(0, 0)
+        x, y = page.evaluate("""([id, name]) => {
+          const gd = document.getElementById(id);
+          gd.scrollIntoView({block: "center"});
+          const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+          const t = gd.data.find(d => d.name === "nodes"), i = t.customdata.indexOf(name);
+          return [r.left + fl.xaxis._offset + fl.xaxis.l2p(t.x[i]), r.top + fl.yaxis._offset + fl.yaxis.l2p(t.y[i])];
+        }""", [plot, name])
+        page.mouse.move(x, y)
+        hover = (f"[...document.querySelectorAll('#{plot} .hoverlayer .hovertext')]"
+                 f".some(e => e.textContent.includes({name!r}) && e.textContent.includes('click for its edges'))")
+        wait_until(page, hover)  # plotly has picked this node as the point under the mouse
+        page.mouse.click(x, y)
+        if shown is None:
+            return
+        try:
+            wait_until(page, shown, timeout=10_000)
+            return
+        except TimeoutError:
+            if attempt == 2:
+                raise
 
 
 def check_click(page, plot: str, info: str, ev: dict) -> None:
     name = "logits"
-    click_node(page, plot, name)
-    page.wait_for_selector(f"{info} h2, {info} h3")
+    click_node(page, plot, name, shown=f"[...document.querySelectorAll('{info} h2, {info} h3')]"
+                                       f".some(e => e.textContent.startsWith({name!r}))")
     text = page.inner_text(info)
     assert text.startswith(name) and "edges in" in text
     into = [e["name"] for e in ev["circuit"]["edges"] if e["receiver"] == "logits"]
@@ -63,8 +78,7 @@ def test_the_circuit_page_opens_offline_and_a_click_shows_a_node(page, ev, tmp_p
     assert NASTY[0] in page.inner_text("#roles")
     check_click(page, "fig-graph", "#node-info", ev)
     head = next(n for n in ev["circuit"]["nodes"] if n.startswith("a"))
-    click_node(page, "fig-graph", head)
-    wait_until(page, f"document.querySelector('#node-info h3').textContent === {head!r}")
+    click_node(page, "fig-graph", head, shown=f"document.querySelector('#node-info h3')?.textContent === {head!r}")
     assert "name mover" in page.inner_text("#node-info") and NASTY[0] in page.inner_text("#node-info")
     assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
     assert page.js_errors == []
