@@ -146,11 +146,15 @@ def main() -> None:
     works = (r_t["ablation"]["harmful"]["high"] < none_t["harmful"]["low"]
              or r_t["addition"]["harmless"]["low"] > none_t["harmless"]["high"])
     reuse = eff_base.rates["addition"]["harmless"]["low"] > eff_base.rates["none"]["harmless"]["high"]
+    base_carries = base_dir_in_tuned["high"] < none_t["harmful"]["low"]  # the base's own direction mediates it too
     if not works:
         verdict = ("inconclusive: the selected direction changes neither refusal rate in the tuned model itself, so "
                    "its effect in the base model cannot tell reuse from a new mechanism")
     elif reuse:
         verdict = "reuse: the tuned model's refusal direction also induces refusal in the untouched base model"
+    elif base_carries:
+        verdict = ("reused representation, new read-out: ablating the base model's own direction removes refusal in "
+                   "the tuned model, but the tuned direction does not induce refusal in the base model")
     else:
         verdict = "new: the tuned model's refusal direction does not induce refusal in the base model"
     claim = Claim(
