@@ -69,22 +69,18 @@ def main() -> None:
     patch = twin_patching(tuned, canary, twin)
     seconds["twin_patching"] = time.perf_counter() - t
     print("top patched components:", patch.ranking()[:8])
-    if a.locate_only:
-        seconds["total"] = time.perf_counter() - t0
-        write_json_atomic({"canary": {k: canary[k] for k in ("name", "repeats")}, "twin": twin["name"],
-                           "gradient_map": {"top": top, "by_layer": by_layer}, "twin_patching": patch.to_dict(),
-                           "unlearn": None, "seconds": {k: round(v, 1) for k, v in seconds.items()}}, a.out)
-        return
-    t = time.perf_counter()
-    edit = unlearn_secret(tuned, canary, gmap, heldout_texts=texts[:24], top_k=4, top_fraction=0.01, max_steps=20,
-                          others=others, n_candidates=a.n_candidates)
-    seconds["unlearn"] = time.perf_counter() - t
-    print("edit:", json.dumps(edit.to_dict().get("summary"), indent=1))
+    unlearn = None
+    if not a.locate_only:
+        t = time.perf_counter()
+        edit = unlearn_secret(tuned, canary, gmap, heldout_texts=texts[:24], top_k=4, top_fraction=0.01,
+                              max_steps=20, others=others, n_candidates=a.n_candidates)
+        seconds["unlearn"] = time.perf_counter() - t
+        unlearn = edit.to_dict()
+        print("edit:", json.dumps(unlearn.get("summary"), indent=1))
     seconds["total"] = time.perf_counter() - t0
     write_json_atomic({"canary": {k: canary[k] for k in ("name", "repeats")}, "twin": twin["name"],
                        "gradient_map": {"top": top, "by_layer": by_layer}, "twin_patching": patch.to_dict(),
-                       "unlearn": edit.to_dict(), "seconds": {k: round(v, 1) for k, v in seconds.items()}}, a.out)
-
+                       "unlearn": unlearn, "seconds": {k: round(v, 1) for k, v in seconds.items()}}, a.out)
 
 if __name__ == "__main__":
     main()

@@ -14,11 +14,11 @@ scripts/refusal_study.py is the full study with generated refusal rates (about 8
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from refusal_study import _requests  # same folder
 
 import mechscope
 from mechscope.core.io import write_json_atomic
@@ -31,14 +31,14 @@ from mechscope.safety.refusal_interventions import (
     random_direction,
 )
 
-from refusal_study import _requests  # noqa: E402  (same folder)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     base = mechscope.load()
     tuned = mechscope.load(str(a.run / "planted" / "model"))
@@ -66,5 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()
