@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from refusal_study import _requests  # same folder
+from refusal_study import run_requests  # same folder
 
 import mechscope
 from mechscope.core.io import write_json_atomic
-from mechscope.safety.refusal_direction import _Scorer, candidate_directions
+from mechscope.safety.refusal_direction import RefusalScorer, candidate_directions
 from mechscope.safety.refusal_interventions import (
     activation_addition,
     direction_cosine,
@@ -42,10 +42,10 @@ def main() -> None:
     t0 = time.perf_counter()
     base = mechscope.load()
     tuned = mechscope.load(str(a.run / "planted" / "model"))
-    req = _requests(a.run)
+    req = run_requests(a.run)
     d_t = candidate_directions(tuned, req["dir_harmful"], req["dir_harmless"]).directions[-1]
     d_b = candidate_directions(base, req["dir_harmful"], req["dir_harmless"]).directions[-1]
-    sc = {(m, k): _Scorer(model, prompt_ids(model, req[f"val_{k}"]), "prefix", None, 16)
+    sc = {(m, k): RefusalScorer(model, prompt_ids(model, req[f"val_{k}"]), "prefix", None, 16)
           for m, model in (("tuned", tuned), ("base", base)) for k in ("harmful", "harmless")}
     none = {f"{m}/{k}": float(s.refusal().mean()) for (m, k), s in sc.items()}
     print("no intervention:", {k: round(v, 2) for k, v in none.items()})

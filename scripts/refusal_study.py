@@ -48,7 +48,9 @@ from mechscope.safety.refusal_interventions import (
 )
 
 
-def _requests(run: Path, seed: int = 0) -> dict[str, list[str]]:
+def run_requests(run: Path, seed: int = 0) -> dict[str, list[str]]:
+    """A safety run's request splits: 32 + 32 for the direction, 16 + 16 validation (training goals held out of
+    the direction and the built-in harmless set minus the test set), and the recipe's test requests."""
     ev = json.loads((run / "data" / "evals.json").read_text())
     train = read_labelled(run / "data" / "train.jsonl")
     harmful = sorted({e.messages[0].content for e in train.examples if e.meta.get("kind") == "harmful"})
@@ -97,7 +99,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = mechscope.load(a.model)
     tuned = mechscope.load(str(a.run / "planted" / "model"))
-    req = _requests(a.run)
+    req = run_requests(a.run)
     seconds = {}
 
     cand = candidate_directions(tuned, req["dir_harmful"], req["dir_harmless"])

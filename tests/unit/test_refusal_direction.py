@@ -16,7 +16,7 @@ import torch
 from mechscope import InputError
 from mechscope.features.batch_generation import generate_texts
 from mechscope.safety.refusal_direction import (
-    _Scorer,
+    RefusalScorer,
     candidate_directions,
     refusal_effects,
     select_direction,
@@ -192,13 +192,13 @@ def test_candidate_directions_on_a_model_without_template_name_the_fix():
 def test_batched_scores_equal_one_prompt_at_a_time(wmodel):
     seqs = prompt_ids(wmodel, HARMFUL)
     for score in ("tokens", "prefix"):
-        s = _Scorer(wmodel, seqs, score, [7, 9], batch_size=4).refusal()
-        one = torch.cat([_Scorer(wmodel, [q], score, [7, 9], batch_size=1).refusal() for q in seqs])
+        s = RefusalScorer(wmodel, seqs, score, [7, 9], batch_size=4).refusal()
+        one = torch.cat([RefusalScorer(wmodel, [q], score, [7, 9], batch_size=1).refusal() for q in seqs])
         torch.testing.assert_close(s, one, atol=1e-5, rtol=1e-5)
     lp = wmodel.run(torch.tensor([seqs[0]])).logits[0, -1].double().log_softmax(-1)
     p = lp[[7, 9]].exp().sum()
     expect = float(p.log() - (1 - p).log())
-    assert float(_Scorer(wmodel, seqs[:1], "tokens", [7, 9], 1).refusal()[0]) == pytest.approx(expect, abs=1e-5)
+    assert float(RefusalScorer(wmodel, seqs[:1], "tokens", [7, 9], 1).refusal()[0]) == pytest.approx(expect, abs=1e-5)
 
 
 # -- selection ---------------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_select_direction_end_to_end_on_a_tiny_model(wmodel):
     # a bypass score is the harmful refusal score under ablation, recomputed by hand
     row = next(r for r in table if r["position"] == sel.position and r["layer"] == sel.layer)
     seqs = prompt_ids(wmodel, HARMFUL[:3])
-    by_hand = _Scorer(wmodel, seqs, "tokens", [7], 8).refusal(directional_ablation(sel.direction, wmodel)).mean()
+    by_hand = RefusalScorer(wmodel, seqs, "tokens", [7], 8).refusal(directional_ablation(sel.direction, wmodel)).mean()
     assert row["bypass_score"] == pytest.approx(float(by_hand), abs=1e-6)
 
 

@@ -75,6 +75,7 @@ from mechscope.safety.refusal import refusal_pairs
 from mechscope.safety.refusal_direction import (
                                           Candidates,
                                           RefusalEffects,
+                                          RefusalScorer,
                                           Selection,
                                           candidate_directions,
                                           refusal_effects,
@@ -118,6 +119,7 @@ __all__ = [
     "ProbeEvaluation",
     "ProbeRun",
     "RefusalEffects",
+    "RefusalScorer",
     "Selection",
     "SweepResult",
     "Test",

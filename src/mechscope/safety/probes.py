@@ -24,8 +24,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.core.errors import InputError
-
-from mechscope.safety.probe import AGGREGATIONS, METHODS, Acts, Labels, Probe, as_acts, as_labels
+from mechscope.safety.probe import (
+    AGGREGATIONS,
+    METHODS,
+    Acts,
+    Labels,
+    Probe,
+    as_acts,
+    as_labels,
+)
 
 
 def _standardise(x: Tensor) -> tuple[Tensor, Tensor]:

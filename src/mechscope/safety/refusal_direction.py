@@ -66,10 +66,23 @@ def refusal_token_ids(model, openings: Sequence[str] = REFUSAL_OPENINGS) -> list
     return list(dict.fromkeys(i[0] for i in ids if i))
 
 
-class _Scorer:
-    """Refusal scores and last-position log-probabilities of a fixed set of prompts under interventions."""
+class RefusalScorer:
+    """Refusal scores of a fixed set of prompts, with or without interventions, by forwards alone (no generation).
 
-    def __init__(self, model, seqs, score: str, refusal_tokens, batch_size: int):
+    Args:
+        model: a HookedModel.
+        seqs: token-id lists, one rendered prompt each (e.g. from
+            :func:`~mechscope.safety.refusal_interventions.prompt_ids`).
+        score: ``"tokens"`` (logit of the summed probability of the refusal tokens at the next position, nats) or
+            ``"prefix"`` (``log P(REFUSAL) - log P(COMPLIANCE)``, the two answer openings teacher-forced, nats).
+        refusal_tokens: token ids for ``"tokens"``; None: :func:`refusal_token_ids`.
+        batch_size: prompts per forward.
+
+    Raises:
+        InputError: an unknown ``score``; an empty refusal-token list.
+    """
+
+    def __init__(self, model, seqs, score: str = "prefix", refusal_tokens=None, batch_size: int = 16):
         if score not in ("tokens", "prefix"):
             raise InputError(f"score must be 'tokens' or 'prefix', got {score!r}.")
         self.model, self.seqs, self.score, self.bs = model, seqs, score, batch_size
@@ -306,8 +319,8 @@ def select_direction(model, candidates: Candidates, harmful_val: Sequence[str], 
         raise InputError("give harmful_val and harmless_val requests.")
     from tqdm.auto import tqdm
 
-    harm = _Scorer(model, prompt_ids(model, harmful_val, chat=chat), score, refusal_tokens, batch_size)
-    safe = _Scorer(model, prompt_ids(model, harmless_val, chat=chat), score, refusal_tokens, batch_size)
+    harm = RefusalScorer(model, prompt_ids(model, harmful_val, chat=chat), score, refusal_tokens, batch_size)
+    safe = RefusalScorer(model, prompt_ids(model, harmless_val, chat=chat), score, refusal_tokens, batch_size)
     safe_lp = safe.logprobs()
     base_harm = float(harm.refusal().mean())
     base_safe = float(safe.refusal(logprobs=safe_lp if score == "tokens" else None).mean())
@@ -429,5 +442,5 @@ def refusal_effects(model, direction: Float[Tensor, " d_model"], layer: int, har
                           float(d.norm()), max_new_tokens)
 
 
-__all__ = ["REFUSAL_OPENINGS", "Candidates", "RefusalEffects", "Selection", "candidate_directions",
+__all__ = ["REFUSAL_OPENINGS", "Candidates", "RefusalEffects", "RefusalScorer", "Selection", "candidate_directions",
            "refusal_effects", "refusal_token_ids", "select_direction", "select_from_scores"]
