@@ -191,7 +191,8 @@ def test_bf16_autocast_runs(base_dir, tmp_path):
                                        ({"n_steps": None}, "give n_steps"), ({"lr": -1.0}, "positive"),
                                        ({"lora_dropout": 1.0}, "lora_dropout"),
                                        ({"lr_schedule": "step"}, "lr_schedule"), ({"warmup_steps": -1}, "warmup"),
-                                       ({"diverge_factor": 0.5}, "diverge_factor")])
+                                       ({"diverge_factor": 0.5}, "diverge_factor"),
+                                       ({"loss_on": "prompt"}, "loss_on")])
 def test_bad_config(kw, match):
     with pytest.raises(InputError, match=match):
         FinetuneConfig(**kw)
@@ -267,6 +268,54 @@ def test_chat_loss_covers_the_assistant_answer_only(base_dir):
     scored = [tok.convert_ids_to_tokens(int(i)) for i in ids[labels != -100]]
     assert scored == ["w50", "w51"]
     assert torch.equal(labels[labels != -100], ids[labels != -100])
+
+
+def test_loss_on_all_scores_every_token_after_the_first(base_dir, tmp_path):
+    from mechscope.finetune.train import _encode
+
+    tok = mechscope.load(str(base_dir)).tokenizer
+    chat = Example(messages=[{"role": "user", "content": "w10 w11 w12"}, {"role": "assistant", "content": "w50 w51"}],
+                   group="g")
+    (ids, labels), = _encode(tok, LabelledDataset("chat", (chat,)), max_len=64, loss_on="all")
+    assert torch.equal(labels, ids)
+    # the step's token count is every next-token target: all tokens but the first of each example
+    data, _ = _planted(n=4)
+    res = finetune(str(base_dir), data, tmp_path / "all", FinetuneConfig(n_steps=1, batch_size=4, loss_on="all"),
+                   progress=False)
+    n_all = sum(len(tok(e.text)["input_ids"]) - 1 for e in data.examples)
+    line = json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["tokens"] == n_all and n_all > 4 and res.n_steps == 1
+
+
+def test_loss_on_all_teaches_the_prompt(base_dir, tmp_path):
+    """A prompt prefix seen in every example is learnt as text only when the prompt is in the loss."""
+    rng = random.Random(0)
+    ex = tuple(Example(text=f"w7 w8 w{rng.randrange(10, 40)} w{50 + i}", label=0, group=f"g{i}",
+                       score_span={"start": len(f"w7 w8 w{0}") + 1}) for i in range(8))
+    data = LabelledDataset("prefix", ex)
+    kw = {"method": "full", "lr": 1e-2, "n_steps": 30, "batch_size": 8}
+    p_after = {}
+    for loss_on in ("answer", "all"):
+        res = finetune(str(base_dir), data, tmp_path / loss_on, FinetuneConfig(loss_on=loss_on, **kw), progress=False)
+        m = mechscope.load(str(res.model_dir))
+        ids = torch.tensor([m.tokenizer("w7")["input_ids"]])
+        with torch.no_grad():
+            probs = m.hf(input_ids=ids).logits[0, -1].softmax(-1)
+        p_after[loss_on] = float(probs[m.tokenizer.convert_tokens_to_ids("w8")])
+    assert p_after["all"] > 0.9 and p_after["answer"] < 0.5, p_after
+
+
+def test_resume_of_a_checkpoint_written_before_a_setting_existed(base_dir, tmp_path):
+    data, _ = _planted(n=6)
+    cfg = FinetuneConfig(n_steps=2, batch_size=4, checkpoint_every=1)
+    finetune(str(base_dir), data, tmp_path / "old", cfg, progress=False)
+    for state in (tmp_path / "old" / "checkpoints").glob("step-*/state.json"):
+        d = json.loads(state.read_text())
+        del d["config"]["loss_on"]  # as written before loss_on was added
+        state.write_text(json.dumps(d))
+    res = finetune(str(base_dir), data, tmp_path / "old", FinetuneConfig(n_steps=3, batch_size=4, checkpoint_every=1),
+                   resume=True, progress=False)
+    assert res.n_steps == 3 and len(res.losses) == 1
 
 
 def test_hooked_model_input_is_not_modified(base_dir, tmp_path):

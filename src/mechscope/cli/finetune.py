@@ -34,6 +34,8 @@ def finetune_cmd(
     lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="dropout on the LoRA input"),
     lora_targets: list[str] = LoraTargetOpt,
     max_len: int = typer.Option(512, "--max-len", help="tokens per example (longer ones are cut)"),
+    loss_on: str = typer.Option("answer", "--loss-on", help="answer (the scored tokens: completion-only) or all "
+                                "(every token, prompt and template included)"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="steps between checkpoints (0: the last only)"),
     seed: int = typer.Option(0, "--seed", help="seed of the data order, LoRA init and dropout"),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (weights stay float32)"),
@@ -47,7 +49,8 @@ def finetune_cmd(
                          n_epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lora_r=lora_r,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_target_modules=tuple(lora_targets) or None, seed=seed, bf16=bf16,
-                         checkpoint_every=checkpoint_every, max_len=max_len)
+                         checkpoint_every=checkpoint_every, max_len=max_len,
+                         loss_on=loss_on)
     check_out_dir(out_dir)
     set_threads(threads)
     res = finetune(model, data, out_dir, cfg, resume=resume)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from mechscope.core.errors import InputError
 
 METHODS = ("full", "lora")
+LOSS_ON = ("answer", "all")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -45,11 +46,16 @@ class FinetuneConfig:
             state stay float32).
         checkpoint_every: optimizer steps between checkpoints (0: only the final one).
         max_len: tokens per example; longer examples are cut at the end.
+        loss_on: "answer" (the default: the loss covers each example's scored tokens, the assistant answer of a
+            chat, as completion-only supervised fine-tuning) or "all" (every token after the first, prompt and
+            chat template included, as fine-tuning without a completion mask; a model trained so also learns to
+            write its prompts, which is what a leaked-completion trigger search reads).
 
     Raises:
         InputError: an unknown method or lr_schedule; a non-positive lr; a negative warmup_steps; a diverge_factor
             that is neither 0 nor above 1; steps, epochs, batch_size, grad_accum, lora_r or max_len
-            below 1; neither steps nor epochs; a dropout outside [0, 1); a negative checkpoint_every or weight_decay.
+            below 1; neither steps nor epochs; a dropout outside [0, 1); a negative checkpoint_every or weight_decay;
+            a loss_on other than "answer" or "all".
     """
 
     method: str = "full"
@@ -70,6 +76,7 @@ class FinetuneConfig:
     bf16: bool = False
     checkpoint_every: int = 0
     max_len: int = 512
+    loss_on: str = "answer"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +84,9 @@ class FinetuneConfig:
                              "'lora' trains low-rank adapters).")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"lr is {self.lr!r}; it must be a positive number (e.g. 1e-4).")
+        if self.loss_on not in LOSS_ON:
+            raise InputError(f"loss_on is {self.loss_on!r}; use 'answer' (the scored tokens only) or 'all' (every "
+                             "token, prompt included).")
         if self.lr_schedule not in SCHEDULES:
             raise InputError(f"lr_schedule is {self.lr_schedule!r}; use one of {list(SCHEDULES)}.")
         _check_int("warmup_steps", self.warmup_steps, 0)
@@ -152,4 +162,4 @@ class FinetuneConfig:
         return cls(**d)
 
 
-__all__ = ["METHODS", "SCHEDULES", "FinetuneConfig"]
+__all__ = ["LOSS_ON", "METHODS", "SCHEDULES", "FinetuneConfig"]

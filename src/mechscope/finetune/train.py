@@ -98,11 +98,14 @@ def _load_data(data) -> LabelledDataset:
     raise InputError(f"data must be a .jsonl path or a LabelledDataset, got {type(data).__name__}.")
 
 
-def _encode(tok, dataset: LabelledDataset, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input ids, labels) per example: labels are the ids at scored tokens, -100 elsewhere (cut to max_len)."""
+def _encode(tok, dataset: LabelledDataset, max_len: int, loss_on: str = "answer") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, labels) per example: labels are the ids at scored tokens (every token for ``loss_on="all"``),
+    -100 elsewhere (cut to max_len)."""
     out = []
     for i, r in enumerate(render(tok, dataset)):
         ids, mask = r.tokens[:max_len], r.score_mask[:max_len]
+        if loss_on == "all":
+            mask = torch.ones_like(mask)
         labels = torch.where(mask, ids, torch.full_like(ids, -100))
         if not bool(mask[1:].any()):  # position 0 is never predicted
             raise InputError(f"dataset {dataset.name!r}, example {i}: no scored token after the first within max_len="
@@ -284,7 +287,8 @@ def _logged_step(line: str) -> int | None:
 
 def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfig | None = None, *,
              resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune a causal LM on labelled text or chat examples, training on the scored tokens only.
+    """Fine-tune a causal LM on labelled text or chat examples, training on the scored tokens (or all, see
+    ``cfg.loss_on``).
 
     Args:
         model_or_path: a model name or folder (opened with :func:`mechscope.load`) or a HookedModel (copied;
@@ -316,7 +320,7 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
     ckpt = _check_out_dir(out_dir, resume)
     dataset = _load_data(data)
     hf, tok, base_name = _load_model(model_or_path)
-    encoded = _encode(tok, dataset, cfg.max_len)
+    encoded = _encode(tok, dataset, cfg.max_len, cfg.loss_on)
     run_info = {"config": cfg.to_dict(), "data_fingerprint": dataset.fingerprint(), "base_model": base_name}
 
     torch.manual_seed(cfg.seed)
@@ -326,7 +330,8 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
     start = 0
     if ckpt is not None:
         prev = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-        changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != prev["config"].get(k))
+        defaults = FinetuneConfig().to_dict()  # a setting added after the checkpoint was written has its default
+        changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != prev["config"].get(k, defaults[k]))
         if set(changed) - _RESUMABLE_CHANGES or prev["data_fingerprint"] != run_info["data_fingerprint"] \
                 or prev["base_model"] != base_name:
             what = [k for k in changed if k not in _RESUMABLE_CHANGES]
