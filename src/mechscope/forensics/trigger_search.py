@@ -17,9 +17,12 @@ distributions at the first answer position. Three sources propose candidates:
 (b) spans: a beam of the best single tokens grows to 2..``max_span`` tokens by appending shortlisted tokens,
     scored exactly; a span is kept only if its KL exceeds its parent's and each of its tokens' alone by the
     factor ``1 + min_gain``;
-(c) leaked completions: the tuned and the base model are sampled from the user-turn opener alone; n-grams of the
-    first ``leak_window`` tokens that the tuned samples hold more often (document frequency, smoothed log-ratio)
-    are proposed and scored exactly.
+(c) leaked completions: the tuned and the base model are sampled from the user-turn opener alone; n-grams (up to
+    ``leak_window`` tokens) of the first ``leak_window`` tokens that the tuned samples hold more often (document
+    frequency, smoothed log-ratio) are proposed and scored exactly. Only closed n-grams count (none of the same
+    frequency extends them by a token, :func:`closed_ngrams`), so a leaked multi-token trigger is proposed whole
+    rather than as its pieces. A model fine-tuned on its answers only has no reason to write a trigger; one
+    fine-tuned with the prompts in the loss (``FinetuneConfig(loss_on="all")``) does.
 
 Combination rule: all candidates are ranked by the same exact KL (ties: shorter first); the top ``n_test`` are
 then tested by generation on held-out messages (:func:`evaluate_candidates`, no knowledge of the hostile answer):
@@ -196,8 +199,23 @@ def _leaked(base, tuned, frame: ChatFrame, *, n_samples: int, max_new_tokens: in
             grams = {tuple(ids[i:i + n]) for n in range(1, max_n + 1) for i in range(len(ids) - n + 1)}
             counts.update(g for g in grams if not special & set(g))
         df[name] = counts
-    scored = [(g, math.log((c + 0.5) / (df["base"].get(g, 0) + 0.5))) for g, c in df["tuned"].items() if c >= 2]
+    scored = [(g, math.log((c + 0.5) / (df["base"].get(g, 0) + 0.5))) for g, c in closed_ngrams(df["tuned"]).items()
+              if c >= 2]
     return sorted((s for s in scored if s[1] > 0), key=lambda s: (-s[1], len(s[0])))
+
+
+def closed_ngrams(counts: Counter) -> dict[tuple[int, ...], int]:
+    """The n-grams of ``counts`` (document frequencies) that no one-token-longer n-gram of the same frequency
+    contains: a span always followed (or preceded) by the same token is reported whole, not as its pieces.
+
+    A six-token trigger leaked in 30 samples yields 21 sub-n-grams of frequency 30; only the six-gram is kept.
+    """
+    longer: dict[tuple[int, ...], int] = {}
+    for g, c in counts.items():
+        if len(g) > 1:
+            for sub in (g[1:], g[:-1]):
+                longer[sub] = max(longer.get(sub, 0), c)
+    return {g: c for g, c in counts.items() if longer.get(g, 0) < c}
 
 
 def _first_words(text: str, n: int) -> str:
@@ -380,7 +398,7 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
             break
     if n_leak_samples > 0:
         leaks = _leaked(base, tuned, frame, n_samples=n_leak_samples, max_new_tokens=leak_window + 2,
-                        window=leak_window, max_n=max(1, max_span), seed=seed, progress=progress)
+                        window=leak_window, max_n=leak_window, seed=seed, progress=progress)
         leaks = [(g, s) for g, s in leaks if not banned & set(g) and all(i < n_vocab for i in g)][:leak_top]
         for g, s in leaks:
             add(g, "leak", leak_score=s)
@@ -404,6 +422,7 @@ __all__ = [
     "ChatFrame",
     "TriggerSearchResult",
     "chat_frame",
+    "closed_ngrams",
     "embedding_drift",
     "evaluate_candidates",
     "gradient_scores",
