@@ -231,3 +231,15 @@ def test_leaked_completions_recover_a_multi_token_trigger_only_if_prompts_were_t
         assert top["test"]["defection"] >= 0.5 and top["test"]["modal_answer"] == RESPONSE
     else:
         assert "w4 w5 w6" not in leaked and res.rank_of("w4 w5 w6") is None, res.top(5)
+
+
+def test_unmoved_embeddings_are_never_proposed_as_drift(planted):
+    """After a fine-tune that leaves the embeddings alone (as LoRA does) the drift source proposes nothing, rather
+    than the first tokens of an all-zero ranking."""
+    base, tuned = mechscope.load(planted[0]), mechscope.load(planted[0])
+    with torch.no_grad():
+        tuned.hf.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    res = search_triggers(base, tuned, PROBES, HELD, n_shortlist=4, n_drift=8, max_span=1, n_leak_samples=0,
+                          n_test=0, progress=False)
+    assert not [c for c in res.candidates if "drift" in c["sources"]]
+    assert len(res.candidates) == 4

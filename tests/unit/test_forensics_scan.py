@@ -120,11 +120,15 @@ def test_cli_scans_saved_models_end_to_end(planted, tmp_path):  # noqa: F811
     out = tmp_path / "scan"
     r = CliRunner().invoke(app, ["audit", "--model", planted[1], "--base", planted[0], "--probes", str(probes),
                                  "--texts", str(texts), "--out", str(out), "--n-texts", "6", "--n-probes", "32",
-                                 "--threads", "1"], terminal_width=200)
+                                 "--threads", "1", "--n-shortlist", "16", "--max-span", "2", "--leak-samples", "8"],
+                            terminal_width=200)
     assert r.exit_code == 0, r.output
     assert "suspected trigger 'w7'" in r.stdout
     assert {p.name for p in out.iterdir()} >= {"scan.html", "scan.json", "claims.json", "diff.json"}
-    assert json.loads((out / "scan.json").read_text())["trigger"] == "w7"
+    scan = json.loads((out / "scan.json").read_text())
+    assert scan["trigger"] == "w7"
+    got = {k: scan["settings"][k] for k in ("n_shortlist", "max_span", "n_leak_samples")}
+    assert got == {"n_shortlist": 16, "max_span": 2, "n_leak_samples": 8}
     assert len(read_claims(out / "claims.json")) == 4
 
 

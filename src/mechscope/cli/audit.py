@@ -41,6 +41,11 @@ _PROBES = typer.Option(None, "--probes", help="scan: a .txt file of probe messag
                        "(default: built-in ordinary instructions)")
 _TEXTS = typer.Option("pydoc", "--texts", help="scan: corpus name or file of ordinary texts")
 _DTYPE = typer.Option("float32", "--dtype", help="scan: float32 or bfloat16")
+_N_SHORTLIST = typer.Option(64, "--n-shortlist", min=1, help="scan: tokens of the trigger search's gradient scan "
+                            "scored exactly (fewer: faster)")
+_MAX_SPAN = typer.Option(3, "--max-span", min=1, help="scan: longest span the beam search grows (1: single tokens)")
+_N_LEAK = typer.Option(64, "--leak-samples", min=0, help="scan: samples from a bare user turn for the leaked-"
+                       "completion search (0: off)")
 _THREADS = typer.Option(None, "--threads", min=1, help="scan: torch CPU threads (default: the idle "
                         "cores)")
 
@@ -63,6 +68,9 @@ def audit(
     texts: str = _TEXTS,
     dtype: str = _DTYPE,
     threads: int | None = _THREADS,
+    n_shortlist: int = _N_SHORTLIST,
+    max_span: int = _MAX_SPAN,
+    leak_samples: int = _N_LEAK,
 ) -> None:
     """Grade claims (causal or only correlational evidence, intervals, controls, held-out data) on the rubric; or,
     with --model and --base, scan a tuned model for a backdoor and grade every finding."""
@@ -83,7 +91,8 @@ def audit(
         if claims is not None or circuit:
             raise InputError("--model/--base run a scan and grade its own findings; audit a claims file or --circuit "
                              "in a separate call.")
-        _scan(model, base, out_dir, n_texts, n_probes, probes, texts, dtype, threads, max_rel_width)
+        _scan(model, base, out_dir, n_texts, n_probes, probes, texts, dtype, threads, max_rel_width,
+              {"n_shortlist": n_shortlist, "max_span": max_span, "n_leak_samples": leak_samples})
         return
     if claims is None and not circuit and not rubric:
         raise InputError("give a claims JSON file to audit (mechscope audit CLAIMS.json), --circuit DIR, --model "
@@ -117,7 +126,7 @@ def audit(
 
 
 def _scan(model: str, base: str, out_dir: Path, n_texts: int, n_probes: int, probes: Path | None, texts: str,
-          dtype: str, threads: int | None, max_rel_width: float) -> None:
+          dtype: str, threads: int | None, max_rel_width: float, search: dict) -> None:
     from mechscope.cli.common import (
         check_corpora,
         check_model_dtype,
@@ -142,7 +151,7 @@ def _scan(model: str, base: str, out_dir: Path, n_texts: int, n_probes: int, pro
     docs = load_documents(texts)[:n_texts]
     set_threads(threads)
     mb, mt = load_model(base, dtype), load_model(model, dtype)
-    res = scan_models(mb, mt, probes=msgs, texts=docs, n_probes=n_probes, out_dir=out_dir)
+    res = scan_models(mb, mt, probes=msgs, texts=docs, n_probes=n_probes, out_dir=out_dir, **search)
     page = render_scan_report(res, out_dir / "scan.html")
     result = run_audit(res.claims, max_rel_width=max_rel_width)
     counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)

@@ -320,7 +320,8 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
         placeholder: token id the gradient is taken at; None: the unknown token, else "!".
         n_shortlist: tokens of the gradient scan scored exactly (and extended into spans).
         n_drift: also the tokens whose input embeddings moved most (:func:`embedding_drift`), scored exactly;
-            the first-order scan alone can miss a trigger (see the module docstring).
+            the first-order scan alone can miss a trigger (see the module docstring). Tokens that did not move
+            are never proposed (none after a LoRA fine-tune, which leaves the embeddings alone).
         beam / max_span / min_gain: span search (see the module docstring); ``max_span`` <= 1 disables it.
         n_leak_samples / leak_window / leak_top: leaked-completion search; 0 samples disables it.
         n_test: top candidates tested by generation.
@@ -354,7 +355,8 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
     short = grad.topk(min(n_shortlist, n_ok)).indices.tolist()
     drift = embedding_drift(base, tuned)
     drift[~grad.isfinite()] = -math.inf
-    drifted = drift.topk(min(n_drift, n_ok)).indices.tolist() if n_drift > 0 else []
+    drifted = [t for t in (drift.topk(min(n_drift, n_ok)).indices.tolist() if n_drift > 0 else [])
+               if drift[t] > 0]  # none when the embeddings did not move (a LoRA fine-tune leaves them alone)
     cands: dict[tuple[int, ...], dict] = {}
 
     def add(ids: tuple[int, ...], source: str, **extra) -> None:
