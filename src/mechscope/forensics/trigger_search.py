@@ -106,10 +106,15 @@ def pad_id(model) -> int:
 
 
 @torch.no_grad()
-def last_logits(model, rows: Sequence[Sequence[int]], batch_size: int = 64) -> Float[Tensor, "batch d_vocab"]:
-    """float32 logits at the last token of each row (left-padded batches), on the CPU."""
+def last_logits(model, rows: Sequence[Sequence[int]], batch_size: int = 64, *, progress: bool = False,
+                desc: str = "forward") -> Float[Tensor, "batch d_vocab"]:
+    """float32 logits at the last token of each row (left-padded batches), on the CPU; ``progress``: a tqdm bar
+    over batches (from two batches on)."""
+    from tqdm.auto import tqdm
+
     out = []
-    for i in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2, leave=False):
         ids, mask, pos = left_pad(rows[i:i + batch_size], pad_id(model), model.device)
         out.append(model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                             logits_to_keep=1).logits[:, -1].float().cpu())
@@ -117,11 +122,13 @@ def last_logits(model, rows: Sequence[Sequence[int]], batch_size: int = 64) -> F
 
 
 def insertion_kl(base, tuned, messages: Sequence[str], candidates: Sequence[Sequence[int]], *, sep: str = " ",
-                 batch_size: int = 64) -> Float[Tensor, "n_candidates n_messages"]:
+                 batch_size: int = 64, progress: bool = False) -> Float[Tensor, "n_candidates n_messages"]:
     """KL(P_tuned || P_base) in nats at the first answer position with each candidate inserted, float32 on the CPU."""
     frame, tok = chat_frame(tuned, sep), tuned.tokenizer
     rows = [frame.ids(tok, m, c) for c in candidates for m in messages]
-    kl = kl_from_logits(last_logits(tuned, rows, batch_size), last_logits(base, rows, batch_size))
+    what = f"insertion KL, {len(candidates)} candidates"
+    kl = kl_from_logits(last_logits(tuned, rows, batch_size, progress=progress, desc=f"{what} (tuned)"),
+                        last_logits(base, rows, batch_size, progress=progress, desc=f"{what} (base)"))
     return kl.view(len(candidates), len(messages))
 
 
@@ -369,7 +376,7 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
     def score(groups: list[tuple[int, ...]]) -> None:
         todo = [g for g in groups if cands[g]["kl"] is None]
         if todo:
-            kl = insertion_kl(base, tuned, probes, todo, sep=sep, batch_size=batch_size).mean(1)
+            kl = insertion_kl(base, tuned, probes, todo, sep=sep, batch_size=batch_size, progress=progress).mean(1)
             for g, v in zip(todo, kl.tolist()):
                 cands[g]["kl"] = v
 
