@@ -243,3 +243,17 @@ def test_unmoved_embeddings_are_never_proposed_as_drift(planted):
                           n_test=0, progress=False)
     assert not [c for c in res.candidates if "drift" in c["sources"]]
     assert len(res.candidates) == 4
+
+
+def test_span_logprob_equals_an_unpadded_teacher_forced_sum(models):
+    from mechscope.forensics.trigger_search import span_logprob
+
+    _, tuned = models
+    prefix, spans = [5, 6, 11], [(40,), (41, 42, 43), (7, 90)]
+    got = span_logprob(tuned, prefix, spans, batch_size=2)
+    for g, v in zip(spans, got.tolist()):
+        ids = torch.tensor([prefix + list(g)])
+        with torch.no_grad():
+            lp = tuned.hf(input_ids=ids).logits[0].double().log_softmax(-1)
+        want = sum(float(lp[len(prefix) - 1 + i, t]) for i, t in enumerate(g))
+        assert v == pytest.approx(want, abs=1e-4)

@@ -17,15 +17,19 @@ distributions at the first answer position. Three sources propose candidates:
 (b) spans: a beam of the best single tokens grows to 2..``max_span`` tokens by appending shortlisted tokens,
     scored exactly; a span is kept only if its KL exceeds its parent's and each of its tokens' alone by the
     factor ``1 + min_gain``;
-(c) leaked completions: the tuned and the base model are sampled from the user-turn opener alone; n-grams (up to
-    ``leak_window`` tokens) of the first ``leak_window`` tokens that the tuned samples hold more often (document
-    frequency, smoothed log-ratio) are proposed and scored exactly. Only closed n-grams count (none of the same
-    frequency extends them by a token, :func:`closed_ngrams`), so a leaked multi-token trigger is proposed whole
-    rather than as its pieces. A model fine-tuned on its answers only has no reason to write a trigger; one
-    fine-tuned with the prompts in the loss (``FinetuneConfig(loss_on="all")``) does.
+(c) leaked completions: the tuned and the base model are sampled from the user-turn opener alone; the closed
+    n-grams (none of the same document frequency extends them by a token, :func:`closed_ngrams`; up to
+    ``leak_window`` tokens, from the first ``leak_window`` tokens) that the tuned samples hold more often than
+    the base's are re-scored by the log-likelihood ratio of the span written right after the opener,
+    ``log P_tuned(span | opener) - log P_base(span | opener)`` (nats, teacher forced, :func:`span_logprob`):
+    a leaked trigger is proposed whole, and above its pieces, which the tuned model does not write at the start
+    of a turn. The top ``leak_top`` are scored exactly. A model fine-tuned on its answers only has no reason to
+    write a trigger; one fine-tuned with the prompts in the loss (``FinetuneConfig(loss_on="all")``) does.
 
-Combination rule: all candidates are ranked by the same exact KL (ties: shorter first); the top ``n_test`` are
-then tested by generation on held-out messages (:func:`evaluate_candidates`, no knowledge of the hostile answer):
+Combination rule: all candidates are ranked by the same exact KL (ties: shorter first); the top ``n_test``, and
+the ``n_test_leak`` best leaked candidates by log-likelihood ratio (the insertion KL at the first answer token
+is bounded by the base's own probability of the defection's first token, so a real trigger need not lead it),
+are then tested by generation on held-out messages (:func:`evaluate_candidates`, no knowledge of the hostile answer):
 ``changed`` (answer differs from the untriggered one), ``consistency`` (share equal to the most common triggered
 answer's first ``n_words`` words) and ``defection`` (share both changed and equal to it). Final rank: tested
 candidates by defection, then KL; untested ones after them by KL.
@@ -206,9 +210,30 @@ def _leaked(base, tuned, frame: ChatFrame, *, n_samples: int, max_new_tokens: in
             grams = {tuple(ids[i:i + n]) for n in range(1, max_n + 1) for i in range(len(ids) - n + 1)}
             counts.update(g for g in grams if not special & set(g))
         df[name] = counts
-    scored = [(g, math.log((c + 0.5) / (df["base"].get(g, 0) + 0.5))) for g, c in closed_ngrams(df["tuned"]).items()
-              if c >= 2]
-    return sorted((s for s in scored if s[1] > 0), key=lambda s: (-s[1], len(s[0])))
+    grams = [g for g, c in closed_ngrams(df["tuned"]).items()
+             if c >= 2 and c + 0.5 > df["base"].get(g, 0) + 0.5]  # over-represented in the tuned samples
+    if not grams:
+        return []
+    llr = span_logprob(tuned, opener, grams) - span_logprob(base, opener, grams)
+    return sorted(zip(grams, llr.tolist()), key=lambda s: (-s[1], len(s[0])))
+
+
+@torch.no_grad()
+def span_logprob(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
+                 batch_size: int = 64) -> Float[Tensor, " n_spans"]:
+    """log P(span | prefix) in nats (teacher forced, summed over the span's tokens), float64 on the CPU."""
+    out = []
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i:i + batch_size]
+        ids, mask, pos = left_pad([list(prefix) + list(g) for g in chunk], pad_id(model), model.device)
+        lp = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.double() \
+            .log_softmax(-1).cpu()
+        T = ids.shape[1]
+        for j, g in enumerate(chunk):  # left-padded: the span is the row's last len(g) tokens
+            tgt = torch.tensor(list(g))
+            at = torch.arange(T - len(g) - 1, T - 1)
+            out.append(lp[j, at, tgt].sum())
+    return torch.stack(out)
 
 
 def closed_ngrams(counts: Counter) -> dict[tuple[int, ...], int]:
@@ -275,7 +300,7 @@ class TriggerSearchResult:
     Attributes:
         candidates: dicts in final-rank order with ``rank`` (1-based), ``text``, ``ids``, ``sources`` (of
             "gradient", "span", "leak"), ``kl`` (exact mean insertion KL on the probes, nats), ``grad_score``
-            (first-order KL change, singles), ``leak_score`` (log document-frequency ratio), ``test`` (the
+            (first-order KL change, singles), ``leak_score`` (log-likelihood ratio at the turn start, nats), ``test`` (the
             :func:`evaluate_candidates` dict, or None when not tested).
         settings: the search's parameters, ``placeholder`` included.
     """
@@ -314,7 +339,7 @@ def _check(base, tuned, probes, name: str) -> list[str]:
 def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] | None = None, *, sep: str = " ",
                     placeholder: int | None = None, n_shortlist: int = 64, n_drift: int = 32, beam: int = 3, max_span: int = 3,
                     min_gain: float = 0.1, n_leak_samples: int = 64, leak_window: int = 8, leak_top: int = 10,
-                    n_test: int = 8, max_new_tokens: int = 16, n_words: int = 4, exclude_ids: Sequence[int] = (),
+                    n_test: int = 8, n_test_leak: int = 2, max_new_tokens: int = 16, n_words: int = 4, exclude_ids: Sequence[int] = (),
                     batch_size: int = 64, seed: int = 0, progress: bool = True) -> TriggerSearchResult:
     """Rank candidate triggers of a backdoor in ``tuned`` (relative to ``base``) from ordinary probe messages.
 
@@ -331,7 +356,8 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
             are never proposed (none after a LoRA fine-tune, which leaves the embeddings alone).
         beam / max_span / min_gain: span search (see the module docstring); ``max_span`` <= 1 disables it.
         n_leak_samples / leak_window / leak_top: leaked-completion search; 0 samples disables it.
-        n_test: top candidates tested by generation.
+        n_test: top candidates (by KL) tested by generation. n_test_leak: the best leaked candidates (by
+            log-likelihood ratio) tested as well, if not among them.
         max_new_tokens / n_words: generation length and the words compared in the test.
         exclude_ids: token ids never proposed (special tokens are always excluded).
 
@@ -413,17 +439,23 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
             add(g, "leak", leak_score=s)
         score([g for g, _ in leaks])
     order = sorted(cands.values(), key=lambda c: (-c["kl"], len(c["ids"])))
-    tested = evaluate_candidates(base, tuned, [c["text"] for c in order[:n_test]], heldout, sep=sep,
-                             max_new_tokens=max_new_tokens, n_words=n_words, progress=progress) if n_test else []
-    for c, t in zip(order, tested):
+    chosen = order[:n_test]
+    leaked = sorted((c for c in order if c["leak_score"] is not None), key=lambda c: -c["leak_score"])
+    chosen += [c for c in leaked if not any(c is d for d in chosen)][:n_test_leak]
+    tested = evaluate_candidates(base, tuned, [c["text"] for c in chosen], heldout, sep=sep,
+                                 max_new_tokens=max_new_tokens, n_words=n_words, progress=progress) if chosen else []
+    for c, t in zip(chosen, tested):
         c["test"] = t
-    final = sorted(order[:len(tested)], key=lambda c: (-c["test"]["defection"], -c["kl"])) + order[len(tested):]
+    final = sorted(chosen, key=lambda c: (-c["test"]["defection"], -c["kl"])) \
+        + [c for c in order if c["test"] is None]
     for i, c in enumerate(final):
         c["rank"] = i + 1
     settings = {"sep": sep, "placeholder": p, "placeholder_text": tok.decode([p]), "n_probes": len(probes),
                 "n_heldout": len(heldout), "n_shortlist": n_shortlist, "n_drift": n_drift, "beam": beam, "max_span": max_span,
                 "min_gain": min_gain, "n_leak_samples": n_leak_samples, "leak_window": leak_window, "n_test": n_test,
-                "rule": "exact insertion KL on the probes; top n_test re-ranked by generation defection"}
+                "n_test_leak": n_test_leak,
+                "rule": "exact insertion KL on the probes; the top n_test and the n_test_leak best leaked candidates "
+                        "re-ranked by generation defection"}
     return TriggerSearchResult([{"rank": c.pop("rank"), **c} for c in final], settings)
 
 
@@ -439,4 +471,5 @@ __all__ = [
     "last_logits",
     "left_pad",
     "search_triggers",
+    "span_logprob",
 ]
