@@ -192,8 +192,8 @@ def _default_placeholder(tok) -> int:
 
 def _leaked(base, tuned, frame: ChatFrame, *, n_samples: int, max_new_tokens: int, window: int, max_n: int,
             seed: int, progress: bool) -> list[tuple[tuple[int, ...], float]]:
-    """n-grams over-represented in the tuned model's samples from the user-turn opener: (ids, log-ratio of the
-    smoothed document frequencies), best first."""
+    """Closed n-grams found in more of the tuned model's samples from the user-turn opener than of the base's:
+    (ids, log-likelihood ratio of the span right after the opener, nats), best first."""
     tok = tuned.tokenizer
     opener = frame.head or ([tok.bos_token_id] if tok.bos_token_id is not None else [])
     if not opener:
@@ -211,7 +211,7 @@ def _leaked(base, tuned, frame: ChatFrame, *, n_samples: int, max_new_tokens: in
             counts.update(g for g in grams if not special & set(g))
         df[name] = counts
     grams = [g for g, c in closed_ngrams(df["tuned"]).items()
-             if c >= 2 and c + 0.5 > df["base"].get(g, 0) + 0.5]  # over-represented in the tuned samples
+             if c >= 2 and c > df["base"].get(g, 0)]  # over-represented in the tuned samples
     if not grams:
         return []
     llr = span_logprob(tuned, opener, grams) - span_logprob(base, opener, grams)
