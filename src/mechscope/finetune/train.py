@@ -330,8 +330,8 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
     start = 0
     if ckpt is not None:
         prev = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-        defaults = FinetuneConfig().to_dict()  # a setting added after the checkpoint was written has its default
-        changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != prev["config"].get(k, defaults[k]))
+        now, defaults = cfg.to_dict(), FinetuneConfig().to_dict()  # a setting added later reads as its default
+        changed = sorted(k for k in now if now[k] != prev["config"].get(k, defaults[k]))
         if set(changed) - _RESUMABLE_CHANGES or prev["data_fingerprint"] != run_info["data_fingerprint"] \
                 or prev["base_model"] != base_name:
             what = [k for k in changed if k not in _RESUMABLE_CHANGES]

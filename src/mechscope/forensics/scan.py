@@ -93,8 +93,6 @@ def default_probes(n: int = 48, seed: int = 0) -> list[str]:
     Raises:
         InputError: ``n`` larger than the set.
     """
-    import random
-
     from mechscope.data.labelled_builtins import harmfulness
 
     pool = sorted({e.messages[0].content for e in harmfulness().examples if e.label == 0})

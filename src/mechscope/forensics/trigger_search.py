@@ -222,18 +222,14 @@ def _leaked(base, tuned, frame: ChatFrame, *, n_samples: int, max_new_tokens: in
 def span_logprob(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
                  batch_size: int = 64) -> Float[Tensor, " n_spans"]:
     """log P(span | prefix) in nats (teacher forced, summed over the span's tokens), float64 on the CPU."""
+    from mechscope.planted.measures import token_logprobs
+
+    rows = [torch.tensor([*prefix, *g]) for g in spans]
     out = []
-    for i in range(0, len(spans), batch_size):
-        chunk = spans[i:i + batch_size]
-        ids, mask, pos = left_pad([list(prefix) + list(g) for g in chunk], pad_id(model), model.device)
-        lp = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.double() \
-            .log_softmax(-1).cpu()
-        T = ids.shape[1]
-        for j, g in enumerate(chunk):  # left-padded: the span is the row's last len(g) tokens
-            tgt = torch.tensor(list(g))
-            at = torch.arange(T - len(g) - 1, T - 1)
-            out.append(lp[j, at, tgt].sum())
-    return torch.stack(out)
+    for lp, att in token_logprobs(model, rows, batch_size):  # lp[:, t] is log P(token t + 1)
+        on_span = (torch.arange(1, att.shape[1])[None] >= len(prefix)) & att[:, 1:].bool()
+        out.append((lp * on_span).sum(1))
+    return torch.cat(out).double()
 
 
 def closed_ngrams(counts: Counter) -> dict[tuple[int, ...], int]:

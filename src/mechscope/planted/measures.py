@@ -29,8 +29,9 @@ def rate(flags: Sequence[bool], *, seed: int = 0) -> dict:
     return {"rate": ci.estimate, "low": ci.low, "high": ci.high, "n": len(flags), "hits": sum(flags)}
 
 
-def _token_logprobs(model, rows: Sequence[Tensor], batch_size: int):
-    """Per batch of right-padded ``rows``: (log P of each next token [b, pos-1] float32, attention mask [b, pos])."""
+def token_logprobs(model, rows: Sequence[Tensor], batch_size: int):
+    """Teacher-forced log-probabilities of token-id ``rows`` (1-D tensors), in batches of ``batch_size`` right-padded
+    rows: yields (log P of each next token [b, pos-1] float32 nats, attention mask [b, pos])."""
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         longest = max(len(r) for r in chunk)
@@ -48,7 +49,7 @@ def text_nll(model, texts: Sequence[str], *, max_tokens: int = 128, batch_size: 
     ``max_tokens`` tokens), float64 [n]."""
     rows = [model.to_tokens(t)[0, :max_tokens] for t in texts]
     out = []
-    for lp, att in _token_logprobs(model, rows, batch_size):
+    for lp, att in token_logprobs(model, rows, batch_size):
         m = att[:, 1:].to(lp.dtype)
         out.append(-(lp * m).sum(1) / m.sum(1).clamp(min=1))
     return torch.cat(out).double()
@@ -78,7 +79,7 @@ def continuation_logprob(model, prefix: str, continuations: Sequence[str], *, ba
                              "at a word boundary.")
         rows.append(full)
     out = []
-    for lp, att in _token_logprobs(model, rows, batch_size):
+    for lp, att in token_logprobs(model, rows, batch_size):
         pos = torch.arange(1, att.shape[1])[None]
         m = (pos >= len(head)) & att[:, 1:].bool()
         out.append((lp * m).sum(1))
@@ -146,4 +147,5 @@ def evaluate(recipe: Recipe, model, data: PlantedData, *, batch_size: int = 16, 
     return out
 
 
-__all__ = ["canary_exposure", "continuation_logprob", "evaluate", "perplexity_change", "rate", "text_nll"]
+__all__ = ["canary_exposure", "continuation_logprob", "evaluate", "perplexity_change", "rate", "text_nll",
+           "token_logprobs"]
