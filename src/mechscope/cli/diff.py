@@ -52,26 +52,44 @@ def diff_cmd(
     split_lines: bool = SplitLinesOpt,
     threads: int | None = ThreadsOpt,
     html: bool = typer.Option(True, "--html/--no-html", help="also write OUT/diff.html, a self-contained report"),
+    dictionary: str | None = typer.Option(None, "--dictionary", help="also train a 'crosscoder' or a 'diff-sae' on "
+                                          "both models' activations and list the latents the fine-tune added, with "
+                                          "top contexts (saved in OUT/<kind>/)"),
+    dict_layer: int | None = typer.Option(None, "--dict-layer", min=0, help="the dictionary's layer (its "
+                                          "hook_resid_post; default: the middle layer)"),
+    dict_n: int = typer.Option(512, "--dict-n", min=1, help="documents the dictionary trains on (the first N of "
+                               "--texts; a dictionary needs far more tokens than the other comparisons)"),
+    dict_size: int | None = typer.Option(None, "--dict-size", min=1, help="dictionary latents (default 4 x d_model)"),
+    dict_k: int = typer.Option(32, "--dict-k", min=1, help="active latents per token"),
+    dict_steps: int = typer.Option(1000, "--dict-steps", min=1, help="training steps (1,024 tokens each)"),
 ) -> None:
-    """Diff a tuned model against its base: weight deltas, activation changes, next-token KL; writes OUT/diff.json
-    and (unless --no-html) OUT/diff.html."""
+    """Diff a tuned model against its base: weight deltas, activation changes, next-token KL (and, with
+    --dictionary, a crosscoder's or diff-SAE's tuned-specific latents); writes OUT/diff.json and (unless --no-html)
+    OUT/diff.html."""
     from mechscope.core.errors import InputError
     from mechscope.core.io import save_safetensors_atomic
     from mechscope.data.sources import load_documents
-    from mechscope.diff import diff_models
+    from mechscope.diff import DICTIONARY_KINDS, diff_models
 
     check_model_dtype(dtype)
+    if dictionary is not None and dictionary not in DICTIONARY_KINDS:
+        raise InputError(f"--dictionary {dictionary!r} is not a dictionary kind; use one of {', '.join(DICTIONARY_KINDS)}.")
     check_corpora([texts])
     check_out_dir(out_dir)
     set_threads(threads)
-    docs = load_documents(texts, text_field=text_field, split_lines=split_lines)[:n]
+    all_docs = load_documents(texts, text_field=text_field, split_lines=split_lines)
+    docs = all_docs[:n]
     if len(docs) < 2:
         raise InputError(f"--texts {texts} holds {len(docs)} document; the KL interval needs at least 2 (pass more "
                          "text, or --split-lines for a .txt file with one document per line).")
     mb = load_model(base, dtype)
     mt = load_model(tuned, dtype)
+    if dict_layer is not None and dict_layer >= mb.cfg.n_layers:
+        raise InputError(f"--dict-layer {dict_layer} is out of range; the model has layers 0..{mb.cfg.n_layers - 1}.")
+    opts = {"site": dict_layer, "d_sae": dict_size, "k": dict_k, "n_steps": dict_steps, "top": max(20, top)}
     res = diff_models(mb, mt, docs, first_k=first_k, skip_first=not include_first, mean_diff=mean_diff,
-                      top_n=max(20, top), n_boot=n_boot, batch_size=batch_size, max_len=max_len)
+                      top_n=max(20, top), n_boot=n_boot, batch_size=batch_size, max_len=max_len,
+                      dictionary=dictionary, dictionary_texts=all_docs[:dict_n], dictionary_options=opts)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = res.save(out_dir / "diff.json")
     written = [path]
@@ -79,6 +97,8 @@ def diff_cmd(
         from mechscope.report.diff import render_diff_report
 
         written.append(render_diff_report(res, out_dir / "diff.html"))
+    if res.dictionary is not None:
+        written.append(res.dictionary.save_dictionary(out_dir / res.dictionary.kind))
     if mean_diff:
         save_safetensors_atomic({k: v.contiguous() for k, v in res.activations.mean_diff.items()},
                                 out_dir / "mean_diff.safetensors")
@@ -128,6 +148,34 @@ def _summary(res, top: int) -> None:
                   Text(repr(item["next"]) if item["next"] is not None else "-"), Text(_preds(item["base_top"])),
                   Text(_preds(item["tuned_top"])))
     print_titled("Tokens whose next-token distribution changed most", t)
+    if res.dictionary is not None:
+        _dictionary_summary(res.dictionary, top)
+
+
+def _dictionary_summary(dd, top: int) -> None:
+    st = dd.stats
+    fvu = ", ".join(f"{m} {v:.3g}" for m, v in (st.get("fvu") or {}).items())
+    cl = st.get("classes")
+    out.print(Text(f"{dd.kind} at {dd.site} on {dd.n_rows} tokens: FVU {fvu}, L0 {st.get('l0', float('nan')):.3g}"
+                   + (", latents " + ", ".join(f"{k} {v}" for k, v in cl.items()) if cl else "")), soft_wrap=True)
+    t = Table()
+    cols = (("latent", "r", "nu_eps", "active %", "top context") if dd.kind == "crosscoder"
+            else ("latent", "mean contribution", "active %", "top context"))
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("latent", "top context") else "right")
+    for r in dd.latents[:top]:
+        ctx = Text(r["contexts"][0]["text"].replace("\n", "\\n")[-50:]) if r["contexts"] else Text("-")
+        lat = f"{r['latent']}{' (spurious)' if r.get('spurious') else ''}"
+        if dd.kind == "crosscoder":
+            t.add_row(lat, f"{r['relative_norm']:.3f}", f"{r.get('nu_eps', float('nan')):.2f}",
+                      f"{100 * r['frequency']:.2g}", ctx)
+        else:
+            t.add_row(lat, f"{r['mean_contribution']:.3g}", f"{100 * r['frequency']:.2g}", ctx)
+    title = "Tuned-specific latents" if dd.kind == "crosscoder" else "Diff-SAE latents, most difference written first"
+    if not dd.latents:
+        out.print(Text(f"{title}: none found"), soft_wrap=True)
+        return
+    print_titled(title, t)
 
 
 __all__ = ["diff_cmd"]

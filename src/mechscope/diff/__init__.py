@@ -7,6 +7,7 @@
 - :func:`logit_lens_diff`: the same KL through each layer's logit lens;
 - :func:`cross_model_patching`: patch the base's components into the tuned model, one at a time
   (:func:`logprob_metric` for the usual metric);
+- :func:`dictionary_diff`: a crosscoder or diff-SAE on both models' activations, its tuned-specific latents;
 - :func:`diff_models`: all of it as one :class:`DiffResult` (``save`` writes JSON). CLI: ``mechscope diff``.
 """
 
@@ -18,6 +19,7 @@ from mechscope.diff.cross_patch import (
     cross_model_patching,
     logprob_metric,
 )
+from mechscope.diff.dictionary import DICTIONARY_KINDS, DictionaryDiff, dictionary_diff
 from mechscope.diff.kl import (
     LensDiff,
     TokenKL,
@@ -31,9 +33,11 @@ from mechscope.diff.weights import KINDS, ParamDelta, WeightDeltas, weight_delta
 __all__ = [
     "CROSS_KINDS",
     "DEFAULT_SITES",
+    "DICTIONARY_KINDS",
     "KINDS",
     "ActivationDiff",
     "CrossPatchResult",
+    "DictionaryDiff",
     "DiffResult",
     "LensDiff",
     "ParamDelta",
@@ -42,6 +46,7 @@ __all__ = [
     "activation_diff",
     "check_comparable",
     "cross_model_patching",
+    "dictionary_diff",
     "diff_models",
     "kl_from_logits",
     "logit_lens_diff",

@@ -12,6 +12,7 @@ from mechscope.core.io import jsonable, write_json_atomic
 from mechscope.diff.activations import DEFAULT_SITES, ActivationDiff, activation_diff
 from mechscope.diff.compat import check_comparable
 from mechscope.diff.cross_patch import CrossPatchResult, cross_model_patching
+from mechscope.diff.dictionary import DictionaryDiff, dictionary_diff
 from mechscope.diff.kl import LensDiff, TokenKL, logit_lens_diff, token_kl
 from mechscope.diff.weights import WeightDeltas, weight_deltas
 
@@ -25,6 +26,7 @@ class DiffResult:
         n_texts: texts compared.
         weights / activations / kl / lens: the parts (see their classes).
         patching: cross-model patching, or None when no prompts and metric were given.
+        dictionary: a crosscoder's or diff-SAE's tuned-specific latents, or None when none was asked for.
         settings: the arguments that shaped the numbers.
         seconds: wall time of each part.
     """
@@ -37,6 +39,7 @@ class DiffResult:
     kl: TokenKL
     lens: LensDiff
     patching: CrossPatchResult | None = None
+    dictionary: DictionaryDiff | None = None
     settings: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
@@ -47,6 +50,9 @@ class DiffResult:
             "seconds": self.seconds, "weights": self.weights.to_dict(), "activations": self.activations.to_dict(),
             "kl": self.kl.to_dict(), "logit_lens": self.lens.to_dict(),
             "patching": None if self.patching is None else self.patching.to_dict(),
+            **({} if self.dictionary is None else {
+                "dictionary": {k: v for k, v in self.dictionary.to_dict().items() if k != "latents"},
+                "latents": self.dictionary.latents}),
         })
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -78,6 +84,9 @@ def diff_models(
     max_len: int | None = 256,
     patch_per: str = "layer",
     patch_kinds: Sequence[str] | None = None,
+    dictionary: str | None = None,
+    dictionary_texts=None,
+    dictionary_options: dict | None = None,
     check: bool = True,
     progress: bool = True,
 ) -> DiffResult:
@@ -93,6 +102,11 @@ def diff_models(
         top_n / n_boot: see :func:`~mechscope.diff.token_kl` (top_n also sizes the logit lens's token lists).
         batch_size / max_len: texts per forward pass, tokens kept per text.
         patch_per / patch_kinds: ``per`` and ``kinds`` of the patching.
+        dictionary: ``"crosscoder"`` or ``"diff-sae"``: also train that dictionary on both models' activations
+            and list its tuned-specific latents (:func:`~mechscope.diff.dictionary_diff`); None skips it.
+        dictionary_texts: its texts (default ``texts``; a dictionary wants far more tokens than the other parts).
+        dictionary_options: keyword arguments of :func:`~mechscope.diff.dictionary_diff` (``site``, ``d_sae``,
+            ``k``, ``n_steps``, ``batch_rows``, ``top``, ...).
 
     Returns:
         DiffResult (``save(path)`` writes it as JSON).
@@ -123,6 +137,11 @@ def diff_models(
                  skip_first=skip_first, mean_diff=mean_diff, **common)
     kl = timed("kl", token_kl, base, tuned, texts, top_n=top_n, n_boot=n_boot, **common)
     lens = timed("logit_lens", logit_lens_diff, base, tuned, texts, top_n=top_n, **common)
+    dd = None
+    if dictionary is not None:
+        opts = {"batch_size": batch_size, "max_tokens": max_len, "progress": progress, **(dictionary_options or {})}
+        dd = timed("dictionary", dictionary_diff, base, tuned, texts if dictionary_texts is None else dictionary_texts,
+                   kind=dictionary, **opts)
     patch = None
     if prompts is not None:
         patch = timed("patching", cross_model_patching, base, tuned, prompts, metric, per=patch_per,
@@ -130,8 +149,9 @@ def diff_models(
     settings = {"sites": list(sites) if not isinstance(sites, str) else [sites], "first_k": first_k,
                 "skip_first": skip_first, "top_n": top_n, "n_boot": n_boot, "batch_size": batch_size,
                 "max_len": max_len, "patch_per": patch_per if patch else None,
-                "patch_kinds": list(patch.patched) if patch else None}
-    return DiffResult(base.cfg.name, tuned.cfg.name, n_texts, w, acts, kl, lens, patch, settings, secs)
+                "patch_kinds": list(patch.patched) if patch else None, "dictionary": dictionary,
+                "dictionary_site": dd.site if dd else None}
+    return DiffResult(base.cfg.name, tuned.cfg.name, n_texts, w, acts, kl, lens, patch, dd, settings, secs)
 
 
 __all__ = ["DiffResult", "diff_models"]

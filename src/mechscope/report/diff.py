@@ -10,8 +10,9 @@ Sections, all drawn from ``DiffResult.to_dict()`` (so a saved diff.json re-rende
 - the most changed tokens: context, next token, each model's top predictions, KL;
 - cross-model patching (when run): the share of the base-tuned metric gap recovered per layer or head, with a
   warning when the gap is too small for the shares to mean anything (:data:`TINY_GAP`);
-- model-specific latents, only when the dict has a ``"latents"`` list (e.g. from
-  :func:`mechscope.dictionaries.crosscoder_analysis.model_specific_latents`).
+- model-specific latents, only when the dict has a ``"latents"`` list (``diff_models(dictionary=...)``, or e.g.
+  :func:`mechscope.dictionaries.crosscoder_analysis.model_specific_latents`), with the dictionary's kind, site,
+  FVU and L0 when the dict has a ``"dictionary"`` entry.
 
 Safety as in the other reports: the template autoescapes every string (tokens included), figure data reaches
 the page's script as escaped JSON (:func:`~mechscope.report.render.script_json`), plotly.js is inlined once and a
@@ -195,7 +196,27 @@ def _context_text(c) -> str:
     return str(getattr(c, "text", c))
 
 
-def _latents_view(latents) -> dict | None:
+def _dictionary_line(info) -> str | None:
+    """One sentence on the dictionary the latents come from (kind, site, rows, FVU, L0, class counts), or None."""
+    if not isinstance(info, dict):
+        return None
+    st = info.get("stats") or {}
+    fvu = st.get("fvu") or {}
+    head = (f"{info.get('kind', 'dictionary')} at {info.get('site', '?')}, {info.get('n_rows', '?')} tokens, "
+            f"{st.get('d_sae', '?')} latents, k = {st.get('k', '?')}, {st.get('n_steps', '?')} steps")
+    parts = [head]
+    if fvu:
+        parts.append("FVU " + ", ".join(f"{m} {fmt_num(v, 3)}" for m, v in fvu.items()) + " (fraction of variance "
+                     "unexplained, 0 is perfect)")
+    if st.get("l0") is not None:
+        parts.append(f"L0 {fmt_num(st.get('l0'), 3)} latents per token")
+    cl = st.get("classes")
+    if isinstance(cl, dict):
+        parts.append("latents by relative norm: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in cl.items()))
+    return "; ".join(parts) + "."
+
+
+def _latents_view(latents, info=None) -> dict | None:
     """Rows of the model-specific latents table, or None when the result has no ``"latents"`` key."""
     if latents is None:
         return None
@@ -205,13 +226,18 @@ def _latents_view(latents) -> dict | None:
                          "to leave the section out.")
     has_nu = any("nu_eps" in x or "nu_r" in x for x in latents)
     has_freq = any("frequency" in x for x in latents)
+    has_geom = any("relative_norm" in x or "cosine" in x for x in latents)
+    has_contrib = any("mean_contribution" in x for x in latents)
     rows = []
     for x in latents:
         ctx = x.get("top_contexts", x.get("contexts")) or []
         rows.append({"id": str(x.get("id", x.get("latent", "?"))), "r": fmt_num(x.get("relative_norm"), 3),
                      "cos": fmt_num(x.get("cosine"), 3), "nu_eps": fmt_num(x.get("nu_eps"), 3), "nu_r": fmt_num(x.get("nu_r"), 3),
-                     "freq": fmt_pct(x.get("frequency")), "contexts": [_context_text(c) for c in ctx]})
-    return {"rows": rows, "has_nu": has_nu, "has_freq": has_freq}
+                     "freq": fmt_pct(x.get("frequency")), "contrib": fmt_num(x.get("mean_contribution"), 3),
+                     "spurious": bool(x.get("spurious")), "contexts": [_context_text(c) for c in ctx]})
+    return {"rows": rows, "has_nu": has_nu, "has_freq": has_freq, "has_geom": has_geom or not has_contrib,
+            "has_contrib": has_contrib, "about": _dictionary_line(info),
+            "kind": info.get("kind") if isinstance(info, dict) else None}
 
 
 def _settings(d: dict) -> list[list[str]]:
@@ -259,7 +285,7 @@ def diff_page_data(d: dict) -> tuple[dict, dict]:
                      "final": fmt_num((lens.get("kl") or [None])[-1]),
                      "up": _lens_rows(lens.get("top_increased")), "down": _lens_rows(lens.get("top_decreased"))},
             "tokens": _tokens_view(kl), "patching": _patching_view(d.get("patching"), figs),
-            "latents": _latents_view(d.get("latents")), "base": str(d.get("base", "base")),
+            "latents": _latents_view(d.get("latents"), d.get("dictionary")), "base": str(d.get("base", "base")),
             "tuned": str(d.get("tuned", "tuned"))}
     return view, figs
 
