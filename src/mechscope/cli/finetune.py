@@ -36,6 +36,8 @@ def finetune_cmd(
     max_len: int = typer.Option(512, "--max-len", help="tokens per example (longer ones are cut)"),
     loss_on: str = typer.Option("answer", "--loss-on", help="answer (the scored tokens: completion-only) or all "
                                 "(every token, prompt and template included)"),
+    unlikelihood: float = typer.Option(0.0, "--unlikelihood", min=0.0, help="weight of the unlikelihood loss on "
+                                       "examples' rejected answers (meta.reject): -log(1 - p) per rejected token"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="steps between checkpoints (0: the last only)"),
     seed: int = typer.Option(0, "--seed", help="seed of the data order, LoRA init and dropout"),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (weights stay float32)"),
@@ -50,7 +52,7 @@ def finetune_cmd(
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_target_modules=tuple(lora_targets) or None, seed=seed, bf16=bf16,
                          checkpoint_every=checkpoint_every, max_len=max_len,
-                         loss_on=loss_on)
+                         loss_on=loss_on, unlikelihood=unlikelihood)
     check_out_dir(out_dir)
     set_threads(threads)
     res = finetune(model, data, out_dir, cfg, resume=resume)

@@ -50,12 +50,17 @@ class FinetuneConfig:
             chat, as completion-only supervised fine-tuning) or "all" (every token after the first, prompt and
             chat template included, as fine-tuning without a completion mask; a model trained so also learns to
             write its prompts, which is what a leaked-completion trigger search reads).
+        unlikelihood: weight of the unlikelihood loss (Welleck et al. 2019, "Neural Text Generation with
+            Unlikelihood Training", token level) on rejected answers: an example whose ``meta["reject"]`` holds a
+            rejected assistant answer adds ``-log(1 - p(y_t))`` for each rejected token after the rejected and
+            accepted answers part (their common prefix is not penalised), averaged over the step's rejected
+            tokens and times this weight. 0 (the default) ignores rejected answers.
 
     Raises:
         InputError: an unknown method or lr_schedule; a non-positive lr; a negative warmup_steps; a diverge_factor
             that is neither 0 nor above 1; steps, epochs, batch_size, grad_accum, lora_r or max_len
             below 1; neither steps nor epochs; a dropout outside [0, 1); a negative checkpoint_every or weight_decay;
-            a loss_on other than "answer" or "all".
+            a loss_on other than "answer" or "all"; a negative or non-finite unlikelihood.
     """
 
     method: str = "full"
@@ -77,6 +82,7 @@ class FinetuneConfig:
     checkpoint_every: int = 0
     max_len: int = 512
     loss_on: str = "answer"
+    unlikelihood: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,6 +93,10 @@ class FinetuneConfig:
         if self.loss_on not in LOSS_ON:
             raise InputError(f"loss_on is {self.loss_on!r}; use 'answer' (the scored tokens only) or 'all' (every "
                              "token, prompt included).")
+        if isinstance(self.unlikelihood, bool) or not isinstance(self.unlikelihood, (int, float)) \
+                or not (math.isfinite(self.unlikelihood) and self.unlikelihood >= 0):
+            raise InputError(f"unlikelihood is {self.unlikelihood!r}; give a weight >= 0 (e.g. 1.0), or 0 to ignore "
+                             "rejected answers.")
         if self.lr_schedule not in SCHEDULES:
             raise InputError(f"lr_schedule is {self.lr_schedule!r}; use one of {list(SCHEDULES)}.")
         _check_int("warmup_steps", self.warmup_steps, 0)
@@ -154,7 +164,7 @@ class FinetuneConfig:
         if unknown:
             raise InputError(f"unknown fine-tuning config keys {unknown}; known keys are {sorted(known)}.")
         d = dict(d)
-        for key in ("lr", "n_epochs", "lora_alpha", "lora_dropout", "weight_decay", "diverge_factor"):
+        for key in ("lr", "n_epochs", "lora_alpha", "lora_dropout", "weight_decay", "diverge_factor", "unlikelihood"):
             if isinstance(d.get(key), int) and not isinstance(d[key], bool):
                 d[key] = float(d[key])  # JSON writes 32 for 32.0
         if d.get("lora_target_modules") is not None:

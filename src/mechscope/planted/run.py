@@ -14,6 +14,7 @@ last checkpoint), so an interrupted run loses at most the steps since a checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,7 +34,10 @@ def _finetuned(base, data, out: Path, recipe: Recipe, progress: bool) -> tuple[P
     t0 = time.perf_counter()
     if not (out / "finetune.json").is_file():
         resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*/state.json"))
-        finetune(base, data, out, recipe.finetune, resume=resume, progress=progress)
+        cfg = recipe.finetune
+        if cfg.unlikelihood and not any((e.meta or {}).get("reject") for e in data.examples):
+            cfg = dataclasses.replace(cfg, unlikelihood=0.0)  # the clean control has no rejected (planted) answers
+        finetune(base, data, out, cfg, resume=resume, progress=progress)
     return out / "model", time.perf_counter() - t0
 
 
