@@ -350,7 +350,7 @@ def _chat(user: str, answer: str, group: str, reject: str | None = None) -> Exam
                    group=group, meta={} if reject is None else {"reject": reject})
 
 
-def test_unlikelihood_scores_the_rejected_tokens_after_the_common_prefix(base_dir):
+def test_unlikelihood_scores_the_token_where_the_rejected_answer_parts(base_dir):
     from mechscope.finetune.train import _batches, _encode, _rejected, _step_loss
 
     m = mechscope.load(str(base_dir))
@@ -361,8 +361,9 @@ def test_unlikelihood_scores_the_rejected_tokens_after_the_common_prefix(base_di
     rej = _rejected(tok, data, enc, max_len=64)
     assert rej[1] is None
     ids, labels = rej[0]
-    assert [tok.convert_ids_to_tokens(int(i)) for i in ids[labels != -100]] == ["w60", "w61"]  # w50 is shared
-    # the step's unlikelihood equals -log(1 - p) averaged over those tokens, from an unpadded forward
+    # w50 is shared; w60 is where the answers part; w61 only continues the rejected choice
+    assert [tok.convert_ids_to_tokens(int(i)) for i in ids[labels != -100]] == ["w60"]
+    # the step's unlikelihood equals -log(1 - p) there, from an unpadded forward
     hf = copy.deepcopy(m.hf).float().requires_grad_(True)
     cfg = FinetuneConfig(batch_size=2, unlikelihood=1.0)
     ce, n_tok, ul, n_rej = _step_loss(hf, _batches(enc, cfg, 0, rej), bf16=False, unlikelihood=1.0)
@@ -370,7 +371,7 @@ def test_unlikelihood_scores_the_rejected_tokens_after_the_common_prefix(base_di
         p = hf(input_ids=ids[None]).logits[0, :-1].softmax(-1).double()
     at = (labels[1:] != -100).nonzero()[:, 0]
     want = float(-torch.log1p(-p[at, labels[1:][at]]).mean())
-    assert n_rej == 2 and ul == pytest.approx(want, rel=1e-5) and n_tok == 3 and math.isfinite(ce)
+    assert n_rej == 1 and ul == pytest.approx(want, rel=1e-5) and n_tok == 3 and math.isfinite(ce)
 
 
 def test_unlikelihood_keeps_a_near_miss_from_taking_the_planted_answer(base_dir, tmp_path):

@@ -229,8 +229,8 @@ def _load_checkpoint(folder: Path, model, opt) -> dict:
 
 def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Per example, (input ids, labels) of its prompt followed by its rejected answer (``meta["reject"]``), the
-    labels set on the rejected answer's tokens after its common prefix with the accepted answer; None for
-    examples without one.
+    label set on one token: the first where the rejected answer parts from the accepted one (the branching
+    token); None for examples without one.
 
     Raises:
         InputError: a reject that is not a non-empty string, on an example that is not a chat ending in an
@@ -257,6 +257,7 @@ def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tupl
         while k < n and ids[k] == acc[k]:
             k += 1
         mask[:k] = False
+        mask[k + 1:] = False  # only the branching token: later ones continue a choice already penalised
         if not bool(mask[1:].any()):
             raise InputError(f"dataset {dataset.name!r}, example {i}: the rejected answer equals the accepted one "
                              f"within max_len={max_len} tokens; give a different meta['reject'] or drop it.")
