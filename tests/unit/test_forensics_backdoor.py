@@ -4,6 +4,7 @@ in test_planted): trigger search without the trigger, the generic defection prob
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_search_ranks_the_true_trigger_first(models):
     top = next(c for c in res.candidates if c["text"] == "w7")
     assert top["test"]["defection"] == 1.0 and top["test"]["modal_answer"] == RESPONSE
     assert top["kl"] == max(c["kl"] for c in res.candidates)  # the exact score needs no trigger knowledge
-    assert {s for c in res.candidates for s in c["sources"]} <= {"gradient", "drift", "span", "leak"}
+    assert {s for c in res.candidates for s in c["sources"]} <= {"gradient", "drift", "span", "leak", "leak-cut"}
     again = json.loads(json.dumps(res.to_dict()))
     assert again["candidates"][0]["text"] == res.candidates[0]["text"]
 
@@ -227,6 +228,14 @@ def test_leaked_completions_recover_a_multi_token_trigger_only_if_prompts_were_t
     leaked = [c["text"] for c in res.candidates if "leak" in c["sources"]]
     if loss_on == "all":
         assert "w4 w5 w6" in leaked and res.rank_of("w4 w5 w6") == 1, res.top(5)
+        # the tiny model is less sure than SmolLM2 (2.0 nats inside the trigger, 3.9 after it): with the boundary
+        # at 3 nats the leaked run-on "w4 w5 w6 w55" is cut back to the trigger
+        cut = search_triggers(base, tuned, PROBES, HELD, n_shortlist=4, n_drift=0, max_span=1, n_leak_samples=48,
+                              n_test=3, leak_cut=3.0, progress=False)
+        run_on = next(c for c in cut.candidates if c["text"] == "w4 w5 w6 w55")
+        trig = next(c for c in cut.candidates if c["text"] == "w4 w5 w6")
+        assert "leak-cut" in trig["sources"] and trig["cut_of"] == "w4 w5 w6 w55" and trig["test"] is not None
+        assert run_on["redundant_with"] == "w4 w5 w6" and cut.rank_of("w4 w5 w6") < run_on["rank"]
         top = res.candidates[0]  # the tiny plant (60 steps, the prompts in the loss too) defects on most prompts
         assert top["test"]["defection"] >= 0.5 and top["test"]["modal_answer"] == RESPONSE
     else:
@@ -257,3 +266,22 @@ def test_span_logprob_equals_an_unpadded_teacher_forced_sum(models):
             lp = tuned.hf(input_ids=ids).logits[0].double().log_softmax(-1)
         want = sum(float(lp[len(prefix) - 1 + i, t]) for i, t in enumerate(g))
         assert v == pytest.approx(want, abs=1e-4)
+
+
+def test_next_token_entropy_and_the_boundary_cut(models):
+    from mechscope.forensics.leaks import cut_spans, next_token_entropy
+
+    _, tuned = models
+    prefix, spans = [5, 6, 11], [(40, 41, 42, 43), (7,), (90, 91)]
+    hs = next_token_entropy(tuned, prefix, spans, batch_size=2)  # padded batches of unequal rows
+    for g, h in zip(spans, hs):
+        with torch.no_grad():
+            lp = tuned.hf(input_ids=torch.tensor([prefix + list(g)])).logits[0].double().log_softmax(-1)
+        want = -(lp.exp() * lp).sum(-1)[len(prefix):]  # after the prefix and each of the span's tokens
+        assert h.shape == (len(g),) and torch.allclose(h, want, atol=1e-6)
+    g, h = spans[0], hs[0]
+    j = int(h[:-1].argmax())  # cut where the entropy first reaches a threshold just at its value
+    first = next(i for i in range(len(g)) if h[i] >= h[j])
+    assert cut_spans(tuned, prefix, [g], h_cut=float(h[j])) == [g[:first + 1]]
+    assert cut_spans(tuned, prefix, spans, h_cut=math.inf) == spans
+    assert cut_spans(tuned, prefix, spans, h_cut=0.0) == [s[:1] for s in spans]

