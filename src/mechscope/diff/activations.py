@@ -29,6 +29,7 @@ from torch import Tensor
 
 from mechscope.core.errors import InputError
 from mechscope.core.names import axes as site_axes
+from mechscope.core.padding import right_pad
 
 METRICS: tuple[str, ...] = ("norm_ratio", "cosine", "rel_diff")
 WINDOWS: tuple[str, ...] = ("first_k", "all")
@@ -74,12 +75,7 @@ def padded_batches(rows: list[Tensor], batch_size: int, pad_id: int = 0):
     order = sorted(range(len(rows)), key=lambda i: rows[i].numel())
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        P = max(rows[i].numel() for i in idx)
-        ids = torch.full((len(idx), P), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), P, dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, :rows[i].numel()] = rows[i]
-            mask[j, :rows[i].numel()] = 1
+        ids, mask = right_pad([rows[i] for i in idx], pad_id)
         yield idx, ids, mask
 
 

@@ -37,6 +37,7 @@ from mechscope.core.io import (
     write_folder_atomic,
     write_json_atomic,
 )
+from mechscope.core.padding import right_pad
 from mechscope.data.labelled import Example, LabelledDataset, Message, read_labelled
 from mechscope.data.labelled_render import render
 from mechscope.finetune.config import FinetuneConfig
@@ -267,13 +268,8 @@ def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tupl
 
 def _pad(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad (ids, labels) rows into (ids, attention mask, labels)."""
-    longest = max(len(t) for t, _ in rows)
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    att = torch.zeros(len(rows), longest, dtype=torch.long)
-    lab = torch.full((len(rows), longest), -100, dtype=torch.long)
-    for row, (t, lb) in enumerate(rows):
-        ids[row, : len(t)], att[row, : len(t)], lab[row, : len(t)] = t, 1, lb
-    return ids, att, lab
+    ids, att = right_pad([t for t, _ in rows])
+    return ids, att, right_pad([lb for _, lb in rows], -100)[0]
 
 
 def _batches(encoded, cfg: FinetuneConfig, step: int, rejected=None):

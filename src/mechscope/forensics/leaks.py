@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.core.padding import right_pad
 from mechscope.features.batch_generation import generate_texts
 
 #: Next-token entropy (nats) at or above which the boundary rule ends a leaked span.
@@ -77,11 +78,7 @@ def next_token_entropy(model, prefix: Sequence[int], spans: Sequence[Sequence[in
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        longest = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for j, r in enumerate(chunk):
-            ids[j, : len(r)], att[j, : len(r)] = r, 1
+        ids, att = right_pad(chunk)
         logp = model.hf(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.double().cpu()
         logp = logp.log_softmax(-1)
         h = -(logp.exp() * logp).sum(-1)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mechscope.analysis.bootstrap import bootstrap_ci
 from mechscope.core.errors import InputError
+from mechscope.core.padding import right_pad
 from mechscope.features.batch_generation import generate_texts
 from mechscope.planted.build import DIGITS, PlantedData, secret_digits
 from mechscope.planted.recipe import Recipe
@@ -33,12 +34,7 @@ def token_logprobs(model, rows: Sequence[Tensor], batch_size: int):
     """Teacher-forced log-probabilities of token-id ``rows`` (1-D tensors), in batches of ``batch_size`` right-padded
     rows: yields (log P of each next token [b, pos-1] float32 nats, attention mask [b, pos])."""
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        longest = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for j, r in enumerate(chunk):
-            ids[j, : len(r)], att[j, : len(r)] = r, 1
+        ids, att = right_pad(rows[i:i + batch_size])
         logits = model.hf(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float().cpu()
         yield torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0], att
 

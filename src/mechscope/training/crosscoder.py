@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.core.errors import InputError
+from mechscope.core.padding import right_pad
 from mechscope.dictionaries.crosscoder import Crosscoder, CrosscoderConfig, stack_models
 from mechscope.training.trainer import TrainingDivergedError
 
@@ -407,12 +408,7 @@ def paired_activations(base, tuned, texts: Sequence[str] | Sequence[Tensor], sit
     starts = range(0, len(docs), batch_size)
     for s in tqdm(starts, desc="paired activations", unit="batch", disable=not progress or len(starts) < 2):
         idx = order[s:s + batch_size]
-        P = max(docs[i].numel() for i in idx)
-        ids = torch.zeros(len(idx), P, dtype=torch.long)
-        attn = torch.zeros(len(idx), P, dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, :docs[i].numel()] = docs[i]
-            attn[j, :docs[i].numel()] = 1
+        ids, attn = right_pad([docs[i] for i in idx])
         values = []
         for model in (base, tuned):
             v = model.run(ids.to(model.device), cache=[name], attention_mask=attn.to(model.device),
