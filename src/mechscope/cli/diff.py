@@ -157,7 +157,9 @@ def _dictionary_summary(dd, top: int) -> None:
     fvu = ", ".join(f"{m} {v:.3g}" for m, v in (st.get("fvu") or {}).items())
     cl = st.get("classes")
     out.print(Text(f"{dd.kind} at {dd.site} on {dd.n_rows} tokens: FVU {fvu}, L0 {st.get('l0', float('nan')):.3g}"
-                   + (", latents " + ", ".join(f"{k} {v}" for k, v in cl.items()) if cl else "")), soft_wrap=True)
+                   + (", latents " + ", ".join(f"{k} {v}" for k, v in cl.items()) if cl else "")
+                   + (f", r from {st['relative_norm_min']:.3f} to {st['relative_norm_max']:.3f}"
+                      if "relative_norm_max" in st else "")), soft_wrap=True)
     t = Table()
     cols = (("latent", "r", "nu_eps", "active %", "top context") if dd.kind == "crosscoder"
             else ("latent", "mean contribution", "active %", "top context"))

@@ -213,6 +213,8 @@ def _dictionary_line(info) -> str | None:
     cl = st.get("classes")
     if isinstance(cl, dict):
         parts.append("latents by relative norm: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in cl.items()))
+    if st.get("relative_norm_max") is not None:
+        parts.append(f"r ranges from {fmt_num(st.get('relative_norm_min'), 3)} to {fmt_num(st['relative_norm_max'], 3)}")
     return "; ".join(parts) + "."
 
 
