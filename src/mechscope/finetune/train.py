@@ -262,7 +262,7 @@ def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tupl
         if not bool(mask[1:].any()):
             raise InputError(f"dataset {dataset.name!r}, example {i}: the rejected answer equals the accepted one "
                              f"within max_len={max_len} tokens; give a different meta['reject'] or drop it.")
-        out[i] = (ids, torch.where(mask, ids, torch.full_like(ids, -100)))
+        out[i] = (ids[:k + 1], torch.where(mask, ids, torch.full_like(ids, -100))[:k + 1])  # nothing after it is read
     return out
 
 
