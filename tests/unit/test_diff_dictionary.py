@@ -53,7 +53,7 @@ def _focus_token(ctx: dict) -> str:
 def test_diff_sae_top_latent_is_the_planted_token(pair):
     base, tuned, v = pair
     dd = dictionary_diff(base, tuned, _docs(), kind="diff-sae", site=SITE, d_sae=16, k=1, n_steps=300,
-                         batch_rows=256, skip_first=0, progress=False)
+                         batch_rows=256, skip_first=0, distinct=False, progress=False)
     assert dd.kind == "diff-sae" and dd.site == SITE and dd.n_rows == 96 * 24
     top = dd.latents[0]
     word = base.tokenizer.decode([TOKEN])
@@ -71,12 +71,14 @@ def test_crosscoder_latents_equal_the_analysis_run_by_hand(pair):
     # model-specific directions is tested on synthetic data in test_crosscoder); here the wiring is checked:
     # the rows equal model_specific_latents on the same crosscoder and paired activations.
     from mechscope.dictionaries.crosscoder_analysis import model_specific_latents
+    from mechscope.diff.dictionary import distinct_rows
     from mechscope.training.crosscoder import paired_activations
 
     base, tuned, _ = pair
     dd = dictionary_diff(base, tuned, _docs(), kind="crosscoder", site=SITE, d_sae=64, k=4, n_steps=200,
                          batch_rows=256, skip_first=0, specific=0.51, spurious_at=0.4, top=64, progress=False)
-    paired = paired_activations(base, tuned, _docs(), SITE, skip_first=0, progress=False)
+    paired = distinct_rows(paired_activations(base, tuned, _docs(), SITE, skip_first=0, progress=False))
+    assert dd.n_rows == len(paired) < dd.stats["n_rows_all"] == 96 * 24  # some random rows open alike
     want = model_specific_latents(dd.dictionary, paired, specific=0.51, tokenizer=base.tokenizer)
     assert dd.latents and [r["latent"] for r in dd.latents] == [r["latent"] for r in want]
     for got, w in zip(dd.latents, want):
@@ -140,3 +142,20 @@ def test_cli_trains_and_saves_the_dictionary(tmp_path):
     r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "bad"), "--dictionary", "sae"])
     assert r.exit_code != 0 and "crosscoder, diff-sae" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_repeated_contexts_are_read_once(pair):
+    from mechscope.diff.dictionary import distinct_rows
+    from mechscope.training.crosscoder import paired_activations
+
+    base, tuned, _ = pair
+    prefix = torch.tensor([20, 21, 22, 23])
+    docs = [torch.cat([prefix, d[:6]]) for d in _docs(8)]  # a shared 4-token "system prompt"
+    paired = paired_activations(base, tuned, docs, SITE, skip_first=0, progress=False)
+    kept = distinct_rows(paired)
+    assert len(paired) == 80 and len(kept) == 80 - 7 * 4  # the prefix's rows once, every later row kept
+    keys = [tuple(kept.tokens[d][: p + 1].tolist()) for d, p in zip(kept.doc.tolist(), kept.pos.tolist())]
+    assert len(set(keys)) == len(keys)
+    first = (paired.doc == 0)
+    assert torch.equal(kept.base[:10], paired.base[first])  # document 0 whole, rows in order
+    assert torch.equal(kept.tuned[10:16], paired.tuned[paired.doc == 1][4:])

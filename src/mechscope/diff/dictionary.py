@@ -33,7 +33,8 @@ class DictionaryDiff:
     Attributes:
         kind: ``"crosscoder"`` or ``"diff-sae"``.
         site: the hook read in both models.
-        n_rows: tokens trained and read on (padding and the first ``skip_first`` positions left out).
+        n_rows: tokens trained and read on (padding, the first ``skip_first`` positions and, with ``distinct``,
+            repeated contexts left out; ``stats["n_rows_all"]`` counts them all).
         latents: JSON-ready dicts, most important first (see :func:`dictionary_diff`).
         stats: ``d_sae, k, n_steps, batch_rows, fvu`` (per model for a crosscoder; of the difference for a
             diff-SAE), ``l0``, ``collect_seconds``, ``train_seconds`` and, for a crosscoder, ``classes`` (latents per class:
@@ -79,6 +80,26 @@ def _site(model, site: str | int) -> str:
     return site
 
 
+def distinct_rows(paired):
+    """The paired activations with every row whose context (its document's tokens up to and including it)
+    already occurred dropped: texts that share a prefix (a chat template's system prompt) give identical
+    activations there, which would otherwise fill a dictionary with copies of one context."""
+    from mechscope.training.crosscoder import PairedActivations
+
+    seen: set = set()
+    keep = []
+    for r, (d, p) in enumerate(zip(paired.doc.tolist(), paired.pos.tolist())):
+        key = tuple(paired.tokens[d][: p + 1].tolist())
+        if key not in seen:
+            seen.add(key)
+            keep.append(r)
+    if len(keep) == len(paired):
+        return paired
+    idx = torch.tensor(keep, dtype=torch.long)
+    return PairedActivations(paired.site, paired.base[idx], paired.tuned[idx], paired.doc[idx], paired.pos[idx],
+                             paired.tokens)
+
+
 @torch.no_grad()
 def _fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
     return float(((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum().clamp_min(1e-12))
@@ -87,8 +108,8 @@ def _fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
 def dictionary_diff(base, tuned, texts, *, kind: str = "crosscoder", site: str | int | None = None,
                     d_sae: int | None = None, k: int = 32, n_steps: int = 1000, batch_rows: int = 1024,
                     max_tokens: int | None = 128, batch_size: int = 8, skip_first: int = 1, top: int = 20,
-                    n_contexts: int = 5, specific: float = 0.9, spurious_at: float = 0.5, seed: int = 0,
-                    progress: bool = True) -> DictionaryDiff:
+                    n_contexts: int = 5, specific: float = 0.9, spurious_at: float = 0.5, distinct: bool = True,
+                    seed: int = 0, progress: bool = True) -> DictionaryDiff:
     """Train a crosscoder or a diff-SAE on the two models' activations at ``site`` and list the latents the
     fine-tune added, each with its top contexts.
 
@@ -105,6 +126,8 @@ def dictionary_diff(base, tuned, texts, *, kind: str = "crosscoder", site: str |
         top: latents listed; n_contexts: top contexts per latent.
         specific: the relative-norm threshold of a tuned-specific crosscoder latent (Minder et al.: 0.9).
         spurious_at: Latent Scaling ratio at or above which a latent is flagged ``spurious``.
+        distinct: train and read on each distinct context once (:func:`distinct_rows`); chat transcripts that
+            share a system prompt otherwise repeat its rows in every text.
 
     Returns:
         :class:`DictionaryDiff`. Crosscoder rows: ``latent, relative_norm, cosine, norm_base, norm_tuned,
@@ -137,12 +160,15 @@ def dictionary_diff(base, tuned, texts, *, kind: str = "crosscoder", site: str |
     t0 = time.perf_counter()
     paired = paired_activations(base, tuned, texts, name, batch_size=batch_size, max_tokens=max_tokens,
                                 skip_first=skip_first, progress=progress)
+    n_all = len(paired)
+    if distinct:
+        paired = distinct_rows(paired)
     n = len(paired)
     if n < batch_rows:
         raise InputError(f"{n} tokens of activations are fewer than one training batch (batch_rows={batch_rows}); "
                          "pass more or longer texts, or lower batch_rows.")
     tok = getattr(base, "tokenizer", None)
-    stats: dict = {"d_sae": d_sae, "k": k, "n_steps": n_steps, "batch_rows": batch_rows,
+    stats: dict = {"d_sae": d_sae, "k": k, "n_steps": n_steps, "batch_rows": batch_rows, "n_rows_all": n_all,
                    "collect_seconds": round(time.perf_counter() - t0, 2)}
     t1 = time.perf_counter()
     if kind == "crosscoder":
@@ -179,4 +205,4 @@ def dictionary_diff(base, tuned, texts, *, kind: str = "crosscoder", site: str |
     return DictionaryDiff(kind, name, n, rows, stats, dictionary)
 
 
-__all__ = ["DICTIONARY_KINDS", "DictionaryDiff", "dictionary_diff"]
+__all__ = ["DICTIONARY_KINDS", "DictionaryDiff", "dictionary_diff", "distinct_rows"]

@@ -204,6 +204,8 @@ def _dictionary_line(info) -> str | None:
     fvu = st.get("fvu") or {}
     head = (f"{info.get('kind', 'dictionary')} at {info.get('site', '?')}, {info.get('n_rows', '?')} tokens, "
             f"{st.get('d_sae', '?')} latents, k = {st.get('k', '?')}, {st.get('n_steps', '?')} steps")
+    if st.get("n_rows_all") not in (None, info.get("n_rows")):
+        head += f" ({st['n_rows_all']} before repeated contexts were dropped)"
     parts = [head]
     if fvu:
         parts.append("FVU " + ", ".join(f"{m} {fmt_num(v, 3)}" for m, v in fvu.items()) + " (fraction of variance "
