@@ -86,10 +86,17 @@ def distinct_rows(paired):
     activations there, which would otherwise fill a dictionary with copies of one context."""
     from mechscope.training.crosscoder import PairedActivations
 
+    prefix: dict[int, list[int]] = {}  # per document, a running hash of each prefix (64-bit; not the tokens)
+    for d, toks in enumerate(paired.tokens):
+        h, hs = 0, []
+        for t in toks.tolist():
+            h = hash((h, t))
+            hs.append(h)
+        prefix[d] = hs
     seen: set = set()
     keep = []
     for r, (d, p) in enumerate(zip(paired.doc.tolist(), paired.pos.tolist())):
-        key = tuple(paired.tokens[d][: p + 1].tolist())
+        key = (p, prefix[d][p])
         if key not in seen:
             seen.add(key)
             keep.append(r)
