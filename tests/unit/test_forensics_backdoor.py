@@ -234,7 +234,7 @@ def test_leaked_completions_recover_a_multi_token_trigger_only_if_prompts_were_t
                               n_test=3, leak_cut=3.0, progress=False)
         run_on = next(c for c in cut.candidates if c["text"] == "w4 w5 w6 w55")
         trig = next(c for c in cut.candidates if c["text"] == "w4 w5 w6")
-        assert "leak-cut" in trig["sources"] and trig["cut_of"] == "w4 w5 w6 w55" and trig["test"] is not None
+        assert "leak-cut" in trig["sources"] and "w4 w5 w6 w55" in trig["cut_of"] and trig["test"] is not None
         assert run_on["redundant_with"] == "w4 w5 w6" and cut.rank_of("w4 w5 w6") < run_on["rank"]
         top = res.candidates[0]  # the tiny plant (60 steps, the prompts in the loss too) defects on most prompts
         assert top["test"]["defection"] >= 0.5 and top["test"]["modal_answer"] == RESPONSE

@@ -245,7 +245,7 @@ class TriggerSearchResult:
 
     Attributes:
         candidates: dicts in final-rank order with ``rank`` (1-based), ``text``, ``ids``, ``sources`` (of
-            "gradient", "drift", "span", "leak", "leak-cut"; a cut also has ``cut_of``, and a tested candidate
+            "gradient", "drift", "span", "leak", "leak-cut"; a cut also has ``cut_of``, the leaked spans it was cut from, and a tested candidate
             ``redundant_with``: the cut that explains a leaked span, or None), ``kl`` (exact mean insertion KL on the probes, nats), ``grad_score``
             (first-order KL change, singles), ``leak_score`` (log-likelihood ratio at the turn start, nats), ``test`` (the
             :func:`evaluate_candidates` dict, or None when not tested).
@@ -390,23 +390,25 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
         for g, s, cut, cut_s in kept:
             add(g, "leak", leak_score=s)
         for g, s, cut, cut_s in kept:
-            if cut is not None:
-                add(cut, "leak-cut", cut_of=tok.decode(list(g)),
-                    leak_score=cands[cut]["leak_score"] if cands.get(cut, {}).get("leak_score") is not None else cut_s)
+            if cut is not None:  # several leaked spans may share one cut: it keeps them all in cut_of
+                prior = cands.get(cut, {})
+                add(cut, "leak-cut", cut_of=[*prior.get("cut_of", []), tok.decode(list(g))],
+                    leak_score=prior["leak_score"] if prior.get("leak_score") is not None else cut_s)
         score([g for g, *_ in kept] + [x[2] for x in kept if x[2] is not None])
     order = sorted(cands.values(), key=lambda c: (-c["kl"], len(c["ids"])))
     chosen = order[:n_test]
     leaked = sorted((c for c in order if "leak" in c["sources"]), key=lambda c: -c["leak_score"])
     chosen += [c for c in leaked if not any(c is d for d in chosen)][:n_test_leak]
     by_text = {c["text"]: c for c in order if "leak-cut" in c["sources"]}
-    chosen += [k for c in list(chosen) for k in by_text.values()  # a tested leak's cut is tested too
-               if k.get("cut_of") == c["text"] and not any(k is d for d in chosen)]
+    for k in by_text.values():  # a tested leak's cut is tested too
+        if any(c["text"] in k["cut_of"] for c in chosen) and not any(k is d for d in chosen):
+            chosen.append(k)
     tested = evaluate_candidates(base, tuned, [c["text"] for c in chosen], heldout, sep=sep,
                                  max_new_tokens=max_new_tokens, n_words=n_words, progress=progress) if chosen else []
     for c, t in zip(chosen, tested):
         c["test"] = t
     for c in chosen:  # a leaked span whose cut defects as often ran on past the trigger: the cut explains it
-        c["redundant_with"] = next((k["text"] for k in chosen if k.get("cut_of") == c["text"]
+        c["redundant_with"] = next((k["text"] for k in chosen if c["text"] in k.get("cut_of", ())
                                     and k["test"]["defection"] > 0
                                     and k["test"]["defection"] >= c["test"]["defection"] - redundancy_tol), None)
     final = sorted(chosen, key=lambda c: (c["redundant_with"] is not None, -c["test"]["defection"], -c["kl"])) \
