@@ -31,7 +31,12 @@ from mechscope.finetune import finetune
 from mechscope.planted import load_recipe
 from mechscope.planted.build import PlantedData
 from mechscope.planted.decoys import near_miss_decoys
-from mechscope.planted.measures import evaluate, perplexity_change, text_nll, token_logprobs
+from mechscope.planted.measures import (
+    evaluate,
+    perplexity_change,
+    text_nll,
+    token_logprobs,
+)
 
 
 @torch.no_grad()
