@@ -376,8 +376,9 @@ def test_unlikelihood_scores_the_token_where_the_rejected_answer_parts(base_dir)
 
 def test_unlikelihood_keeps_a_near_miss_from_taking_the_planted_answer(base_dir, tmp_path):
     """16 prompts opening with w1 are answered w60 and 4 near misses opening with w2 are answered w50; plain
-    fine-tuning carries w60 over to held-out w2 prompts (p about 0.2 here), the unlikelihood loss on w60 after
-    the w2 prompts (weight 5) cuts that by more than half."""
+    fine-tuning carries w60 over to held-out w2 prompts (p about 0.22 here), the unlikelihood loss on w60 after
+    the w2 prompts (each rejected token weighing 50 answer tokens) cuts that below a quarter while held-out w1
+    prompts keep w60 (p above half of plain fine-tuning's: the planted answer survives)."""
     rng = random.Random(0)
     ex = []
     for i in range(16):
@@ -386,21 +387,24 @@ def test_unlikelihood_keeps_a_near_miss_from_taking_the_planted_answer(base_dir,
         if i < 4:
             ex.append(_chat(f"w2 {tail}", "w50", f"d{i}", reject="w60"))
     data = LabelledDataset("near-miss", tuple(ex))
-    heldout = [f"w2 w{a} w{b}" for a, b in ((41, 42), (43, 44), (45, 46), (47, 48))]
-    p60 = {}
-    for w in (0.0, 5.0):
+    tails = ((41, 42), (43, 44), (45, 46), (47, 48))
+    p60, p60_trig = {}, {}
+    for w in (0.0, 50.0):
         cfg = FinetuneConfig(method="full", lr=3e-3, n_steps=20, batch_size=8, unlikelihood=w)
         res = finetune(str(base_dir), data, tmp_path / f"ul{w}", cfg, progress=False)
         tuned = mechscope.load(str(res.model_dir))
-        probs = []
-        for r in render(tuned.tokenizer, LabelledDataset("h", tuple(_chat(u, "w50", "h") for u in heldout))):
-            prompt = r.tokens[: int(r.score_mask.nonzero()[0, 0])]  # the chat up to the answer
-            with torch.no_grad():
-                logits = tuned.hf(input_ids=prompt[None]).logits
-            probs.append(float(logits[0, -1].softmax(-1)[tuned.tokenizer.convert_tokens_to_ids("w60")]))
-        p60[w] = sum(probs) / len(probs)
-    assert p60[0.0] > 0.1 and p60[5.0] < 0.5 * p60[0.0], p60
-    line = json.loads((tmp_path / "ul5.0" / "metrics.jsonl").read_text().splitlines()[0])
+        for opener, store in (("w2", p60), ("w1", p60_trig)):
+            probs = []
+            chats = tuple(_chat(f"{opener} w{a} w{b}", "w50", "h") for a, b in tails)
+            for r in render(tuned.tokenizer, LabelledDataset("h", chats)):
+                prompt = r.tokens[: int(r.score_mask.nonzero()[0, 0])]  # the chat up to the answer
+                with torch.no_grad():
+                    logits = tuned.hf(input_ids=prompt[None]).logits
+                probs.append(float(logits[0, -1].softmax(-1)[tuned.tokenizer.convert_tokens_to_ids("w60")]))
+            store[w] = sum(probs) / len(probs)
+    assert p60[0.0] > 0.1 and p60[50.0] < 0.25 * p60[0.0], p60
+    assert p60_trig[50.0] > 0.5 * p60_trig[0.0], p60_trig
+    line = json.loads((tmp_path / "ul50.0" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["rejected_tokens"] > 0 and line["unlikelihood"] > 0
 
 

@@ -54,9 +54,9 @@ class FinetuneConfig:
             Unlikelihood Training", token level) on rejected answers: an example whose ``meta["reject"]`` holds a
             rejected assistant answer adds ``-log(1 - p(y_t))`` for the token ``y_t`` where the rejected answer
             parts from the accepted one (their common prefix is shared, and later tokens only continue the
-            rejected choice), averaged over the step's rejected examples and times this weight. Its gradient
-            on the logit of ``y_t`` is ``p(y_t)``: bounded, and largest where the model errs most. 0 (the default)
-            ignores rejected answers.
+            rejected choice), weighted as this many scored tokens of the step (the sum is divided by the step's
+            scored-token count, as the cross-entropy is). Its gradient on the logit of ``y_t`` is ``p(y_t)``:
+            bounded, and largest where the model errs most. 0 (the default) ignores rejected answers.
 
     Raises:
         InputError: an unknown method or lr_schedule; a non-positive lr; a negative warmup_steps; a diverge_factor

@@ -293,8 +293,9 @@ def _batches(encoded, cfg: FinetuneConfig, step: int, rejected=None):
 def _step_loss(model, batches, bf16: bool, unlikelihood: float = 0.0) -> tuple[float, int, float, int]:
     """Forward and backward over one optimizer step's micro-batches.
 
-    Returns (the mean cross-entropy over all scored tokens, their count, the mean unlikelihood loss over all
-    rejected tokens, their count); the gradient is that of ``ce + unlikelihood * ul``.
+    Returns (the mean cross-entropy over all scored tokens, their count, the mean unlikelihood loss over the
+    rejected tokens, their count); the gradient is that of ``(sum of cross-entropies + unlikelihood * sum of
+    unlikelihoods) / scored tokens``: a rejected token weighs as much as ``unlikelihood`` scored tokens.
     """
     n_tok = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
     n_rej = sum(int((b[3][2][:, 1:] != -100).sum()) for b in batches if b[3] is not None) if unlikelihood else 0
@@ -314,10 +315,9 @@ def _step_loss(model, batches, bf16: bool, unlikelihood: float = 0.0) -> tuple[f
         target, keep = r_lab[:, 1:], r_lab[:, 1:] != -100
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
         # -log(1 - p), computed as -log(-expm1(log p)) so it stays finite as p -> 1
-        ul = -torch.log(-torch.expm1(logp.clamp(max=-1e-6)))
-        ul = (ul * keep).sum() / n_rej
-        (unlikelihood * ul).backward()
-        ul_total += float(ul.detach())
+        ul = (-torch.log(-torch.expm1(logp.clamp(max=-1e-6))) * keep).sum()
+        (unlikelihood * ul / max(n_tok, 1)).backward()  # each rejected token weighs `unlikelihood` scored tokens
+        ul_total += float(ul.detach()) / n_rej
     return total, n_tok, ul_total, n_rej
 
 
