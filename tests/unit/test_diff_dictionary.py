@@ -88,6 +88,7 @@ def test_crosscoder_latents_equal_the_analysis_run_by_hand(pair):
         assert got["spurious"] == (max(w["nu_r"], w["nu_eps"]) >= 0.4)
     assert dd.stats["classes"]["tuned_only"] == len(want) and set(dd.stats["fvu"]) == {"base", "tuned"}
     assert dd.stats["relative_norm_max"] == pytest.approx(max(w["relative_norm"] for w in want))
+    assert -1 <= dd.stats["decoder_cosine_median"] <= 1
     json.dumps(dd.to_dict())
 
 

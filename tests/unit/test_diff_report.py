@@ -145,6 +145,14 @@ def test_latents_section_only_with_latents(result):
     section = _section(render_diff_html(d), "latents")
     assert "0.97" in section and "ν^ε" in section and "a «b» c" in section and "x «y»" in section
     assert "<td>9</td>" in section and "&lt;script&gt;alert(1)&lt;/script&gt;" in section and HOSTILE not in section
+    d["latents"], d["dictionary"] = [], {"kind": "crosscoder", "site": "blocks.1.hook_resid_post", "n_rows": 9,
+                                         "stats": {"decoder_cosine_median": 0.2, "relative_norm_min": 0.46,
+                                                   "relative_norm_max": 0.54}}
+    section = _section(render_diff_html(d), "latents")
+    assert "crosscoder at blocks.1.hook_resid_post" in section and "r ranges from 0.46 to 0.54" in section
+    assert "still near their random initialisation" in section and "No model-specific latent" in section
+    d["dictionary"]["stats"]["decoder_cosine_median"] = 0.9
+    assert "random initialisation" not in _section(render_diff_html(d), "latents")
     d["latents"] = [1, 2]
     with pytest.raises(InputError, match="list of dicts"):
         render_diff_html(d)

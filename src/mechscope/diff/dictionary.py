@@ -38,8 +38,10 @@ class DictionaryDiff:
         latents: JSON-ready dicts, most important first (see :func:`dictionary_diff`).
         stats: ``d_sae, k, n_steps, batch_rows, fvu`` (per model for a crosscoder; of the difference for a
             diff-SAE), ``l0``, ``collect_seconds``, ``train_seconds`` and, for a crosscoder, ``classes`` (latents per class:
-            ``tuned_only, base_only, shared, other``) and ``relative_norm_max`` / ``relative_norm_min`` (the most
-            tuned- and base-leaning latents' r).
+            ``tuned_only, base_only, shared, other``), ``relative_norm_max`` / ``relative_norm_min`` (the most
+            tuned- and base-leaning latents' r) and ``decoder_cosine_median`` (median cosine of a latent's two
+            decoder vectors: trained shared latents are near 1, latents still at their random initialisation
+            near 0, so a low median says the classes are not yet meaningful).
         dictionary: the trained :class:`~mechscope.dictionaries.Crosscoder` or
             :class:`~mechscope.dictionaries.SparseDictionary` (not serialised by :meth:`to_dict`).
     """
@@ -193,9 +195,12 @@ def dictionary_diff(base, tuned, texts, *, kind: str = "crosscoder", site: str |
         for r in rows:
             r["contexts"] = _contexts(r["contexts"])
             r["spurious"] = bool(max(r.get("nu_r", 0.0), r.get("nu_eps", 0.0)) >= spurious_at)
+        from mechscope.dictionaries.crosscoder_analysis import decoder_cosines
+
         r = classes.relative_norm
         stats.update(fvu=dict(res.fvu), l0=res.l0, classes=classes.counts(), relative_norm_max=float(r.max()),
-                     relative_norm_min=float(r.min()), specific=specific, spurious_at=spurious_at)
+                     relative_norm_min=float(r.min()), decoder_cosine_median=float(decoder_cosines(cc).median()),
+                     specific=specific, spurious_at=spurious_at)
         dictionary = cc
     else:
         sae = train_diff_sae(paired.base, paired.tuned, d_sae=d_sae, k=k, n_steps=n_steps, batch_rows=batch_rows,

@@ -217,6 +217,11 @@ def _dictionary_line(info) -> str | None:
         parts.append("latents by relative norm: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in cl.items()))
     if st.get("relative_norm_max") is not None:
         parts.append(f"r ranges from {fmt_num(st.get('relative_norm_min'), 3)} to {fmt_num(st['relative_norm_max'], 3)}")
+    if st.get("decoder_cosine_median") is not None:
+        med = st["decoder_cosine_median"]
+        parts.append(f"median cosine of a latent's two decoders {fmt_num(med, 3)}"
+                     + (" (low: most latents are still near their random initialisation, so the classes say "
+                        "little; train longer)" if med < 0.5 else ""))
     return "; ".join(parts) + "."
 
 
