@@ -1,4 +1,5 @@
-"""The fine-tuning loop: full or LoRA, loss on the scored (assistant) tokens only, checkpoints with exact resume.
+"""The fine-tuning loop: full or LoRA, loss on the scored (assistant) tokens only (optionally an unlikelihood term on
+rejected answers), checkpoints with exact resume.
 
 Layout of ``out_dir``::
 
@@ -353,7 +354,8 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
             the caller's model is left as it was). Trained in float32.
         data: a labelled-data ``.jsonl`` path or a :class:`~mechscope.data.labelled.LabelledDataset`. The loss
             covers each example's scored tokens (the last message of a chat, i.e. the assistant answer, or its
-            ``score_span``); ``label`` is ignored.
+            ``score_span``); ``label`` is ignored. A chat's ``meta["reject"]`` (a rejected answer to its prompt) is
+            read when ``cfg.unlikelihood`` > 0.
         out_dir: the run folder (layout in the module docstring).
         cfg: the settings (default :class:`FinetuneConfig`()).
         resume: continue from the latest checkpoint of ``out_dir``; the settings must match the earlier run
