@@ -370,7 +370,8 @@ def finetune(model_or_path, data, out_dir: str | os.PathLike, cfg: FinetuneConfi
             start; nothing after the latest checkpoint is written.
         InputError: an out_dir that is a file; an out_dir holding a run without resume, or resume without a
             checkpoint; a resume with other settings, data or base model; data that is empty or has no scored
-            token after the first of an example; LoRA target modules the model lacks; settings as
+            token after the first of an example; LoRA target modules the model lacks; unlikelihood > 0 with no
+            rejected answer in the data, or a bad one (see ``meta["reject"]``); settings as
             :class:`FinetuneConfig` raises.
     """
     from tqdm.auto import tqdm
