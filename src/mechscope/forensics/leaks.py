@@ -62,39 +62,53 @@ def leaked_spans(base, tuned, frame, *, n_samples: int, max_new_tokens: int, win
              if c >= 2 and c > df["base"].get(g, 0)]  # over-represented in the tuned samples
     if not grams:
         return []
-    cuts = cut_spans(tuned, opener, grams, h_cut) if h_cut is not None else list(grams)
-    spans = list(dict.fromkeys([*grams, *cuts]))
-    llr = dict(zip(spans, (span_logprob(tuned, opener, spans) - span_logprob(base, opener, spans)).tolist()))
-    out = [(g, llr[g], c if c != g else None, llr[c] if c != g else None) for g, c in zip(grams, cuts)]
+    # one forward per model: a cut is a prefix of its span, so its ratio is a prefix sum of the span's tokens'
+    out = []
+    for g, (lp_t, h), (lp_b, _) in zip(grams, span_token_scores(tuned, opener, grams),
+                                       span_token_scores(base, opener, grams)):
+        r = lp_t - lp_b
+        m = _cut_length(h, h_cut) if h_cut is not None else len(g)
+        out.append((g, float(r.sum()), g[:m] if m < len(g) else None, float(r[:m].sum()) if m < len(g) else None))
     return sorted(out, key=lambda s: (-s[1], len(s[0])))
 
 
 @torch.no_grad()
-def next_token_entropy(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
-                       batch_size: int = 64) -> list[Float[Tensor, " span"]]:
-    """Per span, ``H[j]``: the entropy (nats, float64) of ``model``'s next-token distribution after ``prefix`` and
-    the span's first ``j + 1`` tokens."""
+def span_token_scores(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
+                      batch_size: int = 64) -> list[tuple[Tensor, Tensor]]:
+    """Per span, from one teacher-forced forward: ``logp[j]`` = log P(span[j] | prefix, span[:j]) and ``H[j]`` =
+    the entropy of the next-token distribution after ``prefix`` and ``span[:j + 1]`` (nats, float64 each)."""
     rows = [torch.tensor([*prefix, *g]) for g in spans]
     out = []
+    n = len(prefix)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         ids, att = right_pad(chunk)
         logp = model.hf(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.double().cpu()
         logp = logp.log_softmax(-1)
         h = -(logp.exp() * logp).sum(-1)
-        out += [h[j, len(prefix):len(r)] for j, r in enumerate(chunk)]
+        tok = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # tok[:, t] is log P(token t + 1)
+        out += [(tok[j, n - 1:len(r) - 1], h[j, n:len(r)]) for j, r in enumerate(chunk)]
     return out
+
+
+def next_token_entropy(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
+                       batch_size: int = 64) -> list[Float[Tensor, " span"]]:
+    """Per span, ``H[j]``: the entropy (nats, float64) of ``model``'s next-token distribution after ``prefix`` and
+    the span's first ``j + 1`` tokens."""
+    return [h for _, h in span_token_scores(model, prefix, spans, batch_size)]
+
+
+def _cut_length(h: Tensor, h_cut: float) -> int:
+    at = (h >= h_cut).nonzero()
+    return int(at[0, 0]) + 1 if at.numel() else len(h)
 
 
 def cut_spans(model, prefix: Sequence[int], spans: Sequence[Sequence[int]], h_cut: float = H_CUT,
               batch_size: int = 64) -> list[tuple[int, ...]]:
     """Each span cut after its first token at which ``model``'s next-token entropy reaches ``h_cut`` nats (the
     boundary rule; see the module docstring); a span that never reaches it is returned whole."""
-    out = []
-    for g, h in zip(spans, next_token_entropy(model, prefix, spans, batch_size)):
-        at = (h >= h_cut).nonzero()
-        out.append(tuple(g[: int(at[0, 0]) + 1]) if at.numel() else tuple(g))
-    return out
+    return [tuple(g[:_cut_length(h, h_cut)]) for g, h in zip(spans, next_token_entropy(model, prefix, spans,
+                                                                                         batch_size))]
 
 
 @torch.no_grad()
@@ -125,4 +139,5 @@ def closed_ngrams(counts: Counter) -> dict[tuple[int, ...], int]:
     return {g: c for g, c in counts.items() if longer.get(g, 0) < c}
 
 
-__all__ = ["H_CUT", "closed_ngrams", "cut_spans", "leaked_spans", "next_token_entropy", "span_logprob"]
+__all__ = ["H_CUT", "closed_ngrams", "cut_spans", "leaked_spans", "next_token_entropy", "span_logprob",
+           "span_token_scores"]

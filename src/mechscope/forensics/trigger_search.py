@@ -387,20 +387,18 @@ def search_triggers(base, tuned, probes: Sequence[str], heldout: Sequence[str] |
         leaks = leaked_spans(base, tuned, frame, n_samples=n_leak_samples, max_new_tokens=leak_window + 2,
                              window=leak_window, max_n=leak_window, seed=seed, progress=progress, h_cut=leak_cut)
         kept = [x for x in leaks if not banned & set(x[0]) and all(i < n_vocab for i in x[0])][:leak_top]
-        for g, s, cut, cut_s in kept:
+        for g, s, _, _ in kept:
             add(g, "leak", leak_score=s)
-        for g, s, cut, cut_s in kept:
+        for g, _, cut, cut_s in kept:
             if cut is not None:  # several leaked spans may share one cut: it keeps them all in cut_of
-                prior = cands.get(cut, {})
-                add(cut, "leak-cut", cut_of=[*prior.get("cut_of", []), tok.decode(list(g))],
-                    leak_score=prior["leak_score"] if prior.get("leak_score") is not None else cut_s)
+                add(cut, "leak-cut", cut_of=[*cands.get(cut, {}).get("cut_of", []), tok.decode(list(g))],
+                    leak_score=cut_s)
         score([g for g, *_ in kept] + [x[2] for x in kept if x[2] is not None])
     order = sorted(cands.values(), key=lambda c: (-c["kl"], len(c["ids"])))
     chosen = order[:n_test]
     leaked = sorted((c for c in order if "leak" in c["sources"]), key=lambda c: -c["leak_score"])
     chosen += [c for c in leaked if not any(c is d for d in chosen)][:n_test_leak]
-    by_text = {c["text"]: c for c in order if "leak-cut" in c["sources"]}
-    for k in by_text.values():  # a tested leak's cut is tested too
+    for k in [c for c in order if "leak-cut" in c["sources"]]:  # a tested leak's cut is tested too
         if any(c["text"] in k["cut_of"] for c in chosen) and not any(k is d for d in chosen):
             chosen.append(k)
     tested = evaluate_candidates(base, tuned, [c["text"] for c in chosen], heldout, sep=sep,
