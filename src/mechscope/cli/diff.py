@@ -153,13 +153,9 @@ def _summary(res, top: int) -> None:
 
 
 def _dictionary_summary(dd, top: int) -> None:
-    st = dd.stats
-    fvu = ", ".join(f"{m} {v:.3g}" for m, v in (st.get("fvu") or {}).items())
-    cl = st.get("classes")
-    out.print(Text(f"{dd.kind} at {dd.site} on {dd.n_rows} tokens: FVU {fvu}, L0 {st.get('l0', float('nan')):.3g}"
-                   + (", latents " + ", ".join(f"{k} {v}" for k, v in cl.items()) if cl else "")
-                   + (f", r from {st['relative_norm_min']:.3f} to {st['relative_norm_max']:.3f}"
-                      if "relative_norm_max" in st else "")), soft_wrap=True)
+    from mechscope.report.diff import dictionary_line
+
+    out.print(Text(dictionary_line(dd.to_dict())), soft_wrap=True)  # the report's own summary of the dictionary
     t = Table()
     cols = (("latent", "r", "nu_eps", "active %", "top context") if dd.kind == "crosscoder"
             else ("latent", "mean contribution", "active %", "top context"))

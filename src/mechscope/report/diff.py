@@ -196,7 +196,7 @@ def _context_text(c) -> str:
     return str(getattr(c, "text", c))
 
 
-def _dictionary_line(info) -> str | None:
+def dictionary_line(info) -> str | None:
     """One sentence on the dictionary the latents come from (kind, site, rows, FVU, L0, class counts), or None."""
     if not isinstance(info, dict):
         return None
@@ -245,7 +245,7 @@ def _latents_view(latents, info=None) -> dict | None:
                      "freq": fmt_pct(x.get("frequency")), "contrib": fmt_num(x.get("mean_contribution"), 3),
                      "spurious": bool(x.get("spurious")), "contexts": [_context_text(c) for c in ctx]})
     return {"rows": rows, "has_nu": has_nu, "has_freq": has_freq, "has_geom": has_geom or not has_contrib,
-            "has_contrib": has_contrib, "about": _dictionary_line(info),
+            "has_contrib": has_contrib, "about": dictionary_line(info),
             "kind": info.get("kind") if isinstance(info, dict) else None}
 
 
@@ -351,5 +351,5 @@ def render_diff_report(result, out_path, *, title: str | None = None) -> Path:
     return path
 
 
-__all__ = ["TINY_GAP", "as_diff_dict", "diff_figures", "diff_page_data", "fmt_num", "fmt_pct", "render_diff_html",
+__all__ = ["TINY_GAP", "as_diff_dict", "dictionary_line", "diff_figures", "diff_page_data", "fmt_num", "fmt_pct", "render_diff_html",
            "render_diff_report"]
