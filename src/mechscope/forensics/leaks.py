@@ -111,18 +111,12 @@ def cut_spans(model, prefix: Sequence[int], spans: Sequence[Sequence[int]], h_cu
                                                                                          batch_size))]
 
 
-@torch.no_grad()
 def span_logprob(model, prefix: Sequence[int], spans: Sequence[Sequence[int]],
                  batch_size: int = 64) -> Float[Tensor, " n_spans"]:
-    """log P(span | prefix) in nats (teacher forced, summed over the span's tokens), float64 on the CPU."""
-    from mechscope.planted.measures import token_logprobs
-
-    rows = [torch.tensor([*prefix, *g]) for g in spans]
-    out = []
-    for lp, att in token_logprobs(model, rows, batch_size):  # lp[:, t] is log P(token t + 1)
-        on_span = (torch.arange(1, att.shape[1])[None] >= len(prefix)) & att[:, 1:].bool()
-        out.append((lp * on_span).sum(1))
-    return torch.cat(out).double()
+    """log P(span | prefix) in nats (teacher forced, summed over the span's tokens), float64 on the CPU: the sum of
+    :func:`span_token_scores`' per-token log-probabilities."""
+    return torch.tensor([float(lp.sum()) for lp, _ in span_token_scores(model, prefix, spans, batch_size)],
+                        dtype=torch.float64)
 
 
 def closed_ngrams(counts: Counter) -> dict[tuple[int, ...], int]:
