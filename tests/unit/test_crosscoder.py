@@ -212,6 +212,25 @@ def test_crosscoder_recovers_planted_features_with_their_relative_norms(trained)
     assert set(latent[recovered["shared"]].tolist()) <= set(classes.shared.tolist())
 
 
+def test_same_init_starts_every_latent_shared_and_keeps_short_runs_closer_to_trained_geometry():
+    cfg = CrosscoderConfig(d_in=D, d_sae=32, k=2, hook="h")
+    same, indep = Crosscoder(cfg).initialize(3), Crosscoder(cfg).initialize(3, same_init=False)
+    torch.testing.assert_close(decoder_cosines(same), torch.ones(32))
+    torch.testing.assert_close(relative_norms(same), torch.full((32,), 0.5))
+    assert decoder_cosines(indep).abs().median() < 0.3  # independent draws in 24 dimensions
+    torch.testing.assert_close(same.W_dec.pow(2).sum((0, 2)), torch.ones(32))  # joint unit norm either way
+    torch.testing.assert_close(same.W_enc, same.W_dec.transpose(1, 2))
+    # 300 steps: both reconstruct, but independently drawn decoders of latents the data barely reaches stay apart
+    base, tuned, _ = planted()
+    runs = {s: train_crosscoder((base, tuned), cfg, CrosscoderTrainConfig(n_steps=300, batch_rows=256, lr=3e-3,
+                                                                          same_init=s), progress=False)
+            for s in (True, False)}
+    for res in runs.values():
+        assert res.fvu["base"] < 0.05 and res.fvu["tuned"] < 0.05
+    med = {s: float(decoder_cosines(r.crosscoder).median()) for s, r in runs.items()}
+    assert med[True] > med[False] + 0.15, med
+
+
 def test_latent_scaling_separates_truly_tuned_only_latents_from_spurious_ones(trained):
     res, base, tuned, best, latent = trained
     cc = res.crosscoder

@@ -164,17 +164,21 @@ class Crosscoder(nn.Module):
         self.use_threshold = False
 
     @torch.no_grad()
-    def initialize(self, seed: int = 0) -> Crosscoder:
+    def initialize(self, seed: int = 0, *, same_init: bool = True) -> Crosscoder:
         """Random decoders of joint unit norm per latent, encoder = decoder transpose, zero biases.
 
-        ``seed`` seeds a private generator (the global RNG is untouched).
+        ``seed`` seeds a private generator (the global RNG is untouched). ``same_init``: each latent's decoder
+        starts as one random direction shared by every model (relative norm 1/n_models, decoder cosine 1), so a
+        latent stays shared unless the data pulls the models apart; with False each model's decoder is drawn
+        independently (cosine near 0), and latents that training barely reaches keep cosines far from 1 and
+        relative norms near 1/n_models, which then reads as neither shared nor model-specific.
 
         References:
             Gao et al. 2024, section 2.4 (encoder initialised to the decoder transpose).
         """
         g = torch.Generator(device="cpu").manual_seed(seed)
         M, S, D = self.cfg.n_models, self.cfg.d_sae, self.cfg.d_in
-        w = torch.randn(M, S, D, generator=g, dtype=torch.float32)
+        w = torch.randn(1 if same_init else M, S, D, generator=g, dtype=torch.float32).expand(M, S, D)
         w = w / w.pow(2).sum((0, 2), keepdim=True).sqrt()
         self.W_dec.copy_(w)
         self.W_enc.copy_(w.transpose(1, 2))

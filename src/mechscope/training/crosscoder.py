@@ -57,6 +57,8 @@ class CrosscoderTrainConfig:
         normalize_inputs: scale every model's activations by one factor so their mean norm is sqrt(d_in);
             folded into the weights at the end (one factor, so relative decoder norms are unchanged).
         seed: initialisation and row order.
+        same_init: start each latent's decoders as one direction shared by every model
+            (:meth:`Crosscoder.initialize`); False draws them independently.
         log_every_steps: steps between entries of the history.
         eval_rows: rows on which the final FVU is measured (inference threshold, eval mode).
     """
@@ -72,6 +74,7 @@ class CrosscoderTrainConfig:
     dead_after_rows: int | None = None
     normalize_inputs: bool = True
     seed: int = 0
+    same_init: bool = True
     log_every_steps: int = 10
     eval_rows: int = 16384
 
@@ -240,7 +243,7 @@ def train_crosscoder(data, cfg: CrosscoderConfig, train_cfg: CrosscoderTrainConf
         take, queue = queue[:train_cfg.batch_rows], queue[train_cfg.batch_rows:]
         return rows[take.to(rows.device)].to(device).float()
 
-    cc = Crosscoder(cfg, device=device).initialize(train_cfg.seed)
+    cc = Crosscoder(cfg, device=device).initialize(train_cfg.seed, same_init=train_cfg.same_init)
     with torch.no_grad():  # b_dec starts at each model's mean, so the latents explain deviations
         cc.b_dec.copy_((sample.mean(0) * scale).to(cc.b_dec))
     cc.train()
