@@ -25,6 +25,7 @@ from mechscope.core.io import write_json_atomic
 from mechscope.data.labelled_builtins import harmfulness
 from mechscope.forensics import (
     defection_probe,
+    defection_probe_heldout,
     locate_backdoor,
     remove_backdoor,
     search_triggers,
@@ -77,8 +78,17 @@ def main() -> None:
     clean = ev["clean"]
     probe_t = defection_probe(tuned, triggered, clean, layers="all", n_random=20)
     probe_c = defection_probe(control, triggered, clean, layers="all", n_random=20)
+    held = {name: defection_probe_heldout(m, triggered, clean, n_random=20) for name, m in (("planted", tuned),
+                                                                                            ("control", control))}
     seconds["defection_probe"] = time.perf_counter() - t
     out["defection_probe"] = {"planted": probe_t.to_dict(), "control": probe_c.to_dict()}
+    for name, h in held.items():  # the layer chosen on half of the prompts, scored on the other half
+        r = h["test"].layers[h["layer"]]
+        out["defection_probe"][f"{name}_heldout_layer"] = {"layer": h["layer"], "selection": h["selection"],
+                                                           "test": h["test"].to_dict(), "split": h["split"]}
+        print(f"defection probe [{name}] layer {h['layer']} chosen on half the prompts, AUROC on the other half "
+              f"{r['auroc']['estimate']:.3f} [{r['auroc']['low']:.3f}, {r['auroc']['high']:.3f}], random share at "
+              f"least {r['random_share_at_least']:.2f}")
     for name, pr in (("planted", probe_t), ("control", probe_c)):
         best = max(pr.layers, key=lambda layer: pr.layers[layer]["auroc"]["estimate"])
         mid = sorted(pr.layers)[len(pr.layers) // 2]

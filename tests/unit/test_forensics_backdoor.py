@@ -130,6 +130,32 @@ def test_defection_probe_auroc_equals_sklearn(models):
     json.dumps(res.to_dict())
 
 
+def test_heldout_layer_choice_picks_on_one_split_and_scores_on_the_other(models):
+    from mechscope.forensics import defection_probe_heldout
+
+    _, tuned = models
+    pairs = [("w60 w61 w62", "w63", "w64"), ("w65 w66", "w63", "w64")]
+    res = defection_probe_heldout(tuned, TRIGGERED, HELD, pairs=pairs, n_random=5, n_boot=200, progress=False)
+    sp = res["split"]
+    for name, full in (("triggered", TRIGGERED), ("clean", HELD)):  # disjoint, covering, stratified halves
+        assert sorted(sp["select"][name] + sp["test"][name]) == sorted(full)
+        assert not set(sp["select"][name]) & set(sp["test"][name]) and len(sp["select"][name]) == len(full) // 2
+    # the layer is the argmax on the selection split; its score is the plain probe on the test split
+    sel = defection_probe(tuned, sp["select"]["triggered"], sp["select"]["clean"], pairs=pairs, layers="all",
+                          n_random=0, n_boot=10, progress=False)
+    want = {L: v["auroc"]["estimate"] for L, v in sel.layers.items()}
+    assert res["selection"] == pytest.approx(want) and res["layer"] == max(want, key=want.get)
+    test = res["test"]
+    assert list(test.layers) == [res["layer"]] and test.labels.tolist() == [1] * 6 + [0] * 6
+    y = test.labels.numpy()
+    assert test.layers[res["layer"]]["auroc"]["estimate"] == pytest.approx(
+        roc_auc_score(y, test.scores[res["layer"]].numpy()), abs=1e-12)
+    with pytest.raises(InputError, match="select_fraction"):
+        defection_probe_heldout(tuned, TRIGGERED, HELD, select_fraction=1.0, progress=False)
+    with pytest.raises(InputError, match="each split needs"):
+        defection_probe_heldout(tuned, TRIGGERED[:3], HELD, progress=False)
+
+
 def test_patching_every_residual_stream_from_base_removes_the_backdoor_exactly(models):
     base, tuned = models
     comps = [("resid_post", L) for L in range(tuned.cfg.n_layers)]

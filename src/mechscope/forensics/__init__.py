@@ -15,6 +15,7 @@ from mechscope.forensics.defection import (
     DefectionProbeResult,
     defection_direction,
     defection_probe,
+    defection_probe_heldout,
 )
 from mechscope.forensics.memorisation import (
     GradientNormMap,
@@ -38,5 +39,5 @@ from mechscope.forensics.trigger_search import (
 
 __all__ = ["DEFAULT_PAIRS", "BackdoorLocation", "DefectionProbeResult", "EditReport", "GradientNormMap", "RemovalResult",
            "ScanResult", "TriggerSearchResult", "TwinPatchResult", "ablate_components", "claims_from_scan", "control_canaries", "defection_direction",
-           "defection_probe", "evaluate_candidates", "gradient_norm_map", "locate_backdoor", "mean_difference_directions",
+           "defection_probe", "defection_probe_heldout", "evaluate_candidates", "gradient_norm_map", "locate_backdoor", "mean_difference_directions",
            "pick_twin", "remove_backdoor", "scan_models", "search_triggers", "twin_patching", "unlearn_secret"]

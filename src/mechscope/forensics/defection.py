@@ -185,5 +185,49 @@ def defection_probe(model, triggered: Sequence[str], clean: Sequence[str], *,
     return DefectionProbeResult(out, scores, labels, directions, list(pairs))
 
 
-__all__ = ["DEFAULT_PAIRS", "DefectionProbeResult", "defection_direction", "defection_probe", "final_token_acts",
-           "prompt_scores"]
+def defection_probe_heldout(model, triggered: Sequence[str], clean: Sequence[str], *,
+                            pairs: Sequence[tuple[str, str, str]] = DEFAULT_PAIRS, layers="all",
+                            select_fraction: float = 0.5, n_random: int = 20, n_boot: int = 1000, seed: int = 0,
+                            batch_size: int = 32, progress: bool = True) -> dict:
+    """The defection probe at a layer chosen on one split of the prompts and scored on the other.
+
+    The best of many layers, chosen on the prompts it is scored on, overstates the probe (a winner's curse);
+    here a seeded, class-stratified ``select_fraction`` of each class picks the layer with the highest AUROC and
+    the remaining prompts score it (CI and random directions as in :func:`defection_probe`).
+
+    Args:
+        model / triggered / clean / pairs / n_random / n_boot / seed / batch_size: as in :func:`defection_probe`.
+        layers: the layers to choose from ("all", or indices).
+        select_fraction: share of each class used to choose the layer, in (0, 1).
+
+    Returns:
+        dict with ``layer`` (the chosen layer), ``selection`` (layer -> AUROC on the selection split),
+        ``test`` (:class:`DefectionProbeResult` at the chosen layer on the test split), ``split`` (the
+        selection and test prompts of each class).
+
+    Raises:
+        InputError: ``select_fraction`` outside (0, 1); a split with fewer than 2 prompts of a class.
+    """
+    if not 0 < select_fraction < 1:
+        raise InputError(f"select_fraction must be in (0, 1), got {select_fraction}.")
+    g = torch.Generator().manual_seed(seed)
+    split: dict[str, dict[str, list[str]]] = {"select": {}, "test": {}}
+    for name, prompts in (("triggered", list(triggered)), ("clean", list(clean))):
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        k = round(len(prompts) * select_fraction)
+        split["select"][name] = [prompts[i] for i in sorted(order[:k])]
+        split["test"][name] = [prompts[i] for i in sorted(order[k:])]
+        if min(k, len(prompts) - k) < 2:
+            raise InputError(f"select_fraction {select_fraction} leaves {min(k, len(prompts) - k)} {name} prompts in "
+                             f"one split of {len(prompts)}; each split needs >= 2 per class: pass more prompts.")
+    sel = defection_probe(model, split["select"]["triggered"], split["select"]["clean"], pairs=pairs, layers=layers,
+                          n_random=0, n_boot=10, seed=seed, batch_size=batch_size, progress=progress)
+    selection = {L: v["auroc"]["estimate"] for L, v in sel.layers.items()}
+    best = max(selection, key=lambda L: selection[L])
+    test = defection_probe(model, split["test"]["triggered"], split["test"]["clean"], pairs=pairs, layers=[best],
+                           n_random=n_random, n_boot=n_boot, seed=seed, batch_size=batch_size, progress=progress)
+    return {"layer": best, "selection": selection, "test": test, "split": split}
+
+
+__all__ = ["DEFAULT_PAIRS", "DefectionProbeResult", "defection_direction", "defection_probe", "defection_probe_heldout",
+           "final_token_acts", "prompt_scores"]
