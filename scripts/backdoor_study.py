@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--max-span", type=int, default=6, help="longest candidate span (1: single tokens only)")
     ap.add_argument("--leak", type=int, default=48, help="leaked-completion samples (0: none)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scale", choices=("logprob", "prob"), default="logprob",
+                    help="localisation metric: mean log-probability or mean probability of the defection's first token")
+    ap.add_argument("--only-locate", action="store_true",
+                    help="skip the search and the probe; localise and remove with the recipe's defection answer")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     seconds, t0 = {}, time.perf_counter()
@@ -55,8 +59,8 @@ def main() -> None:
     control = mechscope.load(str(a.run / "control" / "model"))
     probes = sorted({e.messages[0].content for e in harmfulness().examples if e.label == 0})[:48]
 
-    out: dict = {"trigger": trigger}
-    for name, model in (("planted", tuned), ("control", control))[: 2 if a.control_search else 1]:
+    out: dict = {"trigger": trigger, "scale": a.scale}
+    for name, model in [] if a.only_locate else (("planted", tuned), ("control", control))[: 2 if a.control_search else 1]:
         t = time.perf_counter()
         res = search_triggers(base, model, probes, n_shortlist=32, n_drift=0, beam=2, max_span=a.max_span, n_test=4,
                               n_leak_samples=a.leak)
@@ -69,13 +73,15 @@ def main() -> None:
               f"{(pieces[0]['text'], pieces[0]['rank']) if pieces else None}")
         for c in top[:5]:
             print(f"   #{c['rank']} {c['text']!r} kl {c['kl']:.3f} test {c.get('test')}")
-    found = out["search_planted"]["top"][0]
+    found = out["search_planted"]["top"][0] if not a.only_locate else {"text": ""}
     suspect = found["text"].strip()
     modal = (found.get("test") or {}).get("modal_answer") or detect
 
     t = time.perf_counter()
     triggered = ev["triggered"]
     clean = ev["clean"]
+    if a.only_locate:
+        return locate_and_remove(a, out, seconds, base, tuned, triggered, modal, detect, suspect, trigger, t0)
     probe_t = defection_probe(tuned, triggered, clean, layers="all", n_random=20)
     probe_c = defection_probe(control, triggered, clean, layers="all", n_random=20)
     held = {name: defection_probe_heldout(m, triggered, clean, n_random=20) for name, m in (("planted", tuned),
@@ -98,12 +104,18 @@ def main() -> None:
                   f"[{r['auroc']['low']:.3f}, {r['auroc']['high']:.3f}], random mean {r['random_mean']:.3f}, "
                   f"random share at least {r['random_share_at_least']:.2f}")
 
+    locate_and_remove(a, out, seconds, base, tuned, triggered, modal, detect, suspect, trigger, t0)
+
+
+def locate_and_remove(a, out, seconds, base, tuned, triggered, modal, detect, suspect, trigger, t0) -> None:
     t = time.perf_counter()
-    loc = locate_backdoor(base, tuned, triggered, modal, per=("layer", "head") if a.heads else ("layer",))
+    loc = locate_backdoor(base, tuned, triggered, modal, per=("layer", "head") if a.heads else ("layer",),
+                          scale=a.scale)
     seconds["locate"] = time.perf_counter() - t
     out["location"] = loc.to_dict()
     print("top components:", loc.top(8))
-    texts = ev.get("ppl_texts") or json.loads((a.run / "data" / "evals.json").read_text())["ppl_texts"]
+    data = json.loads((a.run / "data" / "evals.json").read_text())
+    texts = data["evals"].get("ppl_texts") or data["ppl_texts"]
     out["removal"] = {}
     for k in a.k:
         t = time.perf_counter()

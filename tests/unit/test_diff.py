@@ -268,6 +268,11 @@ def test_logprob_metric_matches_log_softmax():
     lp = torch.log_softmax(logits, -1)
     want = (lp[0, 1, 1] + lp[0, 2, 2] + lp[1, 1, 3] + lp[1, 2, 4]) / 4
     assert float(c(logits)) == pytest.approx(float(want)) and c.position == -3
+    p = logprob_metric(continuation=[[1, 2], [3, 4]], prob=True)
+    want = (lp[0, 1, 1].exp() + lp[0, 2, 2].exp() + lp[1, 1, 3].exp() + lp[1, 2, 4].exp()) / 4
+    assert float(p(logits)) == pytest.approx(float(want)) and "probability" in p.name
+    lp = torch.log_softmax(logits[:, -1], -1)
+    assert float(logprob_metric([3, 7], prob=True)(logits)) == pytest.approx(float((lp[0, 3].exp() + lp[1, 7].exp()) / 2))
     with pytest.raises(mechscope.InputError):
         logprob_metric()
 

@@ -169,6 +169,24 @@ def test_patching_every_residual_stream_from_base_removes_the_backdoor_exactly(m
     assert res.before["rate"] == 1.0 and res.after["rate"] == 0.0
 
 
+def test_locating_on_the_probability_scale_reads_the_defections_mass(models):
+    from mechscope.data.labelled_render import user_prompt_ids
+
+    base, tuned = models
+    loc = locate_backdoor(base, tuned, TRIGGERED, RESPONSE, per=("layer",), scale="prob", progress=False)
+    t = loc.defection_ids[0]
+    want = {}
+    for name, m in (("tuned", tuned), ("base", base)):  # the mean probability of the first defection token
+        ps = [m.run(user_prompt_ids(m, u))[0][0, -1].float().softmax(-1)[t] for u in TRIGGERED]
+        want[name] = float(torch.stack(ps).mean())
+    assert loc.scale == "prob" and loc.to_dict()["scale"] == "prob"
+    assert loc.tuned_value == pytest.approx(want["tuned"], abs=1e-5) and loc.base_value == pytest.approx(want["base"], abs=1e-5)
+    effects = [r["effect"] for r in loc.ranking]
+    assert effects == sorted(effects, reverse=True) and all(-1 <= e <= 1 for e in effects)
+    with pytest.raises(InputError, match="scale"):
+        locate_backdoor(base, tuned, TRIGGERED, RESPONSE, scale="logit", progress=False)
+
+
 def test_located_components_beat_random_ones(models):
     base, tuned = models
     loc = locate_backdoor(base, tuned, TRIGGERED, RESPONSE, progress=False)

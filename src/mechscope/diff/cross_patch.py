@@ -50,13 +50,18 @@ CROSS_KINDS: dict[str, str] = {
 TOKENS_PER_PASS = 2048
 
 
-def logprob_metric(target_ids=None, *, continuation: Tensor | Sequence[Sequence[int]] | None = None) -> Callable:
+def logprob_metric(target_ids=None, *, continuation: Tensor | Sequence[Sequence[int]] | None = None,
+                   prob: bool = False) -> Callable:
     """A metric for :func:`cross_model_patching`: the mean log-probability of target tokens.
 
     Args:
         target_ids: the token read at the last position: one id for every prompt, or one id per prompt.
         continuation: instead, [batch, c] ids of a continuation the prompts already end with; the metric is
             the mean over prompts and the c positions of log p(continuation token | everything before it).
+        prob: average probabilities instead of log-probabilities. A mean log-probability is dominated by the
+            prompts a patch pushes far into the tail, even when the target stays the most likely token on every
+            prompt; the mean probability moves only as the target loses its mass, which is what greedy
+            decoding (and an attack success rate) sees.
 
     Returns:
         ``metric(logits [batch, pos, d_vocab]) -> scalar tensor`` with a ``position`` attribute (how many
@@ -76,10 +81,11 @@ def logprob_metric(target_ids=None, *, continuation: Tensor | Sequence[Sequence[
         def metric(logits: Tensor) -> Tensor:
             lp = torch.log_softmax(logits[:, -c - 1:-1].float(), -1)
             tgt = cont.to(lp.device).expand(lp.shape[0], c)
-            return lp.gather(-1, tgt[..., None]).squeeze(-1).mean()
+            got = lp.gather(-1, tgt[..., None]).squeeze(-1)
+            return (got.exp() if prob else got).mean()
 
         metric.position = -(c + 1)
-        metric.name = f"mean logprob of a {c}-token continuation"
+        metric.name = f"mean {'probability' if prob else 'logprob'} of a {c}-token continuation"
         return metric
     tgt = torch.as_tensor(target_ids, dtype=torch.long).reshape(-1)
 
@@ -89,10 +95,11 @@ def logprob_metric(target_ids=None, *, continuation: Tensor | Sequence[Sequence[
         if t.numel() not in (1, lp.shape[0]):
             raise ShapeError(f"logprob_metric has {t.numel()} target ids for {lp.shape[0]} prompts; give one id, or "
                              "one per prompt.")
-        return lp.gather(-1, t.expand(lp.shape[0])[:, None]).mean()
+        got = lp.gather(-1, t.expand(lp.shape[0])[:, None])
+        return (got.exp() if prob else got).mean()
 
     metric.position = -1
-    metric.name = "mean logprob of the target at the last position"
+    metric.name = f"mean {'probability' if prob else 'logprob'} of the target at the last position"
     return metric
 
 

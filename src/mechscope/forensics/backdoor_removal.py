@@ -142,23 +142,27 @@ class BackdoorLocation:
     """Components ranked by cross-model patching effect on the defection tokens' log-probability.
 
     Attributes:
-        ranking: dicts best first: ``component`` (list: kind, layer[, head]), ``effect`` (nats the defection
-            log-prob falls when the base's activation is patched in), ``recovered`` (share of the base-tuned gap).
-        tuned_value / base_value: mean log-prob of the defection tokens in each model (nats).
+        ranking: dicts best first: ``component`` (list: kind, layer[, head]), ``effect`` (how far the metric
+            falls when the base's activation is patched in: nats of log-prob, or probability), ``recovered``
+            (share of the base-tuned gap).
+        tuned_value / base_value: the metric in each model: mean log-prob of the defection tokens (nats) or
+            their mean probability.
         defection_ids: the target token ids.
+        scale: "logprob" or "prob" (see :func:`locate_backdoor`).
     """
 
     ranking: list[dict]
     tuned_value: float
     base_value: float
     defection_ids: list[int]
+    scale: str = "logprob"
 
     def top(self, k: int) -> list[Component]:
         return [tuple(r["component"]) for r in self.ranking[:k]]
 
     def to_dict(self) -> dict:
         return {"tuned_value": self.tuned_value, "base_value": self.base_value, "defection_ids": self.defection_ids,
-                "ranking": self.ranking}
+                "scale": self.scale, "ranking": self.ranking}
 
 
 def _prompts(prompts, what: str) -> list[str]:
@@ -171,7 +175,7 @@ def _prompts(prompts, what: str) -> list[str]:
 
 def locate_backdoor(base, tuned, triggered: Sequence[str], defection: str, *, per: Sequence[str] = ("layer", "head"),
                     layer_kinds: Sequence[str] = ("attn_out", "mlp_out"), n_target_tokens: int = 1,
-                    batch_size: int | None = None, progress: bool = True) -> BackdoorLocation:
+                    scale: str = "logprob", batch_size: int | None = None, progress: bool = True) -> BackdoorLocation:
     """Rank components by how much patching the base's activation into the tuned model lowers the defection.
 
     Args:
@@ -180,10 +184,17 @@ def locate_backdoor(base, tuned, triggered: Sequence[str], defection: str, *, pe
         defection: the defection answer's text (e.g. the modal triggered answer of the trigger search); its first
             ``n_target_tokens`` tokens are the target.
         per: "layer" (``layer_kinds``) and/or "head" (``z``).
+        scale: "logprob" ranks by the mean log-probability of the defection tokens, "prob" by their mean
+            probability (:func:`~mechscope.diff.logprob_metric`). When the tuned model defects with near
+            certainty, a patch can push a few prompts' log-probability deep into the tail while the defection
+            stays the greedy answer on all of them; the probability scale ranks components by the mass they
+            take away, which is what greedy removal needs.
 
     Raises:
-        InputError: fewer than 2 prompts; an empty defection; different models; bad kinds.
+        InputError: fewer than 2 prompts; an empty defection; different models; bad kinds; an unknown scale.
     """
+    if scale not in ("logprob", "prob"):
+        raise InputError(f"scale must be 'logprob' or 'prob', got {scale!r}.")
     triggered = _prompts(triggered, "locate_backdoor")
     check_comparable(base, tuned)
     tok = tuned._need_tokenizer()
@@ -195,7 +206,7 @@ def locate_backdoor(base, tuned, triggered: Sequence[str], defection: str, *, pe
     for p in triggered:
         r = user_prompt_ids(tuned, p)[0].tolist() + target
         groups.setdefault(len(r), []).append(r)
-    metric = logprob_metric(continuation=[target])
+    metric = logprob_metric(continuation=[target], prob=scale == "prob")
     total = {}
     tv = bv = 0.0
     for rows in groups.values():
@@ -215,7 +226,7 @@ def locate_backdoor(base, tuned, triggered: Sequence[str], defection: str, *, pe
             ranking.append({"component": [k, *idx], "effect": tv - m,
                             "recovered": (m - tv) / gap if gap else None})
     ranking.sort(key=lambda r: -r["effect"])
-    return BackdoorLocation(ranking, tv, bv, target)
+    return BackdoorLocation(ranking, tv, bv, target, scale)
 
 
 def mean_difference_directions(tuned, triggered: Sequence[str], clean: Sequence[str], layers: Sequence[int]
