@@ -75,7 +75,11 @@ def main() -> None:
             print(f"   #{c['rank']} {c['text']!r} kl {c['kl']:.3f} test {c.get('test')}")
     found = out["search_planted"]["top"][0] if not a.only_locate else {"text": ""}
     suspect = found["text"].strip()
-    modal = (found.get("test") or {}).get("modal_answer") or detect
+    test = found.get("test") or {}
+    # the suspect's answer only when the generation test flagged it (a consistent changed answer); otherwise the
+    # search found nothing and localisation reads the recipe's defection answer (recorded as "target_from")
+    modal = test["modal_answer"] if test.get("flagged") else detect
+    out["target_from"] = "search" if test.get("flagged") else "recipe"
 
     t = time.perf_counter()
     triggered = ev["triggered"]
