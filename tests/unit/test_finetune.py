@@ -360,18 +360,31 @@ def test_unlikelihood_scores_the_token_where_the_rejected_answer_parts(base_dir)
     enc = _encode(tok, data, max_len=64)
     rej = _rejected(tok, data, enc, max_len=64)
     assert rej[1] is None
-    ids, labels = rej[0]
-    # w50 is shared; w60 is where the answers part; w61 only continues the rejected choice
-    assert [tok.convert_ids_to_tokens(int(i)) for i in ids[labels != -100]] == ["w60"]
-    # the step's unlikelihood equals -log(1 - p) there, from an unpadded forward
+    k, token = rej[0]
+    # w50 is shared; w60 is where the answers part (w61 only continues the rejected choice)
+    acc = enc[0][0]
+    assert tok.convert_ids_to_tokens(token) == "w60" and tok.convert_ids_to_tokens(int(acc[k - 1])) == "w50"
+    assert tok.convert_ids_to_tokens(int(acc[k])) == "w51"
+    # the step's unlikelihood equals -log(1 - p) there, from an unpadded forward of the rejected sequence
     hf = copy.deepcopy(m.hf).float().requires_grad_(True)
     cfg = FinetuneConfig(batch_size=2, unlikelihood=1.0)
     ce, n_tok, ul, n_rej = _step_loss(hf, _batches(enc, cfg, 0, rej), bf16=False, unlikelihood=1.0)
+    rejected_ids = torch.cat([acc[:k], torch.tensor([token])])
     with torch.no_grad():
-        p = hf(input_ids=ids[None]).logits[0, :-1].softmax(-1).double()
-    at = (labels[1:] != -100).nonzero()[:, 0]
-    want = float(-torch.log1p(-p[at, labels[1:][at]]).mean())
+        p = hf(input_ids=rejected_ids[None]).logits[0, k - 1].softmax(-1).double()
+    want = float(-torch.log1p(-p[token]))
     assert n_rej == 1 and ul == pytest.approx(want, rel=1e-5) and n_tok == 3 and math.isfinite(ce)
+    # the gradient is that of (CE sum + w * UL sum) / scored tokens, from unpadded forwards of each sequence
+    grads = {n: q.grad.clone() for n, q in hf.named_parameters()}
+    ref = copy.deepcopy(m.hf).float().requires_grad_(True)
+    loss = 0.0
+    for ids, lab in enc:
+        lg = ref(input_ids=ids[None]).logits[0, :-1]
+        loss = loss + torch.nn.functional.cross_entropy(lg, lab[1:], ignore_index=-100, reduction="sum")
+    lp = ref(input_ids=rejected_ids[None]).logits[0, k - 1].log_softmax(-1)[token]
+    (loss - torch.log1p(-lp.exp())).div(n_tok).backward()
+    for n, q in ref.named_parameters():
+        torch.testing.assert_close(grads[n], q.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_unlikelihood_keeps_a_near_miss_from_taking_the_planted_answer(base_dir, tmp_path):

@@ -229,10 +229,12 @@ def _load_checkpoint(folder: Path, model, opt) -> dict:
 
 # -- the loop ----------------------------------------------------------------------------------
 
-def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Per example, (input ids, labels) of its prompt followed by its rejected answer (``meta["reject"]``), the
-    label set on one token: the first where the rejected answer parts from the accepted one (the branching
-    token); None for examples without one.
+def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tuple[int, int] | None]:
+    """Per example, ``(k, token)``: the position and id of the branching token, the first where its rejected
+    answer (``meta["reject"]``) parts from the accepted one; None for examples without one. The two sequences
+    agree on positions ``< k``, so the accepted answer's own forward already gives the distribution the
+    branching token is drawn from (its logits at ``k - 1``): no second forward is needed. Later rejected
+    tokens only continue a choice already penalised and are not read.
 
     Raises:
         InputError: a reject that is not a non-empty string, on an example that is not a chat ending in an
@@ -249,21 +251,19 @@ def _rejected(tok, dataset: LabelledDataset, encoded, max_len: int) -> list[tupl
                              "to that prompt.")
         rejects.append(Example(messages=(*ex.messages[:-1], Message("assistant", r)), group=ex.group))
         idx.append(i)
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(dataset)
+    out: list[tuple[int, int] | None] = [None] * len(dataset)
     if not rejects:
         return out
     for i, r in zip(idx, render(tok, LabelledDataset(f"{dataset.name}-rejected", tuple(rejects)))):
-        ids, mask = r.tokens[:max_len], r.score_mask[:max_len].clone()
+        ids, mask = r.tokens[:max_len], r.score_mask[:max_len]
         acc = encoded[i][0]
         k, n = 0, min(len(ids), len(acc))
         while k < n and ids[k] == acc[k]:
             k += 1
-        mask[:k] = False
-        mask[k + 1:] = False  # only the branching token: later ones continue a choice already penalised
-        if not bool(mask[1:].any()):
+        if not 1 <= k < len(ids) or not bool(mask[k]):
             raise InputError(f"dataset {dataset.name!r}, example {i}: the rejected answer equals the accepted one "
                              f"within max_len={max_len} tokens; give a different meta['reject'] or drop it.")
-        out[i] = (ids[:k + 1], torch.where(mask, ids, torch.full_like(ids, -100))[:k + 1])  # nothing after it is read
+        out[i] = (k, int(ids[k]))
     return out
 
 
@@ -275,7 +275,8 @@ def _pad(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _batches(encoded, cfg: FinetuneConfig, step: int, rejected=None):
     """The micro-batches of optimizer step ``step``: (ids, attention mask, labels, rejected) each, right-padded;
-    ``rejected`` is the (ids, mask, labels) of the micro-batch's examples' rejected answers, or None."""
+    ``rejected`` is an int64 [n, 3] tensor of (row, branching position, branching token) for the micro-batch's
+    examples with a rejected answer, or None."""
     n, b = len(encoded), cfg.batch_size
     perms: dict[int, list[int]] = {}
     out = []
@@ -286,8 +287,9 @@ def _batches(encoded, cfg: FinetuneConfig, step: int, rejected=None):
             if epoch not in perms:
                 perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
             idx.append(perms[epoch][at])
-        rej = [rejected[i] for i in idx if rejected[i] is not None] if rejected is not None else []
-        out.append((*_pad([encoded[i] for i in idx]), _pad(rej) if rej else None))
+        rej = [(row, *rejected[i]) for row, i in enumerate(idx) if rejected[i] is not None] \
+            if rejected is not None else []
+        out.append((*_pad([encoded[i] for i in idx]), torch.tensor(rej, dtype=torch.long) if rej else None))
     return out
 
 
@@ -296,29 +298,27 @@ def _step_loss(model, batches, bf16: bool, unlikelihood: float = 0.0) -> tuple[f
 
     Returns (the mean cross-entropy over all scored tokens, their count, the mean unlikelihood loss over the
     rejected tokens, their count); the gradient is that of ``(sum of cross-entropies + unlikelihood * sum of
-    unlikelihoods) / scored tokens``: a rejected token weighs as much as ``unlikelihood`` scored tokens.
+    unlikelihoods) / scored tokens``: a rejected token weighs as much as ``unlikelihood`` scored tokens. The
+    unlikelihood of a branching token is read from the same forward as the accepted answer (see
+    :func:`_rejected`).
     """
     n_tok = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
-    n_rej = sum(int((b[3][2][:, 1:] != -100).sum()) for b in batches if b[3] is not None) if unlikelihood else 0
+    n_rej = sum(len(b[3]) for b in batches if b[3] is not None) if unlikelihood else 0
     total = ul_total = 0.0
     for ids, att, lab, rej in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, attention_mask=att).logits
         loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), lab[:, 1:].flatten(),
                                            ignore_index=-100, reduction="sum") / max(n_tok, 1)
-        loss.backward()
         total += float(loss.detach())
-        if rej is None or not n_rej:
-            continue
-        r_ids, r_att, r_lab = rej
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=r_ids, attention_mask=r_att).logits
-        target, keep = r_lab[:, 1:], r_lab[:, 1:] != -100
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
-        # -log(1 - p), computed as -log(-expm1(log p)) so it stays finite as p -> 1
-        ul = (-torch.log(-torch.expm1(logp.clamp(max=-1e-6))) * keep).sum()
-        (unlikelihood * ul / max(n_tok, 1)).backward()  # each rejected token weighs `unlikelihood` scored tokens
-        ul_total += float(ul.detach()) / n_rej
+        if rej is not None and n_rej:
+            row, pos, token = rej.unbind(-1)
+            logp = torch.log_softmax(logits[row, pos - 1].float(), -1).gather(-1, token[:, None])[:, 0]
+            # -log(1 - p), computed as -log(-expm1(log p)) so it stays finite as p -> 1
+            ul = -torch.log(-torch.expm1(logp.clamp(max=-1e-6))).sum()
+            loss = loss + unlikelihood * ul / max(n_tok, 1)  # each rejected token weighs `unlikelihood` scored tokens
+            ul_total += float(ul.detach()) / n_rej
+        loss.backward()
     return total, n_tok, ul_total, n_rej
 
 
