@@ -25,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from mechscope.core.padding import right_pad
 from mechscope.finetune import FinetuneConfig
 from mechscope.finetune.train import (
     _batches,
@@ -80,11 +81,7 @@ def main() -> None:
             if r is None:
                 per.append(None)
                 continue
-            seqs = [torch.cat([ids_acc[int(row), :int(k)], torch.tensor([int(t)])]) for row, k, t in r]
-            ids = torch.zeros(len(seqs), max(len(q) for q in seqs), dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for i, q in enumerate(seqs):
-                ids[i, :len(q)], att[i, :len(q)] = q, 1
+            ids, att = right_pad([torch.cat([ids_acc[int(row), :int(k)], torch.tensor([int(t)])]) for row, k, t in r])
             per.append((ids, att, r[:, 1], r[:, 2]))
         second.append(per)
     rows = {"plain": lambda s: _step_loss(model, steps[s], False, 0.0),

@@ -139,7 +139,7 @@ def clean_nll(tuned, texts: Sequence[str], *, components: Sequence[Component] = 
 
 @dataclass
 class BackdoorLocation:
-    """Components ranked by cross-model patching effect on the defection tokens' log-probability.
+    """Components ranked by cross-model patching effect on the defection tokens' log-probability or probability.
 
     Attributes:
         ranking: dicts best first: ``component`` (list: kind, layer[, head]), ``effect`` (how far the metric
