@@ -21,12 +21,17 @@ from torch import Tensor, nn
 from mechscope.core.errors import MechscopeError
 
 
+def _up(x: Tensor) -> Tensor:
+    """float32, or float64 kept (a linearisation in float64 stays exact to float64 rounding)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass(frozen=True)
 class FrozenNorm:
     """A norm linearised at one input: ``y = centre(x) * scale * gain + bias``.
 
     Attributes:
-        scale: [..., 1] float32, 1 / sqrt(mean square (+eps)) of the real input (dimensionless per unit).
+        scale: [..., 1] float32 (float64 for float64 input), 1 / sqrt(mean square (+eps)) of the real input (dimensionless per unit).
         gain: [d_model] float32 elementwise gain (``w``, or ``1 + w`` for Gemma).
         bias: [d_model] float32 additive bias, or None.
         centre: whether the norm subtracts the mean over d_model first (LayerNorm).
@@ -38,8 +43,8 @@ class FrozenNorm:
     centre: bool
 
     def linear(self, x: Tensor) -> Tensor:
-        """The linear part applied to ``x`` [..., d_model] (no bias), float32."""
-        x = x.float()
+        """The linear part applied to ``x`` [..., d_model] (no bias), float32 (float64 for float64 input)."""
+        x = _up(x)
         if self.centre:
             x = x - x.mean(-1, keepdim=True)
         return x * self.scale * self.gain
@@ -73,11 +78,11 @@ def freeze_norm(model, module: nn.Module, x: Tensor, *, expected: Tensor | None 
     if eps is None:
         eps = getattr(module, "eps", 1e-5)
     d = x.shape[-1]
+    xf = _up(x)
     w = getattr(module, "weight", None)
-    w = torch.ones(d, dtype=torch.float32, device=x.device) if w is None else w.detach().float()
+    w = torch.ones(d, dtype=xf.dtype, device=x.device) if w is None else w.detach().to(xf.dtype)
     b = getattr(module, "bias", None)
-    b = None if b is None else b.detach().float()
-    xf = x.float()
+    b = None if b is None else b.detach().to(xf.dtype)
     if kind == "layer":
         var = xf.var(-1, keepdim=True, unbiased=False)
         frozen = FrozenNorm(torch.rsqrt(var + eps), w, b, centre=True)

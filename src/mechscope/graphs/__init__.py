@@ -1,0 +1,20 @@
+"""Attribution graphs (Ameisen et al. 2025, "Circuit Tracing"): a transcoder for every layer, the local replacement
+model of a prompt, the graph of direct effects between its features, error nodes, tokens and target logits,
+pruning with replacement and completeness scores.
+
+- :class:`TranscoderSet`, :func:`load_transcoders`, :func:`save_transcoders`: one transcoder per layer, one folder.
+- :func:`replacement_state`, :func:`frozen_forward`: the local replacement model on the real HF forward.
+- :func:`attribute`: the graph of one prompt (:class:`AttributionGraph`); :func:`prune`, :func:`graph_scores`.
+"""
+
+from mechscope.graphs.attribution import attribute, logit_targets, prompt_tokens
+from mechscope.graphs.graph import AttributionGraph
+from mechscope.graphs.prune import Pruned, cumulative_threshold, graph_scores, influence, normalize_rows, prune
+from mechscope.graphs.replacement import ActiveFeatures, ReplacementState, frozen_forward, replacement_state
+from mechscope.graphs.transcoders import (TranscoderSet, load_transcoders, read_manifest, save_transcoders,
+                                          transcoder_configs, write_manifest)
+
+__all__ = ["attribute", "logit_targets", "prompt_tokens", "AttributionGraph", "Pruned", "cumulative_threshold",
+           "graph_scores", "influence", "normalize_rows", "prune", "ActiveFeatures", "ReplacementState",
+           "frozen_forward", "replacement_state", "TranscoderSet", "load_transcoders", "read_manifest",
+           "save_transcoders", "transcoder_configs", "write_manifest"]

@@ -1,0 +1,254 @@
+"""Attribution graphs: the direct effects between the nodes of a prompt's local replacement model
+(Ameisen et al. 2025, "Circuit Tracing"; the algorithm of circuit-tracer, on mechscope's hooks).
+
+Each row of the adjacency (one target node) is one backward pass through the frozen, linear replacement model
+(:func:`~mechscope.graphs.replacement.frozen_forward`) that injects the target's input vector where the target
+reads the residual stream — a feature's encoder column at its layer's MLP input, a logit's demeaned unembedding
+column at the final norm's output — and reads at every source ``gradient · (activation x decoder row)`` for a
+feature, ``gradient · error`` for an error node, ``gradient · embedding`` for a token. ``batch_size`` rows share
+one backward: the forward runs once on that many copies of the prompt and its graph is kept for every batch.
+
+Rows are computed for the target logits first, then for features in order of their influence on the logits
+(re-ranked from the rows so far every ``update_interval`` batches), up to ``max_feature_nodes``.
+
+Shape key: B rows per backward, P positions, D d_model, L layers, n active features, C columns.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from mechscope.core.errors import InputError
+from mechscope.graphs.graph import AttributionGraph
+from mechscope.graphs.prune import normalize_rows
+from mechscope.graphs.replacement import ReplacementState, frozen_forward, replacement_state
+from mechscope.graphs.transcoders import TranscoderSet
+
+
+def prompt_tokens(model, prompt: str | Tensor) -> Tensor:
+    """Token ids ``[P]`` of a prompt (text gets the tokenizer's BOS).
+
+    Raises:
+        InputError: an empty prompt, more tokens than the model's context, ids outside the vocabulary.
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty; give the text whose next token the graph should explain.")
+        tokens = model.to_tokens(prompt)[0]
+    else:
+        tokens = model._tokens(prompt, None)
+        if tokens.shape[0] != 1:
+            raise InputError(f"an attribution graph explains one prompt; got a batch of {tokens.shape[0]}.")
+        tokens = tokens[0]
+        if not len(tokens):
+            raise InputError("the prompt has no tokens.")
+    return tokens
+
+
+def logit_targets(model, logits: Tensor, targets=None, *, max_n_logits: int = 10,
+                  desired_logit_prob: float = 0.95) -> tuple[Tensor, Tensor]:
+    """(token ids, probabilities) of the target logits at the last position.
+
+    Default: the most likely tokens until their cumulative probability reaches ``desired_logit_prob``, at
+    most ``max_n_logits``. ``targets``: token ids or strings (each must be one token) chosen by the user.
+
+    Raises:
+        InputError: a target outside the vocabulary, a string that is not exactly one token, bad limits.
+    """
+    probs = torch.softmax(logits[-1].double(), -1)
+    V = probs.shape[0]
+    if targets is None:
+        if not isinstance(max_n_logits, int) or max_n_logits < 1:
+            raise InputError(f"max_n_logits must be a positive int, got {max_n_logits!r}.")
+        if not 0.0 < desired_logit_prob <= 1.0:
+            raise InputError(f"desired_logit_prob must lie in (0, 1], got {desired_logit_prob}.")
+        top_p, top_i = probs.topk(max_n_logits)
+        n = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, dtype=torch.float64))) + 1
+        n = min(n, max_n_logits)
+        return top_i[:n].cpu(), top_p[:n].float().cpu()
+    ids = []
+    for t in ([targets] if isinstance(targets, (str, int)) else list(targets)):
+        if isinstance(t, str):
+            if model.tokenizer is None:
+                raise InputError("string targets need a tokenizer; pass token ids.")
+            enc = model.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                raise InputError(f"target {t!r} is {len(enc)} tokens ({enc}); a target logit is one token (try "
+                                 f"{model.tokenizer.decode(enc[:1])!r}, or pass a token id).")
+            ids.append(enc[0])
+        else:
+            i = int(t)
+            if not 0 <= i < V:
+                raise InputError(f"target token id {i} is not in the vocabulary (0..{V - 1}).")
+            ids.append(i)
+    if not ids:
+        raise InputError("targets is empty; pass None for the most likely tokens.")
+    idx = torch.tensor(ids, dtype=torch.long)
+    return idx, probs[idx.to(probs.device)].float().cpu()
+
+
+class _Rows:
+    """Computes adjacency rows by backward passes through one retained frozen forward."""
+
+    def __init__(self, model, transcoders: TranscoderSet, state: ReplacementState, batch: int):
+        self.model, self.ts, self.state, self.B = model, transcoders, state, batch
+        self.n_feat = len(state.features)
+        L, P = state.n_layers, state.n_pos
+        self.n_cols = self.n_feat + L * P + P
+        self.per_layer = [state.features.layer(layer) for layer in range(L)]
+        self._ctx = frozen_forward(model, transcoders, state, batch)
+        self.run = self._ctx.__enter__()
+
+    def close(self):
+        self._ctx.__exit__(None, None, None)
+        self.run = None
+
+    def compute(self, where: list[int | None], pos: Tensor, vectors: Tensor, last: bool = False) -> Tensor:
+        """Rows ``[b, C]`` for targets reading layer ``where[i]``'s MLP input (None: the final norm's output) at
+        ``pos[i]`` along ``vectors[i]`` ``[b, D]``."""
+        st, run, b = self.state, self.run, len(where)
+        L, P = st.n_layers, st.n_pos
+        outs, grads = [], []
+        for layer in sorted({w for w in where if w is not None}) + ([None] if None in where else []):
+            t = run.final if layer is None else run.mlp_in[layer]
+            g = torch.zeros_like(t)
+            rows = [i for i, w in enumerate(where) if w == layer]
+            g[rows, pos[rows]] = vectors[rows].to(g.dtype)
+            outs.append(t)
+            grads.append(g)
+        inputs = [run.embed] + run.mlp_leaf
+        got = torch.autograd.grad(outs, inputs, grads, retain_graph=not last, allow_unused=True)
+        g_emb = got[0] if got[0] is not None else torch.zeros_like(run.embed)
+        out = torch.zeros(self.B, self.n_cols, dtype=torch.float32)
+        e0 = self.n_feat
+        for layer in range(L):
+            g = got[1 + layer]
+            if g is None:
+                continue
+            rows, fpos, fid = self.per_layer[layer]
+            if len(rows):
+                W = self.ts[layer].W_dec.detach()
+                vals = st.features.values[rows].to(g.dtype)
+                for c in range(0, len(rows), 4096):  # chunks keep [B, chunk, D] small
+                    sl = slice(c, c + 4096)
+                    dots = torch.einsum("bnd,nd->bn", g[:, fpos[sl]], W[fid[sl]].to(g.dtype))
+                    out[:, rows[sl]] = (dots * vals[sl]).float()
+            out[:, e0 + layer * P: e0 + (layer + 1) * P] = torch.einsum("bpd,pd->bp", g, st.errors[layer].to(g.dtype)).float()
+        out[:, e0 + L * P:] = torch.einsum("bpd,pd->bp", g_emb, st.embed.to(g_emb.dtype)).float()
+        return out[:b]
+
+
+def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, targets=None, max_n_logits: int = 10,
+              desired_logit_prob: float = 0.95, max_feature_nodes: int | None = 7500, batch_size: int = 64,
+              update_interval: int = 4, drop_bos: bool = True, progress: bool = True) -> AttributionGraph:
+    """The attribution graph of one prompt.
+
+    Args:
+        model: a :class:`~mechscope.HookedModel`.
+        transcoders: one transcoder per layer of ``model`` (:func:`~mechscope.graphs.load_transcoders`).
+        prompt: text (BOS prepended by the tokenizer) or token ids ``[P]``.
+        targets: target logits (token ids or one-token strings); None: the most likely tokens until
+            ``desired_logit_prob``, at most ``max_n_logits``.
+        max_feature_nodes: feature nodes kept (those of most influence on the logits); None: every active one.
+        batch_size: rows per backward pass (the forward runs on this many copies of the prompt).
+        update_interval: batches between re-rankings of the features by influence.
+        drop_bos: see :func:`~mechscope.graphs.replacement.replacement_state`.
+
+    Returns:
+        :class:`AttributionGraph` (unpruned; see :func:`~mechscope.graphs.prune.prune`).
+
+    Raises:
+        InputError: an empty prompt, one longer than the context, targets not in the vocabulary, transcoders of
+            another model or with a missing layer, bad limits.
+    """
+    if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
+        raise InputError(f"max_feature_nodes must be None or an int >= 0, got {max_feature_nodes!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    t0 = time.perf_counter()
+    tokens = prompt_tokens(model, prompt)
+    transcoders.check_model(model)
+    logit_ids, logit_p = logit_targets(model, model.run(tokens[None], logits_to_keep=1).logits[0], targets,
+                                       max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob)
+    st = replacement_state(model, transcoders, tokens, drop_bos=drop_bos)
+    n_feat, L, P = len(st.features), st.n_layers, st.n_pos
+    n_logit = len(logit_ids)
+    n_keep = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
+    W_U = model.W_U.detach()
+    demeaned = (W_U[:, logit_ids.to(W_U.device)] - W_U.mean(1, keepdim=True)).T  # [n_logit, D]
+    enc = torch.stack([transcoders[int(la)].W_enc[:, int(f)].detach() for la, _, f in st.features.index]) \
+        if n_feat else torch.zeros(0, model.cfg.d_model)
+    B = max(1, min(batch_size, max(n_keep, n_logit)))
+    rows = torch.zeros(n_logit + n_keep, n_feat + L * P + P, dtype=torch.float32)
+    row_node = torch.zeros(n_logit + n_keep, dtype=torch.long)  # node id of each row (logits after columns)
+    n_cols = rows.shape[1]
+    engine = _Rows(model, transcoders, st, B)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n_logit + n_keep, desc="attribution rows", unit="row")
+    try:
+        done = 0
+        for i in range(0, n_logit, B):
+            j = min(i + B, n_logit)
+            rows[i:j] = engine.compute([None] * (j - i), torch.full((j - i,), P - 1), demeaned[i:j],
+                                       last=n_keep == 0 and j == n_logit)
+            row_node[i:j] = torch.arange(n_cols + i, n_cols + j)
+            done = j
+            if bar:
+                bar.update(j - i)
+        visited = torch.zeros(n_feat, dtype=torch.bool)
+        weights = torch.zeros(n_cols + n_logit)
+        weights[n_cols:] = logit_p
+        while done < n_logit + n_keep:
+            if n_keep == n_feat:
+                pending = (~visited).nonzero().flatten()
+            else:
+                An = normalize_rows(rows[:done])
+                prod, infl = weights.clone(), torch.zeros(n_cols)
+                for _ in range(4 * L + 8):  # a path visits each layer once: at most L + 1 feature hops
+                    step = prod[row_node[:done]] @ An
+                    if not bool(step.any()):
+                        break
+                    infl += step
+                    prod = torch.cat([step, torch.zeros(n_logit)])
+                rank = infl[:n_feat].argsort(descending=True)
+                pending = rank[~visited[rank]][:min(update_interval * B, n_logit + n_keep - done)]
+            for c in range(0, len(pending), B):
+                idx = pending[c:c + B]
+                k = len(idx)
+                lay = st.features.index[idx, 0].tolist()
+                rows[done:done + k] = engine.compute(lay, st.features.index[idx, 1], enc[idx],
+                                                     last=done + k == n_logit + n_keep)
+                row_node[done:done + k] = idx
+                visited[idx] = True
+                done += k
+                if bar:
+                    bar.update(k)
+    finally:
+        engine.close()
+        if bar:
+            bar.close()
+    selected = visited.nonzero().flatten()
+    # the square adjacency over [selected features | errors | tokens | logits]
+    cols = torch.cat([selected, torch.arange(n_feat, n_cols)])
+    N = len(selected) + L * P + P + n_logit
+    A = torch.zeros(N, N, dtype=torch.float32)
+    feat_rows = row_node[n_logit:]
+    order = feat_rows.argsort()
+    A[:len(selected), :len(cols)] = rows[n_logit:][order][:, cols]
+    A[N - n_logit:, :len(cols)] = rows[:n_logit][:, cols]
+    tok = model.tokenizer
+    strs = [tok.decode([int(i)]) for i in tokens] if tok is not None else [str(int(i)) for i in tokens]
+    lstrs = [tok.decode([int(i)]) for i in logit_ids] if tok is not None else [str(int(i)) for i in logit_ids]
+    return AttributionGraph(
+        prompt=prompt if isinstance(prompt, str) else "", tokens=tokens.cpu(), str_tokens=strs,
+        active_features=st.features.index.cpu(), activations=st.features.values.float().cpu(), selected=selected,
+        adjacency=A, logit_tokens=logit_ids, logit_probs=logit_p, logit_strs=lstrs, n_layers=L,
+        model_name=model.cfg.name, transcoders=transcoders.source or "",
+        info={"max_feature_nodes": max_feature_nodes, "n_active_features": n_feat, "batch_size": B,
+              "bos_zeroed": st.bos_zeroed, "seconds": round(time.perf_counter() - t0, 3),
+              "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})

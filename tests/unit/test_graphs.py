@@ -1,0 +1,273 @@
+"""Attribution graphs (mechscope.graphs) on tiny random models with random transcoders.
+
+Claims tested: the local replacement model with its error nodes reproduces the real logits; every edge equals
+the measured effect of a perturbation of its source in the frozen replacement model (features, error nodes and
+tokens as sources; features and logits as targets), in float64; the feature order by influence keeps the
+most influential features; pruning keeps the cumulative influence it states and the histogram threshold equals
+the sorting definition; graph scores are 1 without error and fall with it; a graph round-trips through its
+files; a transcoder set saves and loads, and bad input (another model, a missing layer, an empty or too long
+prompt, a target outside the vocabulary) is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mechscope
+from mechscope.dictionaries import SparseDictionary
+from mechscope.graphs import (AttributionGraph, TranscoderSet, attribute, cumulative_threshold, frozen_forward,
+                              graph_scores, influence, load_transcoders, normalize_rows, prune, replacement_state,
+                              save_transcoders, transcoder_configs)
+from mechscope.graphs.replacement import feature_preactivations
+from tests.conftest import make_tiny, random_tokens
+
+
+def tiny64(family: str = "llama") -> mechscope.HookedModel:
+    hf = make_tiny(family).double()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return mechscope.HookedModel(hf, name=f"tiny-{family}")
+
+
+def random_set(model, d_sae: int = 32, k: int = 4, skip: bool = True, dtype: str = "float64",
+               error_scale: float = 0.3) -> TranscoderSet:
+    out = []
+    for i, c in enumerate(transcoder_configs(model, d_sae=d_sae, k=k, skip=skip)):
+        d = SparseDictionary(c.replace(dtype=dtype)).initialize(seed=i)
+        with torch.no_grad():
+            d.b_enc.normal_(0, 0.1)
+            d.b_dec.normal_(0, 0.05)
+            d.W_dec.mul_(error_scale)
+            if d.W_skip is not None:
+                d.W_skip.normal_(0, 0.05)
+        out.append(d.eval())
+    return TranscoderSet(out, model_name=model.cfg.name)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = tiny64()
+    ts = random_set(m)
+    tok = random_tokens(1, 8, seed=3)[0]
+    g = attribute(m, ts, tok, max_feature_nodes=None, batch_size=16, progress=False)
+    return m, ts, tok, g
+
+
+def _perturbed(m, ts, st, deltas):
+    with frozen_forward(m, ts, st, 1, deltas=deltas, grad=False) as r:
+        pre = [feature_preactivations(ts, r, L)[0] for L in range(st.n_layers)]
+        return pre, r.logits[0, -1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_replacement_model_reproduces_the_real_logits(family):
+    m = tiny64(family)
+    ts = random_set(m, skip=family == "llama")
+    tok = random_tokens(1, 9, seed=1)[0]
+    st = replacement_state(m, ts, tok)
+    with torch.no_grad():
+        real = make_tiny(family).double()(tok[None]).logits[0]  # a plain transformers forward
+    with frozen_forward(m, ts, st, 2, grad=False) as run:
+        got = run.logits
+    # HF's norms compute in float32 even for a float64 model: agreement is to float32 rounding
+    assert torch.allclose(got[0], real, rtol=0, atol=1e-5 * float(real.abs().max()))
+    assert torch.allclose(got[0], got[1], rtol=0, atol=1e-12)
+    assert torch.allclose(st.logits, real, atol=1e-12)
+    # the error nodes are what makes it exact: without them the logits move
+    for L in range(st.n_layers):
+        assert st.errors[L].abs().max() > 1e-3
+    recon = st.mlp_out - st.errors
+    for L in range(st.n_layers):
+        assert torch.allclose(recon[L], ts[L](st.mlp_in[L]), atol=1e-12)
+
+
+def test_every_edge_is_the_effect_of_perturbing_its_source(setup):
+    m, ts, tok, g = setup
+    st = replacement_state(m, ts, tok)
+    A = g.adjacency.double()
+    pre0, lg0 = _perturbed(m, ts, st, None)
+    D = m.cfg.d_model
+
+    def check(col, deltas, factor=1.0):
+        pre1, lg1 = _perturbed(m, ts, st, deltas)
+        for j in range(g.n_features):
+            n = g.node(j)
+            meas = float(pre1[n["layer"]][n["pos"], n["feature"]] - pre0[n["layer"]][n["pos"], n["feature"]])
+            assert meas == pytest.approx(factor * float(A[j, col]), rel=1e-5, abs=1e-7), (j, col)
+        dl = (lg1 - lg1.mean()) - (lg0 - lg0.mean())
+        for k in range(g.n_logits):
+            assert float(dl[g.logit_tokens[k]]) == pytest.approx(factor * float(A[g.logit_start + k, col]), rel=1e-5,
+                                                                 abs=1e-7)
+
+    assert g.n_features == len(st.features) > 20
+    for i in range(0, g.n_features, 7):  # double a feature: adds activation x decoder row once
+        n = g.node(i)
+        delta = torch.zeros(1, g.n_pos, D, dtype=torch.float64)
+        delta[0, n["pos"]] = n["activation"] * ts[n["layer"]].W_dec[n["feature"]]
+        check(i, {n["layer"]: delta})
+    for L, p in [(0, 3), (1, 7)]:  # zero an error node: its edge, negated
+        delta = torch.zeros(1, g.n_pos, D, dtype=torch.float64)
+        delta[0, p] = -st.errors[L, p]
+        check(g.error_node(L, p), {L: delta}, factor=-1.0)
+    assert A[:, g.logit_start:].abs().max() == 0 and A[g.error_start:g.logit_start].abs().max() == 0
+    # causality: nothing reads a later position or a later (or the same) layer
+    for j in range(g.n_features):
+        tj = g.node(j)
+        for i in range(g.n_features):
+            si = g.node(i)
+            if si["pos"] > tj["pos"] or si["layer"] >= tj["layer"]:
+                assert A[j, i] == 0
+
+
+def test_token_edges_are_the_embeddings_direct_effects(setup):
+    m, ts, tok, g = setup
+    st = replacement_state(m, ts, tok)
+    k = 0
+    with frozen_forward(m, ts, st, 1, grad=True) as r:
+        lg = r.logits[0, -1]
+        y = lg[g.logit_tokens[k]] - lg.mean()
+        (gr,) = torch.autograd.grad(y, [r.embed])
+    want = (gr[0] * st.embed).sum(-1)
+    got = g.adjacency[g.logit_start + k, g.token_start:g.logit_start].double()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_feature_and_error_edges_sum_to_their_joint_effect(setup):
+    """Removing every feature and error node at once moves each target by the sum of their edges (linearity)."""
+    m, ts, tok, g = setup
+    st = replacement_state(m, ts, tok)
+    # zero every source: features (their decoder rows), errors and embeddings; what is left is the constant part
+    D = m.cfg.d_model
+    deltas = {L: torch.zeros(1, g.n_pos, D, dtype=torch.float64) for L in range(st.n_layers)}
+    for (L, p, f), a in zip(st.features.index.tolist(), st.features.values.tolist()):
+        deltas[L][0, p] -= a * ts[L].W_dec[f]
+    for L in range(st.n_layers):
+        deltas[L][0] -= st.errors[L]
+    pre_full, _ = _perturbed(m, ts, st, None)
+    pre_none, _ = _perturbed(m, ts, st, deltas)
+    A = g.adjacency.double()
+    for j in range(0, g.n_features, 5):
+        n = g.node(j)
+        diff = float(pre_full[n["layer"]][n["pos"], n["feature"]] - pre_none[n["layer"]][n["pos"], n["feature"]])
+        assert diff == pytest.approx(float(A[j, :g.token_start].sum()), rel=1e-5, abs=1e-7)
+
+
+def test_max_feature_nodes_keeps_the_most_influential(setup):
+    m, ts, tok, full = setup
+    part = attribute(m, ts, tok, max_feature_nodes=10, batch_size=4, update_interval=1, progress=False)
+    assert part.n_features == 10 and full.n_features == len(full.active_features)
+    w = full.logit_weights()
+    infl = influence(normalize_rows(full.adjacency), w)[:full.n_features]
+    rank = infl.argsort(descending=True)
+    top = set(full.selected[rank[:10]].tolist())
+    # the greedy order from partial rows finds most of the true top 10, and the chosen carry most influence
+    assert len(top & set(part.selected.tolist())) >= 6
+    chosen = torch.isin(full.selected, part.selected)
+    assert float(infl[chosen].sum()) >= 0.8 * float(infl[rank[:10]].sum())
+    # the rows it did compute equal the full graph's on the shared columns
+    i = part.feature_node(*part.active_features[part.selected[0]].tolist())
+    j = full.feature_node(*part.active_features[part.selected[0]].tolist())
+    assert torch.allclose(part.adjacency[i, part.error_start:], full.adjacency[j, full.error_start:])
+
+
+def test_cumulative_threshold_equals_the_sort_definition():
+    g = torch.Generator().manual_seed(0)
+    for n, frac in [(50, 0.8), (100_000, 0.98), (100_000, 0.5), (20_000, 1.0), (20_000, 0.0)]:
+        s = torch.rand(n, generator=g).pow(8) * (torch.rand(n, generator=g) > 0.3)
+        ordered = s[s > 0].double().sort(descending=True).values
+        k = int(torch.searchsorted(ordered.cumsum(0) / ordered.sum(), torch.tensor(frac, dtype=torch.float64)))
+        want = float(ordered[min(k, len(ordered) - 1)])
+        got = cumulative_threshold(s, frac)
+        assert got == pytest.approx(want, rel=1e-6)
+        assert float(s[s >= got].double().sum()) >= frac * float(s.double().sum()) * (1 - 1e-9)
+    assert cumulative_threshold(torch.zeros(5), 0.5) == float("inf")
+    with pytest.raises(mechscope.InputError, match=r"\[0, 1\]"):
+        cumulative_threshold(torch.ones(3), 1.5)
+
+
+def test_pruning_keeps_the_stated_influence(setup):
+    _, _, _, g = setup
+    pr = prune(g, 0.8, 0.98)
+    infl = pr.influence
+    feat_err = slice(0, g.token_start)
+    kept = float(infl[feat_err][pr.node_mask[feat_err]].sum())
+    # the node threshold keeps >= 80% of all influence before nodes without edges are dropped; they carry little
+    before = infl >= cumulative_threshold(infl, 0.8)
+    assert float(infl[before].sum()) >= 0.8 * float(infl.sum()) - 1e-6
+    assert pr.node_mask[g.token_start:].all() and kept > 0
+    assert not pr.edge_mask[~pr.node_mask].any() and not pr.edge_mask[:, ~pr.node_mask].any()
+    # every kept feature has an edge in and out
+    for i in pr.node_mask[:g.n_features].nonzero().flatten().tolist():
+        assert pr.edge_mask[i].any() and pr.edge_mask[:, i].any()
+    tight, loose = prune(g, 0.5, 0.9), prune(g, 0.95, 0.999)
+    assert tight.node_mask.sum() <= pr.node_mask.sum() <= loose.node_mask.sum()
+    with pytest.raises(mechscope.InputError, match="node_threshold"):
+        prune(g, 1.2)
+
+
+def test_scores_are_one_without_error_and_fall_with_it():
+    m = tiny64()
+    tok = random_tokens(1, 6, seed=4)[0]
+    scores = []
+    for scale in (0.3, 1.0):
+        g = attribute(m, random_set(m, error_scale=scale), tok, max_feature_nodes=None, progress=False)
+        scores.append(graph_scores(g))
+        rep, comp = scores[-1]
+        assert 0 < rep <= 1 and 0 < comp <= 1
+    # a graph whose error columns are zeroed scores 1 and 1
+    g.adjacency[:, g.error_start:g.token_start] = 0
+    assert graph_scores(g) == pytest.approx((1.0, 1.0))
+    pr = prune(g)
+    rep_p, comp_p = graph_scores(g, pr)
+    assert rep_p == pytest.approx(1.0) and comp_p == pytest.approx(1.0)
+
+
+def test_graph_round_trips_through_its_files(setup, tmp_path):
+    _, _, _, g = setup
+    g.save(tmp_path / "g")
+    h = AttributionGraph.load(tmp_path / "g")
+    assert torch.equal(h.adjacency, g.adjacency) and torch.equal(h.selected, g.selected)
+    assert h.str_tokens == g.str_tokens and h.logit_strs == g.logit_strs and h.info == json.loads(json.dumps(g.info))
+    with pytest.raises(mechscope.InputError, match="holds no attribution graph"):
+        AttributionGraph.load(tmp_path)
+
+
+def test_transcoder_set_saves_loads_and_refuses_what_does_not_fit(tmp_path):
+    m = tiny64()
+    ts = random_set(m)
+    save_transcoders(ts, tmp_path / "tc")
+    back = load_transcoders(tmp_path / "tc")
+    assert len(back) == 2 and all(torch.equal(a.W_dec, b.W_dec) for a, b in zip(ts.transcoders, back.transcoders))
+    back.check_model(m)
+    other = mechscope.HookedModel(make_tiny("llama", num_hidden_layers=3), name="tiny-3")
+    with pytest.raises(mechscope.InputError, match="has 2 layers but tiny-3 has 3"):
+        back.check_model(other)
+    renamed = TranscoderSet(back.transcoders, model_name="another-model")
+    with pytest.raises(mechscope.InputError, match="trained on another-model"):
+        renamed.check_model(m)
+    manifest = json.loads((tmp_path / "tc" / "transcoders.json").read_text())
+    del manifest["layers"]["1"]
+    (tmp_path / "tc" / "transcoders.json").write_text(json.dumps(manifest))
+    with pytest.raises(mechscope.InputError, match=r"no transcoder for layer\(s\) \[1\]"):
+        load_transcoders(tmp_path / "tc")
+    with pytest.raises(mechscope.InputError, match="is not a transcoder set"):
+        load_transcoders(tmp_path / "tc" / "L00")
+    with pytest.raises(mechscope.InputError, match="must read blocks.1.ln2.hook_normalized"):
+        TranscoderSet([ts[0], ts[0]], model_name="x")
+
+
+def test_bad_prompts_and_targets_are_clear_errors(setup):
+    m, ts, tok, _ = setup
+    with pytest.raises(mechscope.InputError, match="context"):
+        attribute(m, ts, torch.randint(3, 100, (70,)), progress=False)
+    with pytest.raises(mechscope.InputError, match="no tokens"):
+        attribute(m, ts, torch.zeros(0, dtype=torch.long), progress=False)
+    with pytest.raises(mechscope.InputError, match="not in the vocabulary"):
+        attribute(m, ts, tok, targets=[500], progress=False)
+    with pytest.raises(mechscope.InputError, match="max_feature_nodes"):
+        attribute(m, ts, tok, max_feature_nodes=-1, progress=False)
+    g = attribute(m, ts, tok, targets=[5, 9], max_feature_nodes=3, progress=False)
+    assert g.logit_tokens.tolist() == [5, 9] and g.n_features == 3
