@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mechscope
+from mechscope.core.errors import CorruptFileError
 from mechscope.dictionaries import SparseDictionary
 from mechscope.graphs import (AttributionGraph, TranscoderSet, attribute, cumulative_threshold, frozen_forward,
                               graph_scores, influence, load_transcoders, normalize_rows, prune, replacement_state,
@@ -271,3 +272,42 @@ def test_bad_prompts_and_targets_are_clear_errors(setup):
         attribute(m, ts, tok, max_feature_nodes=-1, progress=False)
     g = attribute(m, ts, tok, targets=[5, 9], max_feature_nodes=3, progress=False)
     assert g.logit_tokens.tolist() == [5, 9] and g.n_features == 3
+
+
+def test_neuronpedia_json_validates_round_trips_and_ids_never_collide(setup, tmp_path):
+    import jsonschema_rs
+
+    from mechscope.graphs.neuronpedia import load_neuronpedia, save_neuronpedia, schema, to_neuronpedia
+
+    _, _, _, g = setup
+    pr = prune(g, 0.95, 0.99)
+    d = to_neuronpedia(g, slug="tiny", pruned=pr, labels={(0, int(g.active_features[g.selected[0], 2])): "a label"})
+    jsonschema_rs.validator_for(schema()).validate(d)
+    ids = [n["node_id"] for n in d["nodes"]]
+    assert len(ids) == len(set(ids)) == int(pr.node_mask.sum())
+    # every id of the full graph is distinct too (errors, features, tokens and logits all at once)
+    from mechscope.graphs.neuronpedia import node_id
+    every = [node_id(g, i) for i in range(g.n_nodes)]
+    assert len(set(every)) == g.n_nodes
+    kinds = {n["feature_type"] for n in d["nodes"]}
+    assert {"embedding", "logit", "mlp reconstruction error", "cross layer transcoder"} <= kinds
+    assert len(d["links"]) == int(pr.edge_mask.sum())
+    lookup = {node_id(g, i): i for i in range(g.n_nodes)}
+    for e in d["links"][:50]:
+        assert e["weight"] == float(g.adjacency[lookup[e["target"]], lookup[e["source"]]])
+    assert sum(n["is_target_logit"] for n in d["nodes"]) == 1
+    m = d["metadata"]["mechscope"]
+    assert (m["replacement_score"], m["completeness_score"]) == pytest.approx(graph_scores(g))
+    path = save_neuronpedia(g, tmp_path / "tiny.json", slug="tiny", pruned=pr)
+    back = load_neuronpedia(path)
+    assert back == json.loads(json.dumps(to_neuronpedia(g, slug="tiny", pruned=pr)))
+    assert load_neuronpedia(back) is back
+    broken = json.loads(path.read_text())
+    broken["links"].append({"source": "nope", "target": ids[0], "weight": 1.0})
+    with pytest.raises(CorruptFileError, match="names a node that is not in the file"):
+        load_neuronpedia(broken)
+    broken["nodes"].append(dict(broken["nodes"][0]))
+    with pytest.raises(CorruptFileError, match="occurs twice"):
+        load_neuronpedia(broken)
+    with pytest.raises(mechscope.InputError, match="slug"):
+        to_neuronpedia(g, slug="a/b")
