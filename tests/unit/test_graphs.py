@@ -311,3 +311,25 @@ def test_neuronpedia_json_validates_round_trips_and_ids_never_collide(setup, tmp
         load_neuronpedia(broken)
     with pytest.raises(mechscope.InputError, match="slug"):
         to_neuronpedia(g, slug="a/b")
+
+
+@pytest.mark.parametrize("mode", ["double", "zero"])
+def test_validate_reports_exact_agreement_in_the_frozen_model(setup, mode):
+    from mechscope.graphs.validate import _path_sums, validate
+
+    m, ts, _, g = setup
+    v = validate(m, ts, g, n_features=25, mode=mode, batch=8)
+    assert v.n_perturbed == 25 and v.frozen_features.n == 25 * g.n_features
+    assert v.frozen_features.rel_error < 1e-5 and v.frozen_features.pearson > 0.999999
+    assert v.frozen_logits.rel_error < 1e-5 and v.frozen_logits.pearson > 0.999999
+    for a in (v.real_direct, v.real_paths):
+        assert a.n == 25 * g.n_logits and -1 <= a.pearson <= 1
+    assert "features" in v.summary() and json.dumps(v.to_dict())
+    # the path sums are (I - A_ff)^-1 applied to the change, read by the logits
+    delta = torch.randn(g.n_features, 3, dtype=torch.float64)
+    A = g.adjacency.double()
+    F = g.n_features
+    want = A[g.logit_start:, :F] @ torch.linalg.solve(torch.eye(F, dtype=torch.float64) - A[:F, :F], delta)
+    assert torch.allclose(_path_sums(g, delta), want, atol=1e-9)
+    with pytest.raises(mechscope.InputError, match="mode"):
+        validate(m, ts, g, mode="triple")
