@@ -18,6 +18,7 @@ from mechscope.cli.common import auto_threads, clean_errors
 from mechscope.cli.diff import diff_cmd
 from mechscope.cli.features import features_app
 from mechscope.cli.finetune import finetune_cmd
+from mechscope.cli.graph import graph_cmd, transcoders_app
 from mechscope.cli.monitor import monitor_app
 from mechscope.cli.plant import plant_cmd
 from mechscope.cli.probe import probe_app
@@ -31,6 +32,8 @@ app.add_typer(toys_app, name="toy")
 app.add_typer(circuit_app, name="circuit")
 app.add_typer(probe_app, name="probe")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(transcoders_app, name="transcoders")
+app.command("graph")(graph_cmd)
 app.command("audit")(audit)
 app.command("finetune")(finetune_cmd)
 app.command("diff")(diff_cmd)

@@ -1,0 +1,186 @@
+"""``mechscope transcoders train|eval`` and ``mechscope graph``: attribution graphs on the command line.
+
+``transcoders train`` trains a transcoder for every layer from one streaming pass and evaluates them;
+``graph "PROMPT" --transcoders DIR --out DIR`` computes, prunes and scores the prompt's attribution graph and
+writes the graph folder and its Neuronpedia JSON; ``graph validate DIR`` perturbs sampled features and compares.
+Options and paths are checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mechscope.cli.common import (check_corpora, check_model_dtype, check_out_dir, clean_errors, note, out,
+                                  print_table, set_threads)
+from mechscope.core.errors import InputError
+
+transcoders_app = typer.Typer(no_args_is_help=True, help="A transcoder for every layer: train and evaluate.")
+
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf file or hub id")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)")
+
+
+@transcoders_app.callback()
+def _group() -> None:
+    """A transcoder for every layer: train and evaluate."""
+
+
+def _set_table(evaluation: dict) -> Table:
+    t = Table(title="transcoders on held-out text", title_justify="left")
+    for c in ("layer", "FVU", "FVU w/o outliers", "L0", "dead", "CE recovered"):
+        t.add_column(c, justify="right")
+    for r in evaluation["layers"]:
+        t.add_row(str(r["layer"]), f"{r['fvu']:.3f}", f"{r['fvu_without_outliers']:.3f}", f"{r['l0']:.1f}",
+                  f"{r['dead_fraction']:.1%}", f"{r['ce_loss_recovered']:.3f}")
+    s = evaluation["set"]
+    t.add_row("all", "", "", "", "", f"{s['ce_loss_recovered']:.3f}")
+    return t
+
+
+@transcoders_app.command("train")
+@clean_errors
+def train_cmd(
+    out_dir: Path = typer.Option(Path("mechscope-transcoders"), "--out", "-o", help="the transcoder-set folder"),
+    tokens: int = typer.Option(1_048_576, "--tokens", help="training tokens (every layer sees them all)"),
+    width: int = typer.Option(4608, "--width", min=1, help="latents per transcoder (d_sae)"),
+    k: int = typer.Option(32, "--k", min=1, help="latents kept per token (TopK)"),
+    skip: bool = typer.Option(True, "--skip/--no-skip", help="a linear skip connection (Paulo et al. 2025)"),
+    batch_tokens: int = typer.Option(2048, "--batch-tokens", min=1, help="tokens per optimizer step"),
+    lr: float = typer.Option(8e-4, "--lr", help="Adam learning rate"),
+    buffer_tokens: int = typer.Option(16_384, "--buffer-tokens", min=1, help="rows of the shuffle buffer"),
+    model: str = ModelOpt,
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype while training (bfloat16 is ~4x faster)"),
+    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus",
+                                     help="corpus names, files or folders (repeatable)"),
+    context_len: int = typer.Option(128, "--context-len", min=3, help="tokens per context (BOS included)"),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="held-out tokens for the evaluation (0: skip)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Train a TopK transcoder (MLP input -> MLP output) for every layer from one streaming pass over real text."""
+    import mechscope
+    from mechscope.graphs.train import train_transcoders
+    from mechscope.training.pipeline import CorpusConfig
+
+    check_model_dtype(dtype)
+    if eval_tokens < 0:
+        raise InputError(f"--eval-tokens must be 0 (no evaluation) or more, got {eval_tokens}.")
+    if tokens < batch_tokens:
+        raise InputError(f"--tokens {tokens:,} is less than one step of --batch-tokens {batch_tokens:,}.")
+    check_corpora(corpus)
+    check_out_dir(out_dir)
+    set_threads(threads)
+    m = mechscope.load(model, dtype=dtype)
+    ts = train_transcoders(m, out_dir, d_sae=width, k=k, skip=skip, n_tokens=tokens, batch_tokens=batch_tokens,
+                           lr=lr, corpus=CorpusConfig(tuple(corpus), context_len=context_len, seed=seed), seed=seed, buffer_tokens=buffer_tokens,
+                           resume=resume, eval_tokens=eval_tokens)
+    out.print(f"trained {ts.n_layers} transcoders in {out_dir.resolve()}", soft_wrap=True)
+    if eval_tokens:
+        print_table(_set_table(json.loads((out_dir / "eval.json").read_text())))
+
+
+@transcoders_app.command("eval")
+@clean_errors
+def eval_cmd(
+    folder: Path = typer.Argument(..., help="a transcoder-set folder"),
+    tokens: int = typer.Option(4096, "--tokens", min=1, help="held-out tokens"),
+    model: str = ModelOpt,
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Evaluate a transcoder set on held-out text (per layer, and all layers spliced in at once)."""
+    import mechscope
+    from mechscope.core.io import jsonable, write_json_atomic
+    from mechscope.graphs import load_transcoders
+    from mechscope.graphs.train import evaluate_transcoders
+
+    check_model_dtype(dtype)
+    ts = load_transcoders(folder)
+    set_threads(threads)
+    m = mechscope.load(model, dtype=dtype)
+    ts.check_model(m)
+    e = evaluate_transcoders(m, ts, n_tokens=tokens)
+    write_json_atomic(jsonable(e), folder / "eval.json")
+    print_table(_set_table(e))
+
+
+def _scores_table(g, pr) -> Table:
+    from mechscope.graphs import graph_scores
+
+    t = Table(title=f"attribution graph: {g.n_features} feature nodes of {len(g.active_features)} active, "
+                    f"{g.n_pos} tokens, {g.n_logits} target logits", title_justify="left")
+    for c in ("graph", "nodes", "edges", "replacement score", "completeness score"):
+        t.add_column(c, justify="right")
+    rep, comp = graph_scores(g)
+    t.add_row("full", f"{g.n_nodes:,}", f"{int((g.adjacency != 0).sum()):,}", f"{rep:.3f}", f"{comp:.3f}")
+    rp, cp = graph_scores(g, pr)
+    t.add_row(f"pruned ({pr.node_threshold:g} / {pr.edge_threshold:g})", f"{int(pr.node_mask.sum()):,}",
+              f"{int(pr.edge_mask.sum()):,}", f"{rp:.3f}", f"{cp:.3f}")
+    return t
+
+
+@clean_errors
+def graph_cmd(
+    args: list[str] = typer.Argument(..., help='"PROMPT", or: validate DIR'),
+    transcoders: Path | None = typer.Option(None, "--transcoders", "-t", help="the transcoder-set folder"),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="the graph folder to write"),
+    target: list[str] = typer.Option([], "--target", help="a target token (one token, mind the space; repeatable); "
+                                     "default: the most likely until p 0.95, at most 10"),
+    max_feature_nodes: int = typer.Option(7500, "--max-feature-nodes", min=0, help="feature nodes kept, by influence"),
+    node_threshold: float = typer.Option(0.8, "--node-threshold", help="pruning: cumulative influence of nodes kept"),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="pruning: cumulative influence of edges kept"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="rows per backward pass"),
+    n_features: int = typer.Option(100, "--n-features", min=1, help="validate: features perturbed"),
+    model: str = ModelOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="model dtype (float32 for exact edges)"),
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Attribution graph of PROMPT (mechscope graph "The capital of France is" -t DIR -o DIR), or
+    validate a graph folder by interventions (mechscope graph validate DIR)."""
+    import mechscope
+    from mechscope.graphs import AttributionGraph, attribute, load_transcoders, prune, save_neuronpedia, validate
+
+    check_model_dtype(dtype)
+    for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
+        if not 0.0 <= v <= 1.0:
+            raise InputError(f"{name} must lie in [0, 1], got {v}.")
+    if args[0] == "validate":
+        if len(args) != 2:
+            raise InputError("usage: mechscope graph validate DIR (one graph folder).")
+        g = AttributionGraph.load(args[1])
+        tdir = transcoders or (Path(g.transcoders) if g.transcoders else None)
+        if tdir is None:
+            raise InputError("the graph does not record its transcoders; pass --transcoders DIR.")
+        ts = load_transcoders(tdir)
+        set_threads(threads)
+        m = mechscope.load(model, dtype=dtype)
+        v = validate(m, ts, g, n_features=n_features)
+        from mechscope.core.io import jsonable, write_json_atomic
+
+        write_json_atomic(jsonable(v.to_dict()), Path(args[1]) / "validation.json")
+        out.print(v.summary(), soft_wrap=True)
+        return
+    if len(args) != 1:
+        raise InputError(f'pass the prompt as one argument in quotes: mechscope graph "{" ".join(args)}" ...')
+    if transcoders is None or out_dir is None:
+        raise InputError("a graph needs --transcoders DIR (train with `mechscope transcoders train`) and --out DIR.")
+    check_out_dir(out_dir)
+    ts = load_transcoders(transcoders)
+    set_threads(threads)
+    m = mechscope.load(model, dtype=dtype)
+    ts.check_model(m)
+    g = attribute(m, ts, args[0], targets=target or None, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+    pr = prune(g, node_threshold, edge_threshold)
+    g.info.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
+    g.save(out_dir)
+    slug = "".join(c if c.isalnum() else "-" for c in args[0].strip().lower())[:48].strip("-") or "graph"
+    save_neuronpedia(g, out_dir / "neuronpedia.json", slug=slug, pruned=pr)
+    print_table(_scores_table(g, pr))
+    note(f"targets: {', '.join(f'{s!r} p={float(p):.3f}' for s, p in zip(g.logit_strs, g.logit_probs))}; "
+         f"{g.info['seconds']:.0f} s")
+    out.print(f"wrote {out_dir.resolve()} (graph.safetensors, graph.json, neuronpedia.json)", soft_wrap=True)
