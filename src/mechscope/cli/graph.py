@@ -77,7 +77,8 @@ def train_cmd(
     set_threads(threads)
     m = mechscope.load(model, dtype=dtype)
     ts = train_transcoders(m, out_dir, d_sae=width, k=k, skip=skip, n_tokens=tokens, batch_tokens=batch_tokens,
-                           lr=lr, corpus=CorpusConfig(tuple(corpus), context_len=context_len, seed=seed), seed=seed, buffer_tokens=buffer_tokens,
+                           lr=lr, corpus=CorpusConfig(tuple(corpus), context_len=context_len, seed=seed), seed=seed,
+                           buffer_tokens=buffer_tokens,
                            resume=resume, eval_tokens=eval_tokens)
     out.print(f"trained {ts.n_layers} transcoders in {out_dir.resolve()}", soft_wrap=True)
     if eval_tokens:

@@ -136,7 +136,8 @@ class _Rows:
                     sl = slice(c, c + 4096)
                     dots = torch.einsum("bnd,nd->bn", g[:, fpos[sl]], W[fid[sl]].to(g.dtype))
                     out[:, rows[sl]] = (dots * vals[sl]).float()
-            out[:, e0 + layer * P: e0 + (layer + 1) * P] = torch.einsum("bpd,pd->bp", g, st.errors[layer].to(g.dtype)).float()
+            err = torch.einsum("bpd,pd->bp", g, st.errors[layer].to(g.dtype))
+            out[:, e0 + layer * P: e0 + (layer + 1) * P] = err.float()
         out[:, e0 + L * P:] = torch.einsum("bpd,pd->bp", g_emb, st.embed.to(g_emb.dtype)).float()
         return out[:b]
 

@@ -21,7 +21,8 @@ import torch
 
 from mechscope.core.errors import InputError
 from mechscope.core.io import jsonable, write_json_atomic
-from mechscope.graphs.transcoders import TranscoderSet, layer_folder, load_transcoders, transcoder_configs, write_manifest
+from mechscope.graphs.transcoders import (TranscoderSet, layer_folder, load_transcoders, transcoder_configs,
+                                          write_manifest)
 
 log = logging.getLogger(__name__)
 

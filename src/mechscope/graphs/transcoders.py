@@ -67,8 +67,8 @@ class TranscoderSet:
         for L, t in enumerate(self.transcoders):
             c = t.cfg
             if c.is_sae or c.hook_in != HOOK_IN.format(L=L) or c.hook_out != HOOK_OUT.format(L=L):
-                raise InputError(f"transcoder {L} reads {c.hook_in} and writes {c.hook_out}; the transcoder of layer {L} "
-                                 f"must read {HOOK_IN.format(L=L)} and write {HOOK_OUT.format(L=L)}.")
+                raise InputError(f"transcoder {L} reads {c.hook_in} and writes {c.hook_out}; the transcoder of layer "
+                                 f"{L} must read {HOOK_IN.format(L=L)} and write {HOOK_OUT.format(L=L)}.")
 
     def __len__(self) -> int:
         return len(self.transcoders)
@@ -140,7 +140,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder; a transcoder set is a folder with {MANIFEST} and a folder per layer.")
+        raise InputError(f"{folder} is not a folder; a transcoder set is a folder with {MANIFEST} and a folder per "
+                         "layer.")
     if not path.is_file():
         hint = ""
         if (folder / "cfg.json").is_file():

@@ -124,7 +124,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(graph.n_features, generator=g)[:n_features].sort().values
     sign = 1.0 if mode == "double" else -1.0
-    P, D, T = graph.n_pos, model.cfg.d_model, graph.n_logits
+    P, D = graph.n_pos, model.cfg.d_model
     dt = st.mlp_out.dtype
     logit_ids = graph.logit_tokens.to(model.device)
     A = graph.adjacency.double()
