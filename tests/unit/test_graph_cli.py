@@ -69,7 +69,7 @@ def test_graph_writes_the_librarys_graph_and_validates(trained, tiny_model_dir, 
     g = AttributionGraph.load(tmp_path / "g")
     m = mechscope.load(str(tiny_model_dir))
     want = attribute(m, load_transcoders(trained / "tc"), prompt, batch_size=8, progress=False)
-    assert torch.allclose(g.adjacency, want.adjacency, atol=1e-6) and torch.equal(g.selected, want.selected)
+    assert torch.allclose(g.edges, want.edges, atol=1e-6) and torch.equal(g.selected, want.selected)
     d = json.loads((tmp_path / "g" / "neuronpedia.json").read_text())
     jsonschema_rs.validator_for(schema()).validate(d)
     assert d["metadata"]["slug"] == "w5-w9-w13-w5-w9" and d["metadata"]["prompt"] == prompt

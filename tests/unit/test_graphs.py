@@ -189,6 +189,76 @@ def test_cumulative_threshold_equals_the_sort_definition():
         cumulative_threshold(torch.ones(3), 1.5)
 
 
+def _square_reference(g, node_threshold, edge_threshold):
+    """Pruning and scores by the square-matrix definitions (circuit-tracer's, written out plainly)."""
+    A = g.adjacency.float()
+    w = g.logit_weights()
+    nf, keep = g.n_features, g.token_start
+
+    def infl(M):
+        return influence(normalize_rows(M), w)
+
+    def thr(x, f):
+        v = x.flatten().double()
+        v = v[v > 0].sort(descending=True).values
+        k = int(torch.searchsorted(v.cumsum(0) / v.sum(), torch.tensor(f, dtype=torch.float64)))
+        return float(v[min(k, len(v) - 1)])
+
+    node = infl(A) + w
+    nm = node >= thr(node, node_threshold)
+    nm[keep:] = True
+    P = A * nm[:, None] * nm[None, :]
+    sc = normalize_rows(P) * (infl(P) + w)[:, None]
+    em = (sc >= thr(sc, edge_threshold)) & (sc > 0)
+    while True:
+        old = nm.clone()
+        nm[:keep] &= em[:, :keep].any(0)
+        nm[:nf] &= em[:nf].any(1)
+        em &= nm[:, None] & nm[None, :]
+        if torch.equal(old, nm):
+            break
+
+    def scores(M, mask=None):
+        An = normalize_rows(M)
+        i = influence(An, w)
+        t, e = float(i[g.token_start:g.logit_start].sum()), float(i[g.error_start:g.token_start].sum())
+        out = i + w if mask is None else (i + w) * mask
+        return t / (t + e), float(((1 - An[:, g.error_start:g.token_start].sum(-1)) * out).sum() / out.sum())
+
+    return nm, em, scores(A), scores(A * em, nm)
+
+
+@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9), (0.95, 0.999)])
+def test_block_pruning_and_scores_equal_the_square_definitions(setup, thresholds):
+    _, _, _, g = setup
+    nm, em, full, pruned = _square_reference(g, *thresholds)
+    pr = prune(g, *thresholds)
+    assert torch.equal(pr.node_mask, nm)
+    assert torch.equal(g.adjacency.new_zeros(g.n_nodes, g.n_nodes).bool().index_put_(
+        (torch.tensor([g.row_node(r) for r in range(g.edges.shape[0])])[:, None], torch.arange(g.n_sources)[None]),
+        pr.edge_mask), em)
+    assert graph_scores(g) == pytest.approx(full, rel=1e-5)
+    assert graph_scores(g, pr) == pytest.approx(pruned, rel=1e-5)
+
+
+def test_long_prompt_plan_ranks_from_top_entries_and_keeps_edges_exact(setup):
+    m, ts, tok, full = setup
+    dense = attribute(m, ts, tok, max_feature_nodes=12, batch_size=1, progress=False)  # the plan below gets 1 too
+    assert dense.info["passes"] == 1
+    # every entry kept by the ranking pass: the same greedy order, the same graph
+    same = attribute(m, ts, tok, max_feature_nodes=12, batch_size=4, memory_budget_gb=1e-6, ranking_entries=10**6,
+                     progress=False)
+    assert same.info["passes"] == 2 and same.info["batch_size"] == 1
+    assert torch.equal(same.selected, dense.selected) and torch.allclose(same.edges, dense.edges, atol=1e-6)
+    # few entries kept: perhaps another order, but every edge it has equals the full graph's
+    few = attribute(m, ts, tok, max_feature_nodes=12, batch_size=4, memory_budget_gb=1e-6, ranking_entries=8,
+                    progress=False)
+    rows = [full.feature_node(*few.active_features[i].tolist()) for i in few.selected]
+    cols = rows + list(range(full.error_start, full.logit_start))
+    want = torch.cat([full.edges[rows][:, cols], full.edges[full.n_features:][:, cols]])
+    assert torch.allclose(few.edges, want, atol=1e-6)
+
+
 def test_pruning_keeps_the_stated_influence(setup):
     _, _, _, g = setup
     pr = prune(g, 0.8, 0.98)
@@ -199,7 +269,8 @@ def test_pruning_keeps_the_stated_influence(setup):
     before = infl >= cumulative_threshold(infl, 0.8)
     assert float(infl[before].sum()) >= 0.8 * float(infl.sum()) - 1e-6
     assert pr.node_mask[g.token_start:].all() and kept > 0
-    assert not pr.edge_mask[~pr.node_mask].any() and not pr.edge_mask[:, ~pr.node_mask].any()
+    row_kept = torch.tensor([bool(pr.node_mask[g.row_node(r)]) for r in range(g.edges.shape[0])])
+    assert not pr.edge_mask[~row_kept].any() and not pr.edge_mask[:, ~pr.node_mask[:g.n_sources]].any()
     # every kept feature has an edge in and out
     for i in pr.node_mask[:g.n_features].nonzero().flatten().tolist():
         assert pr.edge_mask[i].any() and pr.edge_mask[:, i].any()
@@ -219,7 +290,7 @@ def test_scores_are_one_without_error_and_fall_with_it():
         rep, comp = scores[-1]
         assert 0 < rep <= 1 and 0 < comp <= 1
     # a graph whose error columns are zeroed scores 1 and 1
-    g.adjacency[:, g.error_start:g.token_start] = 0
+    g.edges[:, g.error_start:g.token_start] = 0
     assert graph_scores(g) == pytest.approx((1.0, 1.0))
     pr = prune(g)
     rep_p, comp_p = graph_scores(g, pr)
@@ -230,7 +301,7 @@ def test_graph_round_trips_through_its_files(setup, tmp_path):
     _, _, _, g = setup
     g.save(tmp_path / "g")
     h = AttributionGraph.load(tmp_path / "g")
-    assert torch.equal(h.adjacency, g.adjacency) and torch.equal(h.selected, g.selected)
+    assert torch.equal(h.edges, g.edges) and torch.equal(h.selected, g.selected)
     assert h.str_tokens == g.str_tokens and h.logit_strs == g.logit_strs and h.info == json.loads(json.dumps(g.info))
     with pytest.raises(mechscope.InputError, match="holds no attribution graph"):
         AttributionGraph.load(tmp_path)

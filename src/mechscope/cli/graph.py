@@ -118,7 +118,7 @@ def _scores_table(g, pr) -> Table:
     for c in ("graph", "nodes", "edges", "replacement score", "completeness score"):
         t.add_column(c, justify="right")
     rep, comp = graph_scores(g)
-    t.add_row("full", f"{g.n_nodes:,}", f"{int((g.adjacency != 0).sum()):,}", f"{rep:.3f}", f"{comp:.3f}")
+    t.add_row("full", f"{g.n_nodes:,}", f"{int((g.edges != 0).sum()):,}", f"{rep:.3f}", f"{comp:.3f}")
     rp, cp = graph_scores(g, pr)
     t.add_row(f"pruned ({pr.node_threshold:g} / {pr.edge_threshold:g})", f"{int(pr.node_mask.sum()):,}",
               f"{int(pr.edge_mask.sum()):,}", f"{rp:.3f}", f"{cp:.3f}")

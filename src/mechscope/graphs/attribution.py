@@ -106,7 +106,7 @@ class _Rows:
         self._ctx.__exit__(None, None, None)
         self.run = None
 
-    def compute(self, where: list[int | None], pos: Tensor, vectors: Tensor, last: bool = False) -> Tensor:
+    def compute(self, where: list[int | None], pos: Tensor, vectors: Tensor) -> Tensor:
         """Rows ``[b, C]`` for targets reading layer ``where[i]``'s MLP input (None: the final norm's output) at
         ``pos[i]`` along ``vectors[i]`` ``[b, D]``."""
         st, run, b = self.state, self.run, len(where)
@@ -120,7 +120,7 @@ class _Rows:
             outs.append(t)
             grads.append(g)
         inputs = [run.embed] + run.mlp_leaf
-        got = torch.autograd.grad(outs, inputs, grads, retain_graph=not last, allow_unused=True)
+        got = torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
         g_emb = got[0] if got[0] is not None else torch.zeros_like(run.embed)
         out = torch.zeros(self.B, self.n_cols, dtype=torch.float32)
         e0 = self.n_feat
@@ -142,9 +142,43 @@ class _Rows:
         return out[:b]
 
 
+class _SparseRows:
+    """Rows kept as their ``k`` largest |entries| (for ranking features by influence on long prompts)."""
+
+    def __init__(self, n_rows: int, n_cols: int, k: int):
+        self.k = min(k, n_cols)
+        self.idx = torch.zeros(n_rows, self.k, dtype=torch.long)
+        self.val = torch.zeros(n_rows, self.k, dtype=torch.float32)
+        self.l1 = torch.zeros(n_rows, dtype=torch.float64)
+        self.n_cols = n_cols
+
+    def put(self, r: int, rows: Tensor) -> None:
+        a = rows.abs()
+        self.l1[r:r + len(rows)] = a.sum(-1, dtype=torch.float64)
+        top = a.topk(self.k, dim=-1).indices
+        self.idx[r:r + len(rows)] = top
+        self.val[r:r + len(rows)] = rows.gather(1, top)
+
+    def step(self, prod_rows: Tensor, n: int) -> Tensor:
+        """``prod_rows @ normalize_rows(rows[:n])`` with each row's true L1 norm."""
+        w = (self.val[:n].abs().double() / self.l1[:n, None].clamp_min(1e-30)) * prod_rows.double()[:, None]
+        return torch.zeros(self.n_cols, dtype=torch.float64).index_add_(0, self.idx[:n].flatten(), w.flatten()).float()
+
+
+def _plan(model, st: ReplacementState, n_rows: int, batch_size: int, memory_budget: int) -> tuple[int, bool]:
+    """(rows per backward, whether every row fits dense in memory)."""
+    P, H = st.n_pos, model.cfg.n_heads
+    n_cols = len(st.features) + (st.n_layers + 1) * P
+    # a backward holds about three [B, H, P, P] attention tensors and the dense batch of rows
+    per_row = 3 * H * P * P * 4 + n_cols * 4 + 2 * (st.n_layers + 1) * P * model.cfg.d_model * 4
+    B = max(1, min(batch_size, n_rows, int(memory_budget // 4 // per_row)))
+    return B, n_rows * n_cols * 4 <= memory_budget // 2
+
+
 def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, targets=None, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, max_feature_nodes: int | None = 7500, batch_size: int = 64,
-              update_interval: int = 4, drop_bos: bool = True, progress: bool = True) -> AttributionGraph:
+              update_interval: int = 4, drop_bos: bool = True, memory_budget_gb: float = 4.0,
+              ranking_entries: int = 8192, progress: bool = True) -> AttributionGraph:
     """The attribution graph of one prompt.
 
     Args:
@@ -154,12 +188,19 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         targets: target logits (token ids or one-token strings); None: the most likely tokens until
             ``desired_logit_prob``, at most ``max_n_logits``.
         max_feature_nodes: feature nodes kept (those of most influence on the logits); None: every active one.
-        batch_size: rows per backward pass (the forward runs on this many copies of the prompt).
+        batch_size: rows per backward pass at most (fewer on long prompts, to fit ``memory_budget_gb``).
         update_interval: batches between re-rankings of the features by influence.
         drop_bos: see :func:`~mechscope.graphs.replacement.replacement_state`.
+        memory_budget_gb: the rows of every target over every active feature are kept dense when they fit in
+            half of this; otherwise (long prompts) the ranking pass keeps each row's ``ranking_entries``
+            largest entries (and its exact L1 norm) and a second pass recomputes the chosen rows exactly, keeping
+            only the selected features' columns. Either way the edges are exact; only the greedy order of the
+            features may differ.
+        ranking_entries: entries per row kept by the ranking pass of a long prompt.
 
     Returns:
-        :class:`AttributionGraph` (unpruned; see :func:`~mechscope.graphs.prune.prune`).
+        :class:`AttributionGraph` (unpruned; see :func:`~mechscope.graphs.prune.prune`). ``info`` records the
+        rows per backward, the passes and the seconds taken.
 
     Raises:
         InputError: an empty prompt, one longer than the context, targets not in the vocabulary, transcoders of
@@ -169,34 +210,48 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         raise InputError(f"max_feature_nodes must be None or an int >= 0, got {max_feature_nodes!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if not memory_budget_gb > 0:
+        raise InputError(f"memory_budget_gb must be > 0, got {memory_budget_gb}.")
     t0 = time.perf_counter()
     tokens = prompt_tokens(model, prompt)
     transcoders.check_model(model)
-    logit_ids, logit_p = logit_targets(model, model.run(tokens[None], logits_to_keep=1).logits[0], targets,
-                                       max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob)
+    with torch.no_grad():
+        last = model.run(tokens[None], logits_to_keep=1).logits[0]
+    logit_ids, logit_p = logit_targets(model, last, targets, max_n_logits=max_n_logits,
+                                       desired_logit_prob=desired_logit_prob)
     st = replacement_state(model, transcoders, tokens, drop_bos=drop_bos)
     n_feat, L, P = len(st.features), st.n_layers, st.n_pos
     n_logit = len(logit_ids)
     n_keep = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
+    n_cols = n_feat + L * P + P
     W_U = model.W_U.detach()
     demeaned = (W_U[:, logit_ids.to(W_U.device)] - W_U.mean(1, keepdim=True)).T  # [n_logit, D]
-    enc = torch.stack([transcoders[int(la)].W_enc[:, int(f)].detach() for la, _, f in st.features.index]) \
-        if n_feat else torch.zeros(0, model.cfg.d_model)
-    B = max(1, min(batch_size, max(n_keep, n_logit)))
-    rows = torch.zeros(n_logit + n_keep, n_feat + L * P + P, dtype=torch.float32)
-    row_node = torch.zeros(n_logit + n_keep, dtype=torch.long)  # node id of each row (logits after columns)
-    n_cols = rows.shape[1]
+
+    def enc(idx: Tensor) -> Tensor:  # the encoder columns of some active features, [k, D]
+        return torch.stack([transcoders[int(la)].W_enc[:, int(f)].detach() for la, f in st.features.index[idx][:, [0, 2]]])
+
+    B, dense = _plan(model, st, n_logit + n_keep, batch_size, int(memory_budget_gb * 2**30))
+    two_pass = not dense and n_keep < n_feat
+    store = (torch.zeros(n_logit + n_keep, n_cols, dtype=torch.float32) if not two_pass
+             else _SparseRows(n_logit + n_keep, n_cols, ranking_entries))
+    row_node = torch.zeros(n_logit + n_keep, dtype=torch.long)  # node id of each row (logits after the columns)
     engine = _Rows(model, transcoders, st, B)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n_logit + n_keep, desc="attribution rows", unit="row")
+        bar = tqdm(total=(n_logit + n_keep) * (2 if two_pass else 1), desc="attribution rows", unit="row")
+
+    def put(r: int, rows: Tensor) -> None:
+        if two_pass:
+            store.put(r, rows)
+        else:
+            store[r:r + len(rows)] = rows
+
     try:
         done = 0
         for i in range(0, n_logit, B):
             j = min(i + B, n_logit)
-            rows[i:j] = engine.compute([None] * (j - i), torch.full((j - i,), P - 1), demeaned[i:j],
-                                       last=n_keep == 0 and j == n_logit)
+            put(i, engine.compute([None] * (j - i), torch.full((j - i,), P - 1), demeaned[i:j]))
             row_node[i:j] = torch.arange(n_cols + i, n_cols + j)
             done = j
             if bar:
@@ -208,10 +263,11 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
             if n_keep == n_feat:
                 pending = (~visited).nonzero().flatten()
             else:
-                An = normalize_rows(rows[:done])
+                An = None if two_pass else normalize_rows(store[:done])
                 prod, infl = weights.clone(), torch.zeros(n_cols)
                 for _ in range(4 * L + 8):  # a path visits each layer once: at most L + 1 feature hops
-                    step = prod[row_node[:done]] @ An
+                    p_rows = prod[row_node[:done]]
+                    step = store.step(p_rows, done) if two_pass else p_rows @ An
                     if not bool(step.any()):
                         break
                     infl += step
@@ -221,35 +277,44 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
             for c in range(0, len(pending), B):
                 idx = pending[c:c + B]
                 k = len(idx)
-                lay = st.features.index[idx, 0].tolist()
-                rows[done:done + k] = engine.compute(lay, st.features.index[idx, 1], enc[idx],
-                                                     last=done + k == n_logit + n_keep)
+                put(done, engine.compute(st.features.index[idx, 0].tolist(), st.features.index[idx, 1], enc(idx)))
                 row_node[done:done + k] = idx
                 visited[idx] = True
                 done += k
                 if bar:
                     bar.update(k)
+        selected = visited.nonzero().flatten()
+        cols = torch.cat([selected, torch.arange(n_feat, n_cols)])  # [selected features | errors | tokens]
+        order = row_node[n_logit:].argsort()
+        if not two_pass:
+            E = torch.cat([store[n_logit:][order][:, cols], store[:n_logit][:, cols]])
+        else:  # the exact pass: the chosen rows again, keeping only the graph's columns
+            del store
+            E = torch.zeros(len(selected) + n_logit, len(cols), dtype=torch.float32)
+            for c in range(0, len(selected), B):
+                idx = selected[c:c + B]
+                E[c:c + len(idx)] = engine.compute(st.features.index[idx, 0].tolist(), st.features.index[idx, 1],
+                                                   enc(idx))[:, cols]
+                if bar:
+                    bar.update(len(idx))
+            for i in range(0, n_logit, B):
+                j = min(i + B, n_logit)
+                E[len(selected) + i:len(selected) + j] = engine.compute([None] * (j - i), torch.full((j - i,), P - 1),
+                                                                        demeaned[i:j])[:, cols]
+                if bar:
+                    bar.update(j - i)
     finally:
         engine.close()
         if bar:
             bar.close()
-    selected = visited.nonzero().flatten()
-    # the square adjacency over [selected features | errors | tokens | logits]
-    cols = torch.cat([selected, torch.arange(n_feat, n_cols)])
-    N = len(selected) + L * P + P + n_logit
-    A = torch.zeros(N, N, dtype=torch.float32)
-    feat_rows = row_node[n_logit:]
-    order = feat_rows.argsort()
-    A[:len(selected), :len(cols)] = rows[n_logit:][order][:, cols]
-    A[N - n_logit:, :len(cols)] = rows[:n_logit][:, cols]
     tok = model.tokenizer
     strs = [tok.decode([int(i)]) for i in tokens] if tok is not None else [str(int(i)) for i in tokens]
     lstrs = [tok.decode([int(i)]) for i in logit_ids] if tok is not None else [str(int(i)) for i in logit_ids]
     return AttributionGraph(
         prompt=prompt if isinstance(prompt, str) else "", tokens=tokens.cpu(), str_tokens=strs,
         active_features=st.features.index.cpu(), activations=st.features.values.float().cpu(), selected=selected,
-        adjacency=A, logit_tokens=logit_ids, logit_probs=logit_p, logit_strs=lstrs, n_layers=L,
+        edges=E, logit_tokens=logit_ids, logit_probs=logit_p, logit_strs=lstrs, n_layers=L,
         model_name=model.cfg.name, transcoders=transcoders.source or "",
         info={"max_feature_nodes": max_feature_nodes, "n_active_features": n_feat, "batch_size": B,
-              "bos_zeroed": st.bos_zeroed, "seconds": round(time.perf_counter() - t0, 3),
-              "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})
+              "passes": 2 if two_pass else 1, "bos_zeroed": st.bos_zeroed,
+              "seconds": round(time.perf_counter() - t0, 3), "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})

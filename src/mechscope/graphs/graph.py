@@ -1,13 +1,17 @@
 """An attribution graph: nodes (features, error nodes, token embeddings, target logits) and the direct,
 linear effect of every source node on every target node in the local replacement model of one prompt.
 
-Node order (rows and columns of :attr:`AttributionGraph.adjacency`, as in circuit-tracer)::
+Node order (as in circuit-tracer)::
 
     [selected features (layer, pos, feature order) | errors (layer-major, then position) | tokens | logits]
 
-``adjacency[t, s]`` is the direct effect of source ``s`` on target ``t``: for a feature target, on its
-pre-activation; for a logit target, on its demeaned logit (``logit - mean over the vocabulary``). Rows of
-error and token nodes are zero (nothing is attributed to them); logit columns are zero.
+Only features and logits are targets and only features, errors and tokens are sources, so the graph stores the
+block :attr:`AttributionGraph.edges` ``[n_features + n_logits, n_features + n_errors + n_tokens]``: rows are the
+feature nodes then the logit nodes, columns are node ids. ``edges[r, s]`` is the direct effect of source ``s`` on
+target row ``r``: for a feature, on its pre-activation; for a logit, on its demeaned logit (``logit - mean over
+the vocabulary``). :attr:`AttributionGraph.adjacency` is the square node x node matrix (zero rows for errors and
+tokens, zero logit columns), built on demand for small graphs. The block is what keeps a 1,000-token graph in a
+few GB: the square matrix of 7,500 features and 1,024 tokens would be 6 GB, the block 1.2 GB.
 
 Saved as a folder: ``graph.safetensors`` (tensors) beside ``graph.json`` (prompt, tokens, targets, settings).
 """
@@ -40,7 +44,7 @@ class AttributionGraph:
         active_features: int64 ``[n_active, 3]`` every active feature ``(layer, pos, feature)``.
         activations: ``[n_active]`` float32 their activations.
         selected: int64 ``[n_sel]`` rows of ``active_features`` that are graph nodes (ascending).
-        adjacency: float32 ``[N, N]`` target x source direct effects, ``N = n_sel + L*P + P + n_logits``.
+        edges: float32 ``[n_sel + n_logits, n_sel + L*P + P]`` target x source direct effects (see above).
         logit_tokens: int64 ``[n_logits]``; logit_probs: float32 ``[n_logits]`` their probabilities;
             logit_strs: their strings.
         n_layers: layers of the model.
@@ -54,7 +58,7 @@ class AttributionGraph:
     active_features: Tensor
     activations: Tensor
     selected: Tensor
-    adjacency: Tensor
+    edges: Tensor
     logit_tokens: Tensor
     logit_probs: Tensor
     logit_strs: list[str]
@@ -95,6 +99,35 @@ class AttributionGraph:
     @property
     def logit_start(self) -> int:
         return self.token_start + self.n_pos
+
+    @property
+    def n_sources(self) -> int:
+        return self.logit_start
+
+    def row_node(self, r: int) -> int:
+        """The node id of row ``r`` of :attr:`edges` (features, then logits)."""
+        return r if r < self.n_features else self.logit_start + r - self.n_features
+
+    def node_row(self, i: int) -> int:
+        """The row of :attr:`edges` of node ``i`` (a feature or a logit).
+
+        Raises:
+            InputError: an error or token node (they have no row: nothing is attributed to them).
+        """
+        kind = self.node_kind(i)
+        if kind == "feature":
+            return i
+        if kind == "logit":
+            return self.n_features + i - self.logit_start
+        raise InputError(f"node {i} is a {kind} node; only features and logits have incoming edges.")
+
+    @property
+    def adjacency(self) -> Tensor:
+        """The square ``[N, N]`` target x source matrix (zero rows for errors and tokens, zero logit columns)."""
+        A = torch.zeros(self.n_nodes, self.n_nodes, dtype=self.edges.dtype)
+        A[:self.n_features, :self.n_sources] = self.edges[:self.n_features]
+        A[self.logit_start:, :self.n_sources] = self.edges[self.n_features:]
+        return A
 
     def node_kind(self, i: int) -> str:
         """``"feature"``, ``"error"``, ``"token"`` or ``"logit"``."""
@@ -148,11 +181,17 @@ class AttributionGraph:
         w[self.logit_start:] = self.logit_probs.float()
         return w
 
+    def row_weights(self) -> Tensor:
+        """``[n_features + n_logits]``: :meth:`logit_weights` on the rows of :attr:`edges`."""
+        w = torch.zeros(self.n_features + self.n_logits, dtype=torch.float32)
+        w[self.n_features:] = self.logit_probs.float()
+        return w
+
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write ``graph.safetensors`` and ``graph.json`` into ``folder`` (all or nothing)."""
         tensors = {"tokens": self.tokens, "active_features": self.active_features, "activations": self.activations,
-                   "selected": self.selected, "adjacency": self.adjacency, "logit_tokens": self.logit_tokens,
+                   "selected": self.selected, "edges": self.edges, "logit_tokens": self.logit_tokens,
                    "logit_probs": self.logit_probs}
         meta = {"format_version": FORMAT_VERSION, "prompt": self.prompt, "str_tokens": self.str_tokens,
                 "logit_strs": self.logit_strs, "n_layers": self.n_layers, "model_name": self.model_name,
@@ -186,10 +225,11 @@ class AttributionGraph:
         t = load_safetensors(folder / TENSORS, what="attribution graph")
         g = cls(prompt=meta["prompt"], tokens=t["tokens"], str_tokens=meta["str_tokens"],
                 active_features=t["active_features"], activations=t["activations"], selected=t["selected"],
-                adjacency=t["adjacency"], logit_tokens=t["logit_tokens"], logit_probs=t["logit_probs"],
+                edges=t["edges"], logit_tokens=t["logit_tokens"], logit_probs=t["logit_probs"],
                 logit_strs=meta["logit_strs"], n_layers=int(meta["n_layers"]), model_name=meta.get("model_name", ""),
                 transcoders=meta.get("transcoders", ""), info=meta.get("info", {}))
-        if tuple(g.adjacency.shape) != (g.n_nodes, g.n_nodes):
-            raise CorruptFileError(f"{folder / TENSORS}: adjacency is {tuple(g.adjacency.shape)} but the graph has "
-                                   f"{g.n_nodes} nodes.")
+        want = (g.n_features + g.n_logits, g.n_sources)
+        if tuple(g.edges.shape) != want:
+            raise CorruptFileError(f"{folder / TENSORS}: edges is {tuple(g.edges.shape)} but the graph's nodes need "
+                                   f"{want}.")
         return g

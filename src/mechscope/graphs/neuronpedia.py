@@ -5,7 +5,7 @@ draft 2020-12) and documented in ``docs/graphs.md``.
 A file holds the *pruned* graph: ``metadata`` (slug, scan, transcoder_list, prompt, prompt_tokens,
 node_threshold, schema_version 1, and mechscope's ``mechscope`` block: model, n_layers, thresholds, scores),
 ``qParams`` (pinnedIds, supernodes, linkType, clickedId, sg_pos), ``nodes`` and ``links`` (source, target,
-weight = the direct effect, target x source of the adjacency).
+weight = the direct effect of source on target, an entry of the graph's edges).
 
 Node ids never collide (circuit-tracer issue #78 reports error ids that could equal feature ids):
 
@@ -114,10 +114,11 @@ def to_neuronpedia(graph: AttributionGraph, *, slug: str = "graph", scan: str | 
                         jsNodeId=f"L_{n['token']}-{n['pos']}", token_prob=n["prob"], is_target_logit=j == 0,
                         clerp=f'Output "{n["str"]}" (p={n["prob"]:.3f})', influence=None)
         nodes.append(base)
-    tgt, src = pr.edge_mask.nonzero(as_tuple=True)
-    weights = graph.adjacency[tgt, src].tolist()
+    rows, src = pr.edge_mask.nonzero(as_tuple=True)
+    weights = graph.edges[rows, src].tolist()
+    tgt = [graph.row_node(r) for r in rows.tolist()]
     links = [{"source": ids[s], "target": ids[t], "weight": w}
-             for t, s, w in zip(tgt.tolist(), src.tolist(), weights) if s in ids and t in ids]
+             for t, s, w in zip(tgt, src.tolist(), weights) if s in ids and t in ids]
     name = scan or (Path(graph.transcoders).name if graph.transcoders else "mechscope-transcoders")
     meta = {"slug": slug, "scan": name, "transcoder_list": [], "prompt_tokens": graph.str_tokens,
             "prompt": graph.prompt, "node_threshold": pr.node_threshold, "schema_version": SCHEMA_VERSION,

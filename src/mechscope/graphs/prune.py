@@ -92,13 +92,40 @@ def cumulative_threshold(scores: Tensor, fraction: float, bins: int = 4096) -> f
     return float(inside[min(k, len(inside) - 1)])
 
 
+def node_influence(graph, edges: Tensor | None = None) -> Tensor:
+    """``[N]`` each node's influence on the logits through the graph's edges (``edges``: the block, default the
+    graph's), by :func:`block_influence`; logits get 0 (add :meth:`logit_weights` for their own weight)."""
+    R = graph.edges if edges is None else edges
+    src = block_influence(normalize_rows(R.float()), graph.row_weights(), graph.n_features)
+    return torch.cat([src, torch.zeros(graph.n_logits)])
+
+
+def block_influence(Rn: Tensor, row_weights: Tensor, n_features: int, max_iter: int = 1000) -> Tensor:
+    """Influence on the sources of a block adjacency whose rows are ``[features | logits]`` and whose first
+    ``n_features`` columns are those same features: ``w (An + An² + ...)`` restricted to the sources.
+
+    Raises:
+        InputError: no convergence (a cycle among the features).
+    """
+    n_logits = Rn.shape[0] - n_features
+    cur = row_weights @ Rn
+    total = cur.clone()
+    for _ in range(max_iter):
+        nxt = torch.cat([cur[:n_features], torch.zeros(n_logits, dtype=cur.dtype)])
+        if not bool(nxt.any()):
+            return total
+        cur = nxt @ Rn
+        total += cur
+    raise InputError(f"influence did not converge in {max_iter} steps: the feature edges form a cycle.")
+
+
 @dataclass
 class Pruned:
     """The result of :func:`prune`.
 
     Attributes:
         node_mask: bool ``[N]`` nodes kept.
-        edge_mask: bool ``[N, N]`` edges kept (target x source).
+        edge_mask: bool, the shape of :attr:`AttributionGraph.edges`: edges kept (target row x source).
         influence: ``[N]`` each node's influence on the logits (the logits' own weight included).
         node_threshold / edge_threshold: the fractions asked for.
     """
@@ -119,22 +146,27 @@ def prune(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> P
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             raise InputError(f"{name} must lie in [0, 1], got {v}.")
-    A = graph.adjacency.float()
+    R = graph.edges.float()
     w = graph.logit_weights()
-    nf, keep_from = graph.n_features, graph.token_start
-    node_infl = influence(normalize_rows(A), w) + w
+    nf, keep_from, ns = graph.n_features, graph.token_start, graph.n_sources
+    rows = torch.cat([torch.arange(nf), torch.arange(graph.logit_start, graph.n_nodes)])  # node id of each row
+    node_infl = node_influence(graph) + w
     node_mask = node_infl >= cumulative_threshold(node_infl, node_threshold)
     node_mask[keep_from:] = True  # tokens and logits always
-    pruned = A * node_mask[:, None] * node_mask[None, :]
-    An = normalize_rows(pruned)
-    edge_scores = An * (influence(An, w) + w)[:, None]
+    pruned = R * node_mask[rows][:, None] * node_mask[:ns][None, :]
+    Rn = normalize_rows(pruned)
+    rw = graph.row_weights()
+    src_infl = block_influence(Rn, rw, nf)
+    row_infl = torch.cat([src_infl[:nf], torch.zeros(graph.n_logits)]) + rw
+    edge_scores = Rn * row_infl[:, None]
     edge_mask = edge_scores >= cumulative_threshold(edge_scores, edge_threshold)
     edge_mask &= edge_scores > 0
+    del edge_scores, Rn, pruned
     while True:
         old = node_mask.clone()
         node_mask[:keep_from] &= edge_mask[:, :keep_from].any(0)  # features and errors need an outgoing edge
         node_mask[:nf] &= edge_mask[:nf].any(1)  # features need an incoming edge
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        edge_mask &= node_mask[rows][:, None] & node_mask[:ns][None, :]
         if torch.equal(old, node_mask):
             break
     return Pruned(node_mask, edge_mask, node_infl, node_threshold, edge_threshold)
@@ -144,18 +176,24 @@ def graph_scores(graph, pruned: Pruned | None = None) -> tuple[float, float]:
     """(replacement score, completeness score) of the graph, or of its pruned part (edges and nodes not kept
     set to zero).
     """
-    A = graph.adjacency.float()
+    R = graph.edges.float()
     if pruned is not None:
-        A = A * pruned.edge_mask
-    w = graph.logit_weights()
-    An = normalize_rows(A)
-    infl = influence(An, w)
-    e0, t0, l0 = graph.error_start, graph.token_start, graph.logit_start
-    token_infl, error_infl = float(infl[t0:l0].sum()), float(infl[e0:t0].sum())
+        R = R * pruned.edge_mask
+    Rn = normalize_rows(R)
+    rw = graph.row_weights()
+    infl = block_influence(Rn, rw, graph.n_features)  # over the sources
+    e0, t0 = graph.error_start, graph.token_start
+    token_infl, error_infl = float(infl[t0:].sum()), float(infl[e0:t0].sum())
     replacement = token_infl / max(token_infl + error_infl, 1e-30)
-    non_error = 1 - An[:, e0:t0].sum(-1)
-    out_infl = infl + w
+    # rows of errors and tokens have no inputs (non-error share 1); feature and logit rows from the block
+    non_error_rows = 1 - Rn[:, e0:t0].sum(-1)
+    out_src = infl + graph.logit_weights()[:graph.n_sources]  # zero logit weight on sources
+    out_rows = torch.cat([out_src[:graph.n_features], rw[graph.n_features:]])
     if pruned is not None:
-        out_infl = out_infl * pruned.node_mask
-    completeness = float((non_error * out_infl).sum() / out_infl.sum().clamp_min(1e-30))
-    return replacement, completeness
+        out_src = out_src * pruned.node_mask[:graph.n_sources]
+        out_rows = out_rows * torch.cat([pruned.node_mask[:graph.n_features], pruned.node_mask[graph.logit_start:]])
+    feat_rows = non_error_rows[:graph.n_features] * out_rows[:graph.n_features]
+    num = float(feat_rows.sum() + (non_error_rows[graph.n_features:] * out_rows[graph.n_features:]).sum()
+                + out_src[e0:].sum())
+    den = float(out_src.sum() + out_rows[graph.n_features:].sum())
+    return replacement, num / max(den, 1e-30)

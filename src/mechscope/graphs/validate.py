@@ -92,11 +92,11 @@ def _path_sums(graph: AttributionGraph, delta: Tensor) -> Tensor:
     """``[T, k]``: logit changes when feature nodes change by ``delta`` ``[F, k]`` and every feature downstream
     responds by its pre-activation change (the graph's paths through features; errors and tokens fixed)."""
     F = graph.n_features
-    A_ff = graph.adjacency[:F, :F].double()
+    A_ff = graph.edges[:F, :F].double()
     x = delta.double()
     for _ in range(graph.n_layers + 1):
         x = delta.double() + A_ff @ x
-    return graph.adjacency[graph.logit_start:, :F].double() @ x
+    return graph.edges[F:, :F].double() @ x
 
 
 def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_features: int = 100,
@@ -127,7 +127,8 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     P, D = graph.n_pos, model.cfg.d_model
     dt = st.mlp_out.dtype
     logit_ids = graph.logit_tokens.to(model.device)
-    A = graph.adjacency.double()
+    E = graph.edges.double()
+    F = graph.n_features
     meas_f, pred_f, meas_l, pred_l, real_l = [], [], [], [], []
     with frozen_forward(model, transcoders, st, 1, grad=False) as r0:
         pre0 = torch.stack([feature_preactivations(transcoders, r0, L)[0] for L in range(st.n_layers)])
@@ -148,10 +149,10 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
             lg = r.logits[:, -1].double()
         d_pre = (pre - pre0[None]).double()[:, feat[:, 0], feat[:, 1], feat[:, 2]]  # [k, F]
         meas_f.append(d_pre)
-        pred_f.append(sign * A[:graph.n_features, nodes].T)
+        pred_f.append(sign * E[:F, nodes].T)
         dlog = (lg - lg.mean(-1, keepdim=True)) - (lg0 - lg0.mean())[None]
         meas_l.append(dlog[:, logit_ids])
-        pred_l.append(sign * A[graph.logit_start:, nodes].T)
+        pred_l.append(sign * E[F:, nodes].T)
         with torch.no_grad():
             res = model.run(graph.tokens[None].expand(k, P).to(model.device),
                             interventions=[Add(f"blocks.{L}.hook_mlp_out", direction=d) for L, d in deltas.items()])
