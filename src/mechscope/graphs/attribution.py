@@ -228,7 +228,8 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
     demeaned = (W_U[:, logit_ids.to(W_U.device)] - W_U.mean(1, keepdim=True)).T  # [n_logit, D]
 
     def enc(idx: Tensor) -> Tensor:  # the encoder columns of some active features, [k, D]
-        return torch.stack([transcoders[int(la)].W_enc[:, int(f)].detach() for la, f in st.features.index[idx][:, [0, 2]]])
+        lf = st.features.index[idx][:, [0, 2]].tolist()
+        return torch.stack([transcoders[la].W_enc[:, f].detach() for la, f in lf])
 
     B, dense = _plan(model, st, n_logit + n_keep, batch_size, int(memory_budget_gb * 2**30))
     two_pass = not dense and n_keep < n_feat
@@ -317,4 +318,5 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         model_name=model.cfg.name, transcoders=transcoders.source or "",
         info={"max_feature_nodes": max_feature_nodes, "n_active_features": n_feat, "batch_size": B,
               "passes": 2 if two_pass else 1, "bos_zeroed": st.bos_zeroed,
-              "seconds": round(time.perf_counter() - t0, 3), "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})
+              "seconds": round(time.perf_counter() - t0, 3),
+              "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})
