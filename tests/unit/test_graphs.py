@@ -81,8 +81,11 @@ def test_replacement_model_reproduces_the_real_logits(family):
     for L in range(st.n_layers):
         assert st.errors[L].abs().max() > 1e-3
     recon = st.mlp_out - st.errors
-    for L in range(st.n_layers):
-        assert torch.allclose(recon[L], ts[L](st.mlp_in[L]), atol=1e-12)
+    for L in range(st.n_layers):  # position 0 (BOS, the attention sink) has no features: all error
+        assert torch.allclose(recon[L, 1:], ts[L](st.mlp_in[L, 1:]), atol=1e-12)
+    assert st.first_zeroed and not (st.features.index[:, 1] == 0).any()
+    kept = replacement_state(m, ts, tok, zero_first=False)
+    assert (kept.features.index[:, 1] == 0).any()
 
 
 def test_every_edge_is_the_effect_of_perturbing_its_source(setup):

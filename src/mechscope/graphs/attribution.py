@@ -29,7 +29,7 @@ from mechscope.graphs.transcoders import TranscoderSet
 
 
 def prompt_tokens(model, prompt: str | Tensor) -> Tensor:
-    """Token ids ``[P]`` of a prompt (text gets the tokenizer's BOS).
+    """Token ids ``[P]`` of a prompt (text gets the tokenizer's BOS in front, as the training contexts had).
 
     Raises:
         InputError: an empty prompt, more tokens than the model's context, ids outside the vocabulary.
@@ -37,7 +37,7 @@ def prompt_tokens(model, prompt: str | Tensor) -> Tensor:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InputError("the prompt is empty; give the text whose next token the graph should explain.")
-        tokens = model.to_tokens(prompt)[0]
+        tokens = model.to_tokens(prompt, prepend_bos=True)[0]  # as the transcoders were trained: BOS first
     else:
         tokens = model._tokens(prompt, None)
         if tokens.shape[0] != 1:
@@ -177,7 +177,7 @@ def _plan(model, st: ReplacementState, n_rows: int, batch_size: int, memory_budg
 
 def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, targets=None, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, max_feature_nodes: int | None = 7500, batch_size: int = 64,
-              update_interval: int = 4, drop_bos: bool = True, memory_budget_gb: float = 4.0,
+              update_interval: int = 4, zero_first: bool = True, memory_budget_gb: float = 4.0,
               ranking_entries: int = 8192, progress: bool = True) -> AttributionGraph:
     """The attribution graph of one prompt.
 
@@ -190,7 +190,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         max_feature_nodes: feature nodes kept (those of most influence on the logits); None: every active one.
         batch_size: rows per backward pass at most (fewer on long prompts, to fit ``memory_budget_gb``).
         update_interval: batches between re-rankings of the features by influence.
-        drop_bos: see :func:`~mechscope.graphs.replacement.replacement_state`.
+        zero_first: see :func:`~mechscope.graphs.replacement.replacement_state`.
         memory_budget_gb: the rows of every target over every active feature are kept dense when they fit in
             half of this; otherwise (long prompts) the ranking pass keeps each row's ``ranking_entries``
             largest entries (and its exact L1 norm) and a second pass recomputes the chosen rows exactly, keeping
@@ -219,7 +219,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         last = model.run(tokens[None], logits_to_keep=1).logits[0]
     logit_ids, logit_p = logit_targets(model, last, targets, max_n_logits=max_n_logits,
                                        desired_logit_prob=desired_logit_prob)
-    st = replacement_state(model, transcoders, tokens, drop_bos=drop_bos)
+    st = replacement_state(model, transcoders, tokens, zero_first=zero_first)
     n_feat, L, P = len(st.features), st.n_layers, st.n_pos
     n_logit = len(logit_ids)
     n_keep = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
@@ -317,6 +317,6 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         edges=E, logit_tokens=logit_ids, logit_probs=logit_p, logit_strs=lstrs, n_layers=L,
         model_name=model.cfg.name, transcoders=transcoders.source or "",
         info={"max_feature_nodes": max_feature_nodes, "n_active_features": n_feat, "batch_size": B,
-              "passes": 2 if two_pass else 1, "bos_zeroed": st.bos_zeroed,
+              "passes": 2 if two_pass else 1, "first_zeroed": st.first_zeroed,
               "seconds": round(time.perf_counter() - t0, 3),
               "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})

@@ -67,7 +67,7 @@ class ReplacementState:
         embed: ``[P, D]`` the token embeddings (``hook_embed``).
         patterns: per layer ``[H, P, P]`` attention patterns.
         norms: ``(module path, layer) -> FrozenNorm`` of every frozen norm (layer None: the final norm).
-        bos_zeroed: the features at position 0 were dropped (a BOS token).
+        first_zeroed: the features at position 0 were dropped (BOS, the attention sink).
     """
 
     tokens: Tensor
@@ -79,7 +79,7 @@ class ReplacementState:
     embed: Tensor
     patterns: list[Tensor]
     norms: dict[tuple[str, int | None], FrozenNorm] = field(repr=False)
-    bos_zeroed: bool = False
+    first_zeroed: bool = True
 
     @property
     def n_pos(self) -> int:
@@ -116,14 +116,16 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *, drop_bos: bool = True) -> ReplacementState:
+def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *,
+                      zero_first: bool = True) -> ReplacementState:
     """Run the real model on one prompt and record what the local replacement model freezes.
 
     Args:
         tokens: int64 ``[P]`` (or ``[1, P]``).
-        drop_bos: when the first token is the tokenizer's BOS, drop its features (its MLP output becomes an
-            error node): the transcoders were not trained on it (the trainer skips BOS) and its residual norm is
-            orders of magnitude above the others. circuit-tracer zeroes position 0 the same way.
+        zero_first: drop the features at position 0 (its MLP output becomes an error node). Position 0 holds BOS
+            (text prompts get one) and is the attention sink, its residual norm orders of magnitude above the
+            others'; the trainer skips it, so the transcoders do not model it. circuit-tracer zeroes position 0
+            the same way.
 
     Raises:
         InputError: transcoders of another model or with a layer missing, a family not supported.
@@ -150,15 +152,13 @@ def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *, drop
              for key, (x, y) in norm_in.items()}
     mlp_in = torch.stack([c[f"blocks.{L}.ln2.hook_normalized"][0] for L in range(n)])
     mlp_out = torch.stack([c[f"blocks.{L}.hook_mlp_out"][0] for L in range(n)])
-    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
-    bos_zeroed = bool(drop_bos and bos is not None and int(tokens[0]) == bos)
     index, values, errors = [], [], []
     with torch.no_grad():
         for L in range(n):
             t = transcoders[L]
             x = mlp_in[L].to(t.W_enc.dtype)
             acts = t.encode(x)
-            if bos_zeroed:
+            if zero_first:
                 acts[0] = 0
             recon = t.decode(acts, x)
             errors.append(mlp_out[L] - recon.to(mlp_out.dtype))
@@ -169,7 +169,7 @@ def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *, drop
     return ReplacementState(tokens=tokens.cpu(), logits=res.logits[0], features=feats, mlp_in=mlp_in, mlp_out=mlp_out,
                             errors=torch.stack(errors), embed=c["hook_embed"][0],
                             patterns=[c[f"blocks.{L}.attn.hook_pattern"][0] for L in range(n)], norms=norms,
-                            bos_zeroed=bos_zeroed)
+                            first_zeroed=zero_first)
 
 
 def _apply_frozen(fn: FrozenNorm, x: Tensor) -> Tensor:

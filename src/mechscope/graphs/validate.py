@@ -117,7 +117,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
         raise InputError(f"the graph was made on {graph.model_name}, not {model.cfg.name}; load that model.")
     if graph.n_features == 0:
         raise InputError("the graph has no feature nodes to perturb.")
-    st = replacement_state(model, transcoders, graph.tokens, drop_bos=bool(graph.info.get("bos_zeroed", True)))
+    st = replacement_state(model, transcoders, graph.tokens, zero_first=bool(graph.info.get("first_zeroed", True)))
     if len(st.features) != len(graph.active_features) or not torch.equal(st.features.index, graph.active_features):
         raise InputError("the transcoders' active features on this prompt differ from the graph's: it was made with "
                          "other transcoders (or another model dtype).")
