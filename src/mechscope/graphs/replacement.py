@@ -63,7 +63,8 @@ class ReplacementState:
         features: the active features.
         mlp_in: ``[L, P, D]`` each MLP's real input (the transcoder's input, ``ln2.hook_normalized``).
         mlp_out: ``[L, P, D]`` each MLP's real output.
-        errors: ``[L, P, D]`` true MLP output minus the transcoder's reconstruction (the error nodes).
+        errors: ``[L, P, D]`` true MLP output minus the transcoder's reconstruction (the error nodes; zero at
+            position 0 with ``first_zeroed``).
         embed: ``[P, D]`` the token embeddings (``hook_embed``).
         patterns: per layer ``[H, P, P]`` attention patterns.
         norms: ``(module path, layer) -> FrozenNorm`` of every frozen norm (layer None: the final norm).
@@ -122,10 +123,10 @@ def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *,
 
     Args:
         tokens: int64 ``[P]`` (or ``[1, P]``).
-        zero_first: drop the features at position 0 (its MLP output becomes an error node). Position 0 holds BOS
-            (text prompts get one) and is the attention sink, its residual norm orders of magnitude above the
-            others'; the trainer skips it, so the transcoders do not model it. circuit-tracer zeroes position 0
-            the same way.
+        zero_first: position 0 gets no features and no error node: its MLP outputs are constants of the prompt
+            (like biases), kept in the forward but not attributed. Position 0 holds BOS (text prompts get one) and
+            is the attention sink, its residual norm orders of magnitude above the others'; the trainer skips it,
+            so the transcoders do not model it. circuit-tracer zeroes position 0's features and errors the same way.
 
     Raises:
         InputError: transcoders of another model or with a layer missing, a family not supported.
@@ -161,7 +162,10 @@ def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *,
             if zero_first:
                 acts[0] = 0
             recon = t.decode(acts, x)
-            errors.append(mlp_out[L] - recon.to(mlp_out.dtype))
+            err = mlp_out[L] - recon.to(mlp_out.dtype)
+            if zero_first:
+                err[0] = 0  # position 0's MLP output is a constant of the prompt, not an error node
+            errors.append(err)
             pos, feat = torch.nonzero(acts, as_tuple=True)
             index.append(torch.stack([torch.full_like(pos, L), pos, feat], 1))
             values.append(acts[pos, feat].to(mlp_out.dtype))
