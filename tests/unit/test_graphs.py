@@ -207,7 +207,7 @@ def _square_reference(g, node_threshold, edge_threshold):
         k = int(torch.searchsorted(v.cumsum(0) / v.sum(), torch.tensor(f, dtype=torch.float64)))
         return float(v[min(k, len(v) - 1)])
 
-    node = infl(A) + w
+    node = infl(A)
     nm = node >= thr(node, node_threshold)
     nm[keep:] = True
     P = A * nm[:, None] * nm[None, :]

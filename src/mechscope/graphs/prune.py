@@ -4,7 +4,7 @@ Tracing", sections on pruning and graph evaluation; the definitions circuit-trac
 - Â = |A| with each row divided by its sum (a target's inputs as fractions); rows of zeros stay zero.
 - Influence I = w (Â + Â² + ...), where ``w`` holds the target logits' probabilities: how much of the
   logits' (probability-weighted) input flows from each node, along every path.
-- Node pruning keeps the nodes that carry ``node_threshold`` of the total influence (tokens and logits
+- Node pruning keeps the nodes that carry ``node_threshold`` of the total influence I (tokens and logits
   always); edge pruning scores each edge ``Â[t, s] * (I[t] + w[t])`` on the node-pruned graph and keeps
   ``edge_threshold`` of the total score; then nodes left without an outgoing edge (features, errors) or
   an incoming one (features) are dropped until nothing changes.
@@ -126,7 +126,7 @@ class Pruned:
     Attributes:
         node_mask: bool ``[N]`` nodes kept.
         edge_mask: bool, the shape of :attr:`AttributionGraph.edges`: edges kept (target row x source).
-        influence: ``[N]`` each node's influence on the logits (the logits' own weight included).
+        influence: ``[N]`` each node's influence on the logits (0 for the logits themselves).
         node_threshold / edge_threshold: the fractions asked for.
     """
 
@@ -147,10 +147,9 @@ def prune(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> P
         if not 0.0 <= v <= 1.0:
             raise InputError(f"{name} must lie in [0, 1], got {v}.")
     R = graph.edges.float()
-    w = graph.logit_weights()
     nf, keep_from, ns = graph.n_features, graph.token_start, graph.n_sources
     rows = torch.cat([torch.arange(nf), torch.arange(graph.logit_start, graph.n_nodes)])  # node id of each row
-    node_infl = node_influence(graph) + w
+    node_infl = node_influence(graph)  # without the logits' own weight, as circuit-tracer thresholds it
     node_mask = node_infl >= cumulative_threshold(node_infl, node_threshold)
     node_mask[keep_from:] = True  # tokens and logits always
     pruned = R * node_mask[rows][:, None] * node_mask[:ns][None, :]
