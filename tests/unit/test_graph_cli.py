@@ -73,6 +73,8 @@ def test_graph_writes_the_librarys_graph_and_validates(trained, tiny_model_dir, 
     d = json.loads((tmp_path / "g" / "neuronpedia.json").read_text())
     jsonschema_rs.validator_for(schema()).validate(d)
     assert d["metadata"]["slug"] == "w5-w9-w13-w5-w9" and d["metadata"]["prompt"] == prompt
+    page = (tmp_path / "g" / "graph.html").read_text()
+    assert prompt in page and "Content-Security-Policy" in page
     r = invoke("graph", "validate", tmp_path / "g", "--model", tiny_model_dir, "--n-features", 10, "--threads", "1")
     v = json.loads((tmp_path / "g" / "validation.json").read_text())
     assert v["frozen_features"]["rel_error"] < 1e-4 and v["n_perturbed"] == min(10, g.n_features)

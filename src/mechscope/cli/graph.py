@@ -181,7 +181,11 @@ def graph_cmd(
     g.save(out_dir)
     slug = "".join(c if c.isalnum() else "-" for c in args[0].strip().lower())[:48].strip("-") or "graph"
     save_neuronpedia(g, out_dir / "neuronpedia.json", slug=slug, pruned=pr)
+    from mechscope.graphs.neuronpedia import load_neuronpedia
+    from mechscope.report.graph_page import write_graph_page
+
+    write_graph_page(load_neuronpedia(out_dir / "neuronpedia.json"), out_dir / "graph.html")
     print_table(_scores_table(g, pr))
     note(f"targets: {', '.join(f'{s!r} p={float(p):.3f}' for s, p in zip(g.logit_strs, g.logit_probs))}; "
          f"{g.info['seconds']:.0f} s")
-    out.print(f"wrote {out_dir.resolve()} (graph.safetensors, graph.json, neuronpedia.json)", soft_wrap=True)
+    out.print(f"wrote {out_dir.resolve()} (graph.safetensors, graph.json, neuronpedia.json, graph.html)", soft_wrap=True)

@@ -1,0 +1,47 @@
+"""The attribution-graph page in headless Chromium: the self-contained file opens offline with no JS error and
+fetches nothing, draws nodes and edges, shows hostile prompt strings as text, and showing a node lists its edges
+and pins it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_cli import NASTY
+
+pytestmark = [pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def graph_json():
+    from mechscope.graphs import attribute, prune, to_neuronpedia
+    from tests.conftest import random_tokens
+    from tests.unit.test_graphs import random_set, tiny64
+
+    m = tiny64()
+    g = attribute(m, random_set(m), random_tokens(1, 8, seed=3)[0], max_feature_nodes=None, progress=False)
+    d = to_neuronpedia(g, slug="tiny", pruned=prune(g, 0.95, 0.99))
+    d["metadata"]["prompt"] = NASTY[0]
+    d["metadata"]["prompt_tokens"][1] = NASTY[0]
+    return d
+
+
+def test_the_graph_page_opens_offline_and_shows_a_node(page, graph_json, tmp_path):
+    from mechscope.report.graph_page import write_graph_page
+
+    path = write_graph_page(graph_json, tmp_path / "graph.html")
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_selector("#fig-graph .main-svg")
+    assert page.locator("#fig-graph .scatterlayer .trace").count() >= 5  # edge bins and the four node kinds
+    assert NASTY[0] in page.inner_text("h1") and NASTY[0] in page.inner_text("#summary")
+    feature = next(n["node_id"] for n in graph_json["nodes"] if n["feature_type"] == "cross layer transcoder")
+    page.evaluate(f"window.mechscopeShowNode({feature!r})")
+    info = page.inner_text("#node-info")
+    assert feature in info and "edges in" in info and "edges out" in info
+    page.click("#node-info button.pin")
+    assert page.locator("#pins li").count() == 1
+    page.click("#pins button.pin")
+    assert page.locator("#pins li").count() == 0
+    assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
+    assert page.js_errors == []
