@@ -407,3 +407,20 @@ def test_validate_reports_exact_agreement_in_the_frozen_model(setup, mode):
     assert torch.allclose(_path_sums(g, delta), want, atol=1e-9)
     with pytest.raises(mechscope.InputError, match="mode"):
         validate(m, ts, g, mode="triple")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_pattern_shared_by_the_batch_mixes_like_its_copies(family):
+    """The runtime's path for a pattern expanded over the batch (frozen attention) equals the copied pattern's."""
+    from tests.conftest import tiny_hooked
+
+    m = tiny_hooked(family)
+    tok = random_tokens(3, 7, seed=2)
+
+    def run(copy: bool):
+        def fn(p):
+            shared = p[:1].expand_as(p)
+            return shared.contiguous() if copy else shared
+        return m.run(tok, functions={f"blocks.{L}.attn.hook_pattern": fn for L in range(2)}).logits
+
+    assert torch.allclose(run(False), run(True), atol=1e-6)

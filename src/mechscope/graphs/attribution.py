@@ -169,8 +169,9 @@ def _plan(model, st: ReplacementState, n_rows: int, batch_size: int, memory_budg
     """(rows per backward, whether every row fits dense in memory)."""
     P, H = st.n_pos, model.cfg.n_heads
     n_cols = len(st.features) + (st.n_layers + 1) * P
-    # a backward holds about three [B, H, P, P] attention tensors and the dense batch of rows
-    per_row = 3 * H * P * P * 4 + n_cols * 4 + 2 * (st.n_layers + 1) * P * model.cfg.d_model * 4
+    # per row: the forward's transient scores and softmax ([H, P, P] each), the row itself, the gradients at
+    # every MLP output and the embeddings; the frozen patterns are shared by the rows (stored once in the state)
+    per_row = 2 * H * P * P * 4 + n_cols * 4 + 2 * (st.n_layers + 1) * P * model.cfg.d_model * 4
     B = max(1, min(batch_size, n_rows, int(memory_budget // 4 // per_row)))
     return B, n_rows * n_cols * 4 <= memory_budget // 2
 

@@ -163,6 +163,13 @@ def _attention(entries, orig, module, query, key, value, attention_mask, **kwarg
 
     def mix():  # pattern @ values, [batch, pos, n_heads, d_head] like the attention functions return
         v_rep = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        if pattern.shape[0] > 1 and pattern.stride(0) == 0:
+            # one pattern expanded over the batch (frozen attention): one matmul over every row's values side by
+            # side, so autograd keeps the single pattern rather than a [batch, heads, pos, pos] copy of it
+            b, h, q, k = pattern.shape
+            d = v_rep.shape[-1]
+            out = torch.matmul(pattern[0], v_rep.permute(1, 2, 0, 3).reshape(h, k, b * d))
+            return out.reshape(h, q, b, d).permute(2, 1, 0, 3).contiguous()
         return torch.matmul(pattern, v_rep).transpose(1, 2).contiguous()
 
     if scores is before and pattern is before_p:

@@ -106,8 +106,8 @@ def graph_view(d: dict) -> dict:
         traces.append({"type": "scatter", "mode": "markers", "name": KIND_NAMES[kind],
                        "x": [xy[n["node_id"]][0] for n in ns], "y": [xy[n["node_id"]][1] for n in ns],
                        "customdata": [n["node_id"] for n in ns], "hovertext": hover, "hoverinfo": "text",
-                       "marker": {"color": COLOURS[kind], "symbol": SYMBOLS[kind], "size": 11 if kind != "logit" else 14,
-                                  "line": {"width": 1, "color": "white"}}})
+                       "marker": {"color": COLOURS[kind], "symbol": SYMBOLS[kind],
+                                  "size": 11 if kind != "logit" else 14, "line": {"width": 1, "color": "white"}}})
     layout = {"height": 640, "margin": {"l": 60, "r": 20, "t": 20, "b": 120}, "hovermode": "closest",
               "xaxis": {"tickmode": "array", "tickvals": list(range(len(tokens))),
                         "ticktext": [_esc(t) for t in tokens], "tickangle": -45, "title": {"text": "token position"},
