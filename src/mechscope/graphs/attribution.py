@@ -90,6 +90,41 @@ def logit_targets(model, logits: Tensor, targets=None, *, max_n_logits: int = 10
     return idx, probs[idx.to(probs.device)].float().cpu()
 
 
+class _LayerFeatures:
+    """One layer's active features grouped by position, padded to the most any position has: ``pos [U]``,
+    ``rows [U, K]`` (columns of the graph; -1 pads), the activations ``[U, K]`` (0 pads) and the decoder rows
+    ``[U, K, D]`` when cached. A row's edges from this layer are then one batched matmul over the positions."""
+
+    def __init__(self, features, layer: int, W_dec: Tensor, cache_decoders: bool):
+        rows, fpos, fid = features.layer(layer)
+        self.n = len(rows)
+        if not self.n:
+            return
+        self.pos, counts = torch.unique_consecutive(fpos, return_counts=True)
+        K = int(counts.max())
+        start = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(self.n) - torch.repeat_interleave(start, counts)
+        which = torch.repeat_interleave(torch.arange(len(self.pos)), counts)
+        self.rows = torch.full((len(self.pos), K), -1, dtype=torch.long)
+        self.rows[which, slot] = rows
+        self.fid = torch.zeros(len(self.pos), K, dtype=torch.long)
+        self.fid[which, slot] = fid
+        self.vals = torch.zeros(len(self.pos), K, dtype=features.values.dtype)
+        self.vals[which, slot] = features.values[rows]
+        self.valid = self.rows >= 0
+        self.W_dec = W_dec
+        self.dec = self.decoders() if cache_decoders else None
+
+    def decoders(self) -> Tensor:
+        return self.W_dec.detach()[self.fid]  # [U, K, D]
+
+    def edges(self, g: Tensor) -> Tensor:
+        """``[B, U, K]``: activation x (gradient at its position . decoder row) for every (padded) feature."""
+        dec = self.dec if self.dec is not None else self.decoders()
+        dots = torch.bmm(g[:, self.pos].transpose(0, 1), dec.to(g.dtype).transpose(1, 2))  # [U, B, K]
+        return dots.transpose(0, 1) * self.vals.to(g.dtype)
+
+
 class _Rows:
     """Computes adjacency rows by backward passes through one retained frozen forward."""
 
@@ -98,8 +133,9 @@ class _Rows:
         self.n_feat = len(state.features)
         L, P = state.n_layers, state.n_pos
         self.n_cols = self.n_feat + L * P + P
-        self.per_layer = [state.features.layer(layer) for layer in range(L)]
-        self._ctx = frozen_forward(model, transcoders, state, batch)
+        cache = self.n_feat * model.cfg.d_model * 4 <= 2**29  # the decoder rows, kept when under 512 MiB
+        self.per_layer = [_LayerFeatures(state.features, layer, transcoders[layer].W_dec, cache) for layer in range(L)]
+        self._ctx = frozen_forward(model, transcoders, state, batch, logits_to_keep=1)
         self.run = self._ctx.__enter__()
 
     def close(self):
@@ -128,14 +164,9 @@ class _Rows:
             g = got[1 + layer]
             if g is None:
                 continue
-            rows, fpos, fid = self.per_layer[layer]
-            if len(rows):
-                W = self.ts[layer].W_dec.detach()
-                vals = st.features.values[rows].to(g.dtype)
-                for c in range(0, len(rows), 4096):  # chunks keep [B, chunk, D] small
-                    sl = slice(c, c + 4096)
-                    dots = torch.einsum("bnd,nd->bn", g[:, fpos[sl]], W[fid[sl]].to(g.dtype))
-                    out[:, rows[sl]] = (dots * vals[sl]).float()
+            lf = self.per_layer[layer]
+            if lf.n:
+                out[:, lf.rows[lf.valid]] = lf.edges(g)[:, lf.valid].float()
             err = torch.einsum("bpd,pd->bp", g, st.errors[layer].to(g.dtype))
             out[:, e0 + layer * P: e0 + (layer + 1) * P] = err.float()
         out[:, e0 + L * P:] = torch.einsum("bpd,pd->bp", g_emb, st.embed.to(g_emb.dtype)).float()

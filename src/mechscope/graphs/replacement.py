@@ -207,7 +207,7 @@ class FrozenRun:
 
 @contextlib.contextmanager
 def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, batch: int = 1, *,
-                   deltas: dict[int, Tensor] | None = None, grad: bool = True):
+                   deltas: dict[int, Tensor] | None = None, grad: bool = True, logits_to_keep: int = 0):
     """Run the frozen local replacement model on ``batch`` copies of the prompt; yields a :class:`FrozenRun`.
 
     Each MLP output is ``(recon - skip(x_real) + error) + skip(x) + mlp_leaf[L] + deltas[L]``, where ``x`` is
@@ -219,6 +219,9 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         deltas: layer -> ``[B, P, D]`` added to that layer's MLP output (an intervention on features: a
             feature's activation change times its decoder row).
         grad: build the autograd graph (for attribution); False for plain evaluation.
+        logits_to_keep: compute logits for the last that many positions only (0: all).
+
+    The MLP modules do not run: their forward is swapped for the replacement's output while the context is open.
     """
     a = model.adapter
     n, P = state.n_layers, state.n_pos
@@ -232,7 +235,7 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         W = transcoders[L].W_skip
         skip = 0 if W is None else (state.mlp_in[L].to(W.dtype) @ W.detach()).to(dt)
         const.append((state.mlp_out[L] - skip).detach())
-    handles = []
+    handles, swapped = [], []
 
     def hook_norm(key):
         def fn(mod, args, out):
@@ -245,16 +248,16 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
             return y.to(_first(out).dtype) if not isinstance(out, tuple) else (y.to(out[0].dtype), *out[1:])
         return fn
 
-    def hook_mlp(L):
-        def fn(mod, args, out):
+    def replaced_mlp(L):
+        def forward(*args, **kwargs):  # the MLP's output in the replacement model; the real MLP is not computed
             t = transcoders[L]
             y = const[L].expand(batch, P, -1) + run.mlp_leaf[L]
             if t.W_skip is not None:
                 y = y + (run.mlp_in[L].to(t.W_skip.dtype) @ t.W_skip).to(dt)
             if deltas and L in deltas:
                 y = y + deltas[L].to(dt)
-            return y if not isinstance(out, tuple) else (y, *out[1:])
-        return fn
+            return y
+        return forward
 
     def hook_embed(mod, args, out):
         return run.embed
@@ -267,13 +270,18 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         for key in state.norms:
             handles.append(_module(model, *key).register_forward_hook(hook_norm(key)))
         for L in range(n):
-            handles.append(model.layer_module(L, a.mlp_branch).register_forward_hook(hook_mlp(L)))
+            mlp = model.layer_module(L, a.mlp_branch)
+            mlp.forward = replaced_mlp(L)  # an instance attribute: nn.Module.__call__ runs it, hooks still fire
+            swapped.append(mlp)
+        kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         with ctx, model.hooks(functions=patterns):
-            run.logits = model.hf(state.tokens[None].expand(batch, P).to(model.device), use_cache=False).logits
+            run.logits = model.hf(state.tokens[None].expand(batch, P).to(model.device), use_cache=False, **kw).logits
         yield run
     finally:
         for h in handles:
             h.remove()
+        for mlp in swapped:
+            del mlp.forward
 
 
 def feature_preactivations(transcoders: TranscoderSet, run: FrozenRun, layer: int) -> Tensor:

@@ -130,7 +130,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     E = graph.edges.double()
     F = graph.n_features
     meas_f, pred_f, meas_l, pred_l, real_l = [], [], [], [], []
-    with frozen_forward(model, transcoders, st, 1, grad=False) as r0:
+    with frozen_forward(model, transcoders, st, 1, grad=False, logits_to_keep=1) as r0:
         pre0 = torch.stack([feature_preactivations(transcoders, r0, L)[0] for L in range(st.n_layers)])
         lg0 = r0.logits[0, -1].double()
     real0 = st.logits[-1].double()
@@ -144,7 +144,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
             a = float(graph.activations[graph.selected[i]])
             deltas.setdefault(L, torch.zeros(k, P, D, dtype=dt, device=st.mlp_out.device))
             deltas[L][b, p] += sign * a * transcoders[L].W_dec[f].detach().to(dt)
-        with frozen_forward(model, transcoders, st, k, deltas=deltas, grad=False) as r:
+        with frozen_forward(model, transcoders, st, k, deltas=deltas, grad=False, logits_to_keep=1) as r:
             pre = torch.stack([feature_preactivations(transcoders, r, L) for L in range(st.n_layers)], 1)  # [k,L,P,S]
             lg = r.logits[:, -1].double()
         d_pre = (pre - pre0[None]).double()[:, feat[:, 0], feat[:, 1], feat[:, 2]]  # [k, F]
