@@ -78,6 +78,7 @@ def test_graph_writes_the_librarys_graph_and_validates(trained, tiny_model_dir, 
     r = invoke("graph", "validate", tmp_path / "g", "--model", tiny_model_dir, "--n-features", 10, "--threads", "1")
     v = json.loads((tmp_path / "g" / "validation.json").read_text())
     assert v["frozen_features"]["rel_error"] < 1e-4 and v["n_perturbed"] == min(10, g.n_features)
+    assert isinstance(v["supernodes"], list) and all(len(s["steering"]["random_effects"]) == 8 for s in v["supernodes"])
     assert "Frozen replacement model" in r.stdout
 
 

@@ -424,3 +424,59 @@ def test_a_pattern_shared_by_the_batch_mixes_like_its_copies(family):
         return m.run(tok, functions={f"blocks.{L}.attn.hook_pattern": fn for L in range(2)}).logits
 
     assert torch.allclose(run(False), run(True), atol=1e-6)
+
+
+def _synthetic_graph():
+    """Five features on two layers and three positions whose edges make {0, 1} and {2, 3} play one role each."""
+    L, P, F, T = 2, 3, 5, 2
+    active = torch.tensor([[0, 1, 7], [0, 2, 8], [1, 1, 3], [1, 2, 4], [0, 0, 9]])
+    E = torch.zeros(F + T, F + L * P + P)
+    tok = F + L * P
+    E[0, tok + 1], E[1, tok + 1] = 1.0, 2.0  # a and b read token 1
+    E[2, tok + 2], E[3, tok + 2] = 1.0, 3.0  # c and d read token 2
+    E[4, tok + 0], E[4, tok + 1] = 1.0, -1.0  # e reads tokens 0 and 1 with opposite signs
+    E[F + 0, 0], E[F + 0, 1] = 1.0, 0.5  # a, b raise logit 0
+    E[F + 1, 2], E[F + 1, 3] = -1.0, -2.0  # c, d lower logit 1
+    E[F + 0, 4], E[F + 1, 4] = 0.3, 0.3
+    from mechscope.graphs import AttributionGraph
+
+    return AttributionGraph(prompt="", tokens=torch.tensor([1, 5, 6]), str_tokens=["<s>", "x", "y"],
+                            active_features=active, activations=torch.ones(F), selected=torch.arange(F), edges=E,
+                            logit_tokens=torch.tensor([3, 4]), logit_probs=torch.tensor([0.6, 0.3]),
+                            logit_strs=["a", "b"], n_layers=L)
+
+
+def test_supernodes_group_features_of_one_role():
+    from mechscope.graphs import Pruned
+    from mechscope.graphs.supernodes import suggest_supernodes
+
+    g = _synthetic_graph()
+    everything = Pruned(torch.ones(g.n_nodes, dtype=torch.bool), torch.ones_like(g.edges, dtype=torch.bool),
+                        torch.zeros(g.n_nodes), 1.0, 1.0)
+    groups = suggest_supernodes(g, everything, threshold=0.9)
+    assert sorted(s.nodes for s in groups) == [[0, 1], [2, 3]]
+    assert all(s.similarity == pytest.approx(1.0) for s in groups)
+    assert groups[0].layers in ([0], [1]) and "'x', 'y'" in groups[0].label
+    assert suggest_supernodes(g, everything, threshold=0.9, min_size=3) == []
+    from mechscope.graphs import to_neuronpedia
+
+    d = to_neuronpedia(g, pruned=everything, supernodes=groups)
+    assert sorted(x[1:] for x in d["qParams"]["supernodes"]) == [["0_7_1", "0_8_2"], ["1_3_1", "1_4_2"]]
+    with pytest.raises(mechscope.InputError, match="min_size"):
+        suggest_supernodes(g, everything, min_size=1)
+
+
+def test_steering_a_supernode_reports_its_effect_beside_random_groups(setup):
+    from mechscope.graphs.supernodes import steer_supernode, suggest_supernodes
+
+    m, ts, _, g = setup
+    pr = prune(g, 0.95, 0.99)
+    groups = suggest_supernodes(g, pr, threshold=0.3)
+    nodes = groups[0].nodes if groups else pr.node_mask[:g.n_features].nonzero().flatten()[:2].tolist()
+    zero = steer_supernode(m, ts, g, pr, nodes, alpha=0.0, n_random=2)
+    assert zero.effect == 0 and zero.predicted == 0 and zero.random_effects == [0.0, 0.0]
+    chk = steer_supernode(m, ts, g, pr, nodes, alpha=-1.0, n_random=3)
+    assert len(chk.random_effects) == 3 and chk.effect != 0
+    assert chk.beats_random == (abs(chk.effect) > max(abs(r) for r in chk.random_effects))
+    with pytest.raises(mechscope.InputError, match="groups features"):
+        steer_supernode(m, ts, g, pr, [g.token_start], n_random=0)

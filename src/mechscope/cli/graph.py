@@ -162,8 +162,17 @@ def graph_cmd(
         m = mechscope.load(model, dtype=dtype)
         v = validate(m, ts, g, n_features=n_features)
         from mechscope.core.io import jsonable, write_json_atomic
+        from mechscope.graphs import steer_supernode, suggest_supernodes
 
-        write_json_atomic(jsonable(v.to_dict()), Path(args[1]) / "validation.json")
+        pr = prune(g, g.info.get("node_threshold", 0.8), g.info.get("edge_threshold", 0.98))
+        steered = []
+        for sn in suggest_supernodes(g, pr)[:5]:  # each suggested group ablated together, beside random groups
+            chk = steer_supernode(m, ts, g, pr, sn.nodes, alpha=-1.0)
+            steered.append({**sn.to_dict(), "steering": chk.to_dict()})
+            out.print(f"supernode {sn.label}: ablated, top logit {chk.effect:+.3f} (graph predicts "
+                      f"{chk.predicted:+.3f}; random groups {min(chk.random_effects, default=0):+.3f} .. "
+                      f"{max(chk.random_effects, default=0):+.3f})", soft_wrap=True)
+        write_json_atomic(jsonable({**v.to_dict(), "supernodes": steered}), Path(args[1]) / "validation.json")
         out.print(v.summary(), soft_wrap=True)
         return
     if len(args) != 1:
@@ -180,7 +189,10 @@ def graph_cmd(
     g.info.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
     g.save(out_dir)
     slug = "".join(c if c.isalnum() else "-" for c in args[0].strip().lower())[:48].strip("-") or "graph"
-    save_neuronpedia(g, out_dir / "neuronpedia.json", slug=slug, pruned=pr)
+    from mechscope.graphs import suggest_supernodes
+
+    groups = suggest_supernodes(g, pr)
+    save_neuronpedia(g, out_dir / "neuronpedia.json", slug=slug, pruned=pr, supernodes=groups)
     from mechscope.graphs.neuronpedia import load_neuronpedia
     from mechscope.report.graph_page import write_graph_page
 
@@ -188,4 +200,5 @@ def graph_cmd(
     print_table(_scores_table(g, pr))
     note(f"targets: {', '.join(f'{s!r} p={float(p):.3f}' for s, p in zip(g.logit_strs, g.logit_probs))}; "
          f"{g.info['seconds']:.0f} s")
-    out.print(f"wrote {out_dir.resolve()} (graph.safetensors, graph.json, neuronpedia.json, graph.html)", soft_wrap=True)
+    out.print(f"wrote {out_dir.resolve()} (graph.safetensors, graph.json, neuronpedia.json, graph.html)",
+              soft_wrap=True)

@@ -5,6 +5,8 @@ pruning with replacement and completeness scores.
 - :class:`TranscoderSet`, :func:`load_transcoders`, :func:`save_transcoders`: one transcoder per layer, one folder.
 - :func:`replacement_state`, :func:`frozen_forward`: the local replacement model on the real HF forward.
 - :func:`attribute`: the graph of one prompt (:class:`AttributionGraph`); :func:`prune`, :func:`graph_scores`.
+- :func:`suggest_supernodes` / :func:`steer_supernode`: features grouped by their signed edge profiles, each group
+  checked by steering it together against random groups.
 - :func:`validate`: perturbations of sampled features against the graph's edges, frozen and in the real model.
 - :func:`to_neuronpedia` / :func:`save_neuronpedia` / :func:`load_neuronpedia`: the viewer's graph JSON.
 """
@@ -13,6 +15,7 @@ from mechscope.graphs.attribution import attribute, logit_targets, prompt_tokens
 from mechscope.graphs.graph import AttributionGraph
 from mechscope.graphs.prune import Pruned, cumulative_threshold, graph_scores, influence, normalize_rows, prune
 from mechscope.graphs.replacement import ActiveFeatures, ReplacementState, frozen_forward, replacement_state
+from mechscope.graphs.supernodes import SteeringCheck, Supernode, steer_supernode, suggest_supernodes
 from mechscope.graphs.validate import Agreement, Validation, validate
 from mechscope.graphs.neuronpedia import load_neuronpedia, save_neuronpedia, to_neuronpedia
 from mechscope.graphs.transcoders import (TranscoderSet, load_transcoders, read_manifest, save_transcoders,
@@ -22,4 +25,5 @@ __all__ = ["attribute", "logit_targets", "prompt_tokens", "AttributionGraph", "P
            "graph_scores", "influence", "normalize_rows", "prune", "ActiveFeatures", "ReplacementState",
            "frozen_forward", "replacement_state", "TranscoderSet", "load_transcoders", "read_manifest",
            "save_transcoders", "transcoder_configs", "write_manifest", "Agreement", "Validation", "validate",
-           "load_neuronpedia", "save_neuronpedia", "to_neuronpedia"]
+           "load_neuronpedia", "save_neuronpedia", "to_neuronpedia", "SteeringCheck", "Supernode", "steer_supernode",
+           "suggest_supernodes"]

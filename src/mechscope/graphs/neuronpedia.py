@@ -73,7 +73,7 @@ def _cumulative_rank(infl: torch.Tensor) -> torch.Tensor:
 
 def to_neuronpedia(graph: AttributionGraph, *, slug: str = "graph", scan: str | None = None,
                    pruned: Pruned | None = None, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                   labels: dict[tuple[int, int], str] | None = None) -> dict[str, Any]:
+                   labels: dict[tuple[int, int], str] | None = None, supernodes=None) -> dict[str, Any]:
     """The pruned graph as the dict Neuronpedia's viewer reads.
 
     Args:
@@ -81,6 +81,8 @@ def to_neuronpedia(graph: AttributionGraph, *, slug: str = "graph", scan: str | 
         scan: the transcoder set's name (default: its folder's name).
         pruned: a :func:`~mechscope.graphs.prune.prune` result; default: pruned here with the thresholds.
         labels: ``(layer, feature) -> label`` written as each feature's ``clerp`` (e.g. from a feature database).
+        supernodes: :class:`~mechscope.graphs.supernodes.Supernode` groups written to ``qParams.supernodes`` as
+            ``[label, node_id, ...]`` (members pruned away are left out).
 
     Raises:
         InputError: a slug that is empty or not a plain name.
@@ -127,7 +129,12 @@ def to_neuronpedia(graph: AttributionGraph, *, slug: str = "graph", scan: str | 
                           "replacement_score": rep, "completeness_score": comp,
                           "pruned_replacement_score": rep_p, "pruned_completeness_score": comp_p,
                           "transcoders": graph.transcoders}}
-    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    groups = []
+    for sn in supernodes or ():
+        members = [ids[i] for i in sn.nodes if i in ids]
+        if len(members) >= 2:
+            groups.append([sn.label, *members])
+    qparams = {"pinnedIds": [], "supernodes": groups, "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": meta, "qParams": qparams, "nodes": nodes, "links": links}
 
 

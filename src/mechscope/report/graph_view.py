@@ -146,11 +146,14 @@ def graph_view(d: dict) -> dict:
             summary.append((label, f"{ms[key]:.3f}", f"pruned: {ms.get('pruned_' + key, float('nan')):.3f}"))
     edge_rows = [[node_name(nodes[e["source"]], tokens), node_name(nodes[e["target"]], tokens), round(e["weight"], 4)]
                  for e in links[:50]]
+    groups = [[g[0], ", ".join(node_name(nodes[i], tokens) for i in g[1:] if i in nodes)]
+              for g in d.get("qParams", {}).get("supernodes", []) if g]
     notes = []
     if len(links) > MAX_DRAWN_EDGES:
         notes.append(f"{MAX_DRAWN_EDGES} of {len(links)} edges drawn (the strongest by |weight|).")
     return {"title": f"attribution graph: {meta.get('prompt') or meta.get('slug')}", "figure": {"data": traces,
             "layout": layout}, "nodes": details, "summary": summary, "notes": notes,
-            "tables": {"edges": {"columns": ["source", "target", "weight"], "rows": edge_rows}},
+            "tables": {"edges": {"columns": ["source", "target", "weight"], "rows": edge_rows},
+                       "supernodes": {"columns": ["supernode", "features"], "rows": groups}},
             "pinned": list(d.get("qParams", {}).get("pinnedIds", [])), "model": ms.get("model", ""),
             "scan": meta.get("scan", "")}
