@@ -480,3 +480,28 @@ def test_steering_a_supernode_reports_its_effect_beside_random_groups(setup):
     assert chk.beats_random == (abs(chk.effect) > max(abs(r) for r in chk.random_effects))
     with pytest.raises(mechscope.InputError, match="groups features"):
         steer_supernode(m, ts, g, pr, [g.token_start], n_random=0)
+
+
+def test_task_graphs_and_what_recurs_among_them(setup):
+    from mechscope.data.task import Task
+    from mechscope.graphs.aggregate import aggregate, task_graphs
+
+    m, ts, tok, g = setup
+    toks = random_tokens(3, 7, seed=5)
+    task = Task("tiny", toks, toks.flip(1), answer=torch.tensor([5, 6, 7]), wrong=torch.tensor([8, 9, 10]))
+    graphs = task_graphs(m, ts, task, n=2, max_feature_nodes=None, progress=False)
+    assert len(graphs) == 2 and graphs[1].logit_tokens.tolist() == [6, 9]
+    assert torch.equal(graphs[0].tokens, toks[0])  # the tiny tokenizer-less model has no BOS to add
+    same = aggregate([g, g], node_threshold=0.95, edge_threshold=0.99)
+    pr = prune(g, 0.95, 0.99)
+    kept_ids = pr.node_mask[:g.n_features].nonzero().flatten().tolist()
+    kept = {(g.node(i)["layer"], g.node(i)["feature"]) for i in kept_ids}
+    assert kept and set(same.features) == kept and all(v["count"] == 2 for v in same.features.values())
+    assert same.edges and all(v["count"] == 2 for v in same.edges.values())
+    both = aggregate(graphs, node_threshold=0.95, edge_threshold=0.99)
+    assert all(1 <= v["count"] <= 2 for v in both.features.values())
+    rec = both.recurring(0.0)
+    assert [k for k, _ in rec] == sorted(both.features, key=lambda k: (-both.features[k]["count"],
+                                                                        -both.features[k]["mean_influence"]))
+    with pytest.raises(mechscope.InputError, match="no graphs"):
+        aggregate([])

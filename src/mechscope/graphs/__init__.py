@@ -7,10 +7,13 @@ pruning with replacement and completeness scores.
 - :func:`attribute`: the graph of one prompt (:class:`AttributionGraph`); :func:`prune`, :func:`graph_scores`.
 - :func:`suggest_supernodes` / :func:`steer_supernode`: features grouped by their signed edge profiles, each group
   checked by steering it together against random groups.
+- :func:`task_graphs` / :func:`aggregate`: a graph per prompt of a circuit task, and the features and edges
+  that recur among them.
 - :func:`validate`: perturbations of sampled features against the graph's edges, frozen and in the real model.
 - :func:`to_neuronpedia` / :func:`save_neuronpedia` / :func:`load_neuronpedia`: the viewer's graph JSON.
 """
 
+from mechscope.graphs.aggregate import Aggregate, aggregate, task_graphs
 from mechscope.graphs.attribution import attribute, logit_targets, prompt_tokens
 from mechscope.graphs.graph import AttributionGraph
 from mechscope.graphs.prune import Pruned, cumulative_threshold, graph_scores, influence, normalize_rows, prune
@@ -26,4 +29,4 @@ __all__ = ["attribute", "logit_targets", "prompt_tokens", "AttributionGraph", "P
            "frozen_forward", "replacement_state", "TranscoderSet", "load_transcoders", "read_manifest",
            "save_transcoders", "transcoder_configs", "write_manifest", "Agreement", "Validation", "validate",
            "load_neuronpedia", "save_neuronpedia", "to_neuronpedia", "SteeringCheck", "Supernode", "steer_supernode",
-           "suggest_supernodes"]
+           "suggest_supernodes", "Aggregate", "aggregate", "task_graphs"]
