@@ -17,7 +17,8 @@ import torch
 
 import mechscope
 from mechscope.core.io import jsonable, write_json_atomic
-from mechscope.graphs import attribute, graph_scores, load_transcoders, prune, save_neuronpedia, validate
+from mechscope.graphs import (attribute, explain_attention, graph_scores, load_transcoders, prune, save_neuronpedia,
+                              steer_supernode, suggest_supernodes, validate)
 from mechscope.graphs.neuronpedia import load_neuronpedia
 from mechscope.report.graph_page import write_graph_page
 
@@ -74,6 +75,14 @@ def main() -> None:
         v = validate(model, ts, g, n_features=args.n_validate)
         t_val = time.perf_counter() - t1
         write_json_atomic(jsonable(v.to_dict()), folder / "validation.json")
+        supernodes = []
+        for sn in suggest_supernodes(g, pr)[:4]:
+            chk = steer_supernode(model, ts, g, pr, sn.nodes, alpha=-1.0)
+            supernodes.append({**sn.to_dict(), "steering": chk.to_dict()})
+        attention = None
+        if name == "ioi":  # the name mover's score from the last position to the indirect object " Mary" (pos 2)
+            e = explain_attention(model, ts, g.tokens, 23, 3, g.n_pos - 1, 2, top=8, str_tokens=g.str_tokens)
+            attention = e.to_dict()
         rep, comp = graph_scores(g)
         rep_p, comp_p = graph_scores(g, pr)
         summary[name] = {"prompt": prompt, "tokens": g.str_tokens,
@@ -84,7 +93,8 @@ def main() -> None:
                          "pruned_edges": int(pr.edge_mask.sum()), "replacement": rep, "completeness": comp,
                          "pruned_replacement": rep_p, "pruned_completeness": comp_p, "graph_seconds": t_graph,
                          "validate_seconds": t_val, "validation": v.to_dict(), "summary": v.summary(),
-                         "top_features": describe(model, ts, g, pr), "info": g.info}
+                         "top_features": describe(model, ts, g, pr), "supernodes": supernodes,
+                         "attention": attention, "info": g.info}
         print(name, json.dumps(jsonable({k: summary[name][k] for k in ("targets", "replacement", "completeness",
                                                                           "pruned_replacement", "pruned_completeness",
                                                                           "graph_seconds")})), flush=True)

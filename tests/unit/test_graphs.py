@@ -505,3 +505,24 @@ def test_task_graphs_and_what_recurs_among_them(setup):
                                                                         -both.features[k]["mean_influence"]))
     with pytest.raises(mechscope.InputError, match="no graphs"):
         aggregate([])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_scores_split_exactly_into_component_pairs(family):
+    from mechscope.graphs.attention import explain_attention
+
+    m = tiny64(family)
+    ts = random_set(m, skip=family == "llama")
+    tok = random_tokens(1, 8, seed=6)[0]
+    for layer, head, q, k in [(1, 0, 7, 3), (1, 3, 5, 5), (0, 2, 6, 0)]:
+        e = explain_attention(m, ts, tok, layer, head, q, k, top=5)
+        assert e.total == pytest.approx(e.score, rel=1e-6, abs=1e-8)
+        assert len(e.pairs) == (4 if layer == 0 else 5) and abs(e.pairs[0].value) >= abs(e.pairs[-1].value)
+        assert 0 <= e.pattern <= 1
+        names = {n for n, _ in e.query_totals}
+        if layer == 0:  # before layer 0 the residual stream is the embedding (and, for GPT-2, positions)
+            assert names == {f"token '{int(tok[q])}'@{q}", f"other@{q}"}
+        else:
+            assert any(n.startswith("L0 #") for n in names) or len(names) == 5
+    with pytest.raises(mechscope.InputError, match="key_pos <= query_pos"):
+        explain_attention(m, ts, tok, 1, 0, 2, 5)

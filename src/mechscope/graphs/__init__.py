@@ -9,11 +9,14 @@ pruning with replacement and completeness scores.
   checked by steering it together against random groups.
 - :func:`task_graphs` / :func:`aggregate`: a graph per prompt of a circuit task, and the features and edges
   that recur among them.
+- :func:`explain_attention`: a head's score split exactly into (query component, key component) pairs — the
+  features that made it attend where it did.
 - :func:`validate`: perturbations of sampled features against the graph's edges, frozen and in the real model.
 - :func:`to_neuronpedia` / :func:`save_neuronpedia` / :func:`load_neuronpedia`: the viewer's graph JSON.
 """
 
 from mechscope.graphs.aggregate import Aggregate, aggregate, task_graphs
+from mechscope.graphs.attention import AttentionExplanation, ScorePair, explain_attention
 from mechscope.graphs.attribution import attribute, logit_targets, prompt_tokens
 from mechscope.graphs.graph import AttributionGraph
 from mechscope.graphs.prune import Pruned, cumulative_threshold, graph_scores, influence, normalize_rows, prune
@@ -29,4 +32,5 @@ __all__ = ["attribute", "logit_targets", "prompt_tokens", "AttributionGraph", "P
            "frozen_forward", "replacement_state", "TranscoderSet", "load_transcoders", "read_manifest",
            "save_transcoders", "transcoder_configs", "write_manifest", "Agreement", "Validation", "validate",
            "load_neuronpedia", "save_neuronpedia", "to_neuronpedia", "SteeringCheck", "Supernode", "steer_supernode",
-           "suggest_supernodes", "Aggregate", "aggregate", "task_graphs"]
+           "suggest_supernodes", "Aggregate", "aggregate", "task_graphs", "AttentionExplanation", "ScorePair",
+           "explain_attention"]
