@@ -111,7 +111,8 @@ def explain_attention(model, transcoders, tokens: Tensor, layer: int, head: int,
     if not 0 <= layer < c.n_layers or not 0 <= head < c.n_heads:
         raise InputError(f"layer {layer} / head {head} do not exist ({c.n_layers} layers, {c.n_heads} heads).")
     if not 0 <= key_pos <= query_pos < P:
-        raise InputError(f"positions must satisfy 0 <= key_pos <= query_pos < {P}, got key {key_pos}, query {query_pos}.")
+        raise InputError(f"positions must satisfy 0 <= key_pos <= query_pos < {P}, got key {key_pos}, query "
+                         f"{query_pos}.")
     attn = model.layer_module(layer, model.adapter.attn)
     if any(hasattr(attn, n) for n in ("q_norm", "k_norm")) or getattr(model.hf.config, "attn_logit_softcapping", None):
         raise InputError(f"{c.name}'s attention normalises queries/keys or soft-caps scores, so its score is not "
