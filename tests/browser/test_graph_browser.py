@@ -45,3 +45,16 @@ def test_the_graph_page_opens_offline_and_shows_a_node(page, graph_json, tmp_pat
     assert page.locator("#pins li").count() == 0
     assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
     assert page.js_errors == []
+
+
+def test_integers_show_as_integers(page, graph_json, tmp_path):
+    from mechscope.report.graph_page import write_graph_page
+
+    path = write_graph_page(graph_json, tmp_path / "graph.html")
+    page.goto(path.as_uri())
+    page.wait_for_selector("#fig-graph .main-svg")
+    node = next(n for n in graph_json["nodes"] if n["feature_type"] == "cross layer transcoder")
+    page.evaluate(f"window.mechscopeShowNode({node['node_id']!r})")
+    rows = dict(r.split("\t") for r in page.inner_text("#node-info table").splitlines()[1:6])
+    assert rows["position"] == str(node["ctx_idx"]) and rows["layer"] == node["layer"]
+    assert page.js_errors == []
