@@ -109,6 +109,10 @@ def main() -> None:
             cfg = json.loads(cfg_path.read_text())
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
             cfg_path.write_text(json.dumps(cfg))
+        # transformers 5 writes rope_theta inside rope_parameters; 4.57 reads the top-level key (else 10,000)
+        mcfg = json.loads((hf_dir / "config.json").read_text())
+        mcfg.update({k: v for k, v in mcfg.get("rope_parameters", {}).items() if k == "rope_theta"})
+        (hf_dir / "config.json").write_text(json.dumps(mcfg))
     g = torch.Generator().manual_seed(0)
     rows = []
     for P in args.lengths:

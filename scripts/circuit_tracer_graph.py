@@ -4,8 +4,8 @@ Runs in circuit-tracer's own virtual environment (circuit-tracer 0.5.0 pins tran
 share an environment with mechscope's transformers 5.23); it imports nothing from mechscope. It reads a
 mechscope transcoder-set folder (``transcoders.json`` + per-layer ``cfg.json`` / ``dictionary.safetensors``),
 builds circuit-tracer's ``SingleLayerTranscoder``s from the same weights (its W_enc and W_skip are the
-transposes of mechscope's), runs ``circuit_tracer.attribute`` with its nnsight backend on the HF model folder,
-prunes with ``prune_graph`` and writes the results to a safetensors file that ``tests/parity`` compares.
+transposes of mechscope's; its TopK gets mechscope's ReLU), runs ``circuit_tracer.attribute`` with its nnsight
+backend on the HF model folder, prunes with ``prune_graph`` and writes the results to a safetensors file that ``tests/parity`` compares.
 
 Usage (see ``tests/parity/test_circuit_tracer.py``)::
 
@@ -26,6 +26,14 @@ from circuit_tracer.transcoder.activation_functions import TopK
 from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
 
 
+class ReluTopK(TopK):
+    """mechscope's TopK: the k largest pre-activations, ReLU'd (Gao et al. 2024); circuit-tracer's TopK keeps negative
+    values among the k, so the converted transcoders carry mechscope's activation function."""
+
+    def forward(self, x: torch.Tensor):
+        return torch.relu(super().forward(x))
+
+
 def main(model_dir: str, tc_dir: str, tokens_json: str, out: str, max_feature_nodes: str = "none") -> None:
     torch.set_num_threads(1)
     tc = Path(tc_dir)
@@ -36,7 +44,7 @@ def main(model_dir: str, tc_dir: str, tokens_json: str, out: str, max_feature_no
         w = load_file(str(tc / sub / "dictionary.safetensors"))
         if cfg["architecture"] != "topk":
             raise SystemExit(f"only TopK transcoders are converted here, got {cfg['architecture']}")
-        t = SingleLayerTranscoder(cfg["d_in"], cfg["d_sae"], TopK(cfg["k"]), int(key), skip_connection=cfg["skip"],
+        t = SingleLayerTranscoder(cfg["d_in"], cfg["d_sae"], ReluTopK(cfg["k"]), int(key), skip_connection=cfg["skip"],
                                   device=torch.device("cpu"), dtype=torch.float32)
         state = {"W_enc": w["W_enc"].T.contiguous(), "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]}
         if cfg["skip"]:

@@ -46,6 +46,10 @@ def main() -> None:
     cfg = json.loads((hf / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    # transformers 5 writes rope_theta inside rope_parameters; 4.57 reads the top-level key (else 10,000)
+    mcfg = json.loads((hf / "config.json").read_text())
+    mcfg.update({k: v for k, v in mcfg.get("rope_parameters", {}).items() if k == "rope_theta"})
+    (hf / "config.json").write_text(json.dumps(mcfg))
     (tmp / "tokens.json").write_text(json.dumps(tok.tolist()))
     r = subprocess.run([args.ct, str(ROOT / "scripts" / "circuit_tracer_graph.py"), str(hf), str(args.transcoders),
                         str(tmp / "tokens.json"), str(tmp / "ct.safetensors"), args.max_feature_nodes],
@@ -58,27 +62,36 @@ def main() -> None:
     g = attribute(m, ts, tok, max_feature_nodes=budget, progress=False)
     seconds = time.perf_counter() - t0
     pr = prune(g)
-    A, B = g.adjacency, ct["adjacency"]
-    same_shape = A.shape == B.shape
-    full_edge = torch.zeros_like(ct["edge_mask"])
-    if same_shape:
-        full_edge[:g.n_features, :g.n_sources] = pr.edge_mask[:g.n_features]
-        full_edge[g.logit_start:, :g.n_sources] = pr.edge_mask[g.n_features:]
-    res = {"prompt": args.prompt, "tokens": g.str_tokens, "n_active": len(g.active_features),
-           "same_active_features": bool(torch.equal(g.active_features, ct["active_features"])),
-           "max_activation_diff": float((g.activations - ct["activations"]).abs().max()),
+    # match feature nodes by (layer, position, latent): float differences between the two forwards (transformers
+    # 4.57 eager attention there, 5.23 sdpa here) can move a TopK value across zero, so the active sets may differ
+    ours = {tuple(g.active_features[i].tolist()): n for n, i in enumerate(g.selected.tolist())}
+    ct_active = ct["active_features"]
+    theirs = {tuple(ct_active[i].tolist()): n for n, i in enumerate(ct["selected"].tolist())}
+    common = sorted(set(ours) & set(theirs))
+    nf_c = len(ct["selected"])
+    rest = g.n_nodes - g.n_features  # errors, tokens, logits: the same layout in both
+    idx_m = torch.tensor([ours[k] for k in common] + list(range(g.n_features, g.n_nodes)))
+    idx_c = torch.tensor([theirs[k] for k in common] + list(range(nf_c, nf_c + rest)))
+    A = g.adjacency[idx_m][:, idx_m]
+    B = ct["adjacency"][idx_c][:, idx_c]
+    act_m = torch.stack([g.activations[g.selected[ours[k]]] for k in common])
+    act_c = torch.stack([ct["activations"][ct["selected"][theirs[k]]] for k in common])
+    only_m = sorted(set(ours) - set(theirs))
+    only_c = sorted(set(theirs) - set(ours))
+    only_vals = [float(ct["activations"][ct["selected"][theirs[k]]]) for k in only_c]
+    nm, nc = pr.node_mask[idx_m], ct["node_mask"][idx_c]
+    res = {"prompt": args.prompt, "tokens": g.str_tokens, "n_active_mechscope": len(ours),
+           "n_active_circuit_tracer": len(theirs), "n_common": len(common), "only_mechscope": len(only_m),
+           "only_circuit_tracer": len(only_c),
+           "largest_activation_only_circuit_tracer": max(only_vals, default=0.0),
+           "max_activation_diff_common": float((act_m - act_c).abs().max()),
            "same_targets": bool(torch.equal(g.logit_tokens, ct["logit_tokens"])),
-           "same_selected": bool(torch.equal(g.selected, ct["selected"])),
-           "adjacency_max_abs_diff": float((A - B).abs().max()) if same_shape else None,
-           "adjacency_max_abs": float(B.abs().max()),
-           "same_pruned_nodes": bool(torch.equal(pr.node_mask, ct["node_mask"])) if same_shape else False,
-           "pruned_node_differences": int((pr.node_mask != ct["node_mask"]).sum()) if same_shape else None,
-           "same_pruned_edges": bool(torch.equal(full_edge, ct["edge_mask"])) if same_shape else False,
-           "pruned_edge_differences": int((full_edge != ct["edge_mask"]).sum()) if same_shape else None,
+           "adjacency_max_abs_diff_common": float((A - B).abs().max()), "adjacency_max_abs": float(B.abs().max()),
+           "pruned_node_differences_common": int((nm != nc).sum()), "pruned_nodes_mechscope": int(pr.node_mask.sum()),
+           "pruned_nodes_circuit_tracer": int(ct["node_mask"].sum()),
            "scores_mechscope": graph_scores(g), "scores_circuit_tracer": ct["scores"].tolist(),
            "seconds_mechscope": seconds, "seconds_circuit_tracer": float(ct["seconds"][0])}
-    res["adjacency_rel_diff"] = (res["adjacency_max_abs_diff"] / res["adjacency_max_abs"]
-                                 if res["adjacency_max_abs_diff"] is not None else None)
+    res["adjacency_rel_diff_common"] = res["adjacency_max_abs_diff_common"] / res["adjacency_max_abs"]
     write_json_atomic(jsonable(res), args.out)
     print(json.dumps(jsonable(res), indent=1))
 

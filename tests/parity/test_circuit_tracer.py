@@ -42,6 +42,9 @@ def files(tmp_path_factory):
     cfg = json.loads((root / "model" / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 4.57 does not know 5's TokenizersBackend
     (root / "model" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    mcfg = json.loads((root / "model" / "config.json").read_text())  # 4.57 reads rope_theta at the top level
+    mcfg.update({k: v for k, v in mcfg.get("rope_parameters", {}).items() if k == "rope_theta"})
+    (root / "model" / "config.json").write_text(json.dumps(mcfg))
     m = mechscope.load(str(root / "model"))
     save_transcoders(random_set(m, d_sae=64, k=4, dtype="float32"), root / "tc")
     tok = m.to_tokens("w5 w9 w13 w5 w9 w13 w5", prepend_bos=True)[0]
