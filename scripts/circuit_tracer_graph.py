@@ -5,7 +5,8 @@ share an environment with mechscope's transformers 5.23); it imports nothing fro
 mechscope transcoder-set folder (``transcoders.json`` + per-layer ``cfg.json`` / ``dictionary.safetensors``),
 builds circuit-tracer's ``SingleLayerTranscoder``s from the same weights (its W_enc and W_skip are the
 transposes of mechscope's; its TopK gets mechscope's ReLU), runs ``circuit_tracer.attribute`` with its nnsight
-backend on the HF model folder, prunes with ``prune_graph`` and writes the results to a safetensors file that ``tests/parity`` compares.
+backend on the HF model folder, prunes with ``prune_graph`` and writes the results to a safetensors file that
+``tests/parity`` compares.
 
 Usage (see ``tests/parity/test_circuit_tracer.py``)::
 

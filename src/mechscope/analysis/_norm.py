@@ -31,7 +31,8 @@ class FrozenNorm:
     """A norm linearised at one input: ``y = centre(x) * scale * gain + bias``.
 
     Attributes:
-        scale: [..., 1] float32 (float64 for float64 input), 1 / sqrt(mean square (+eps)) of the real input (dimensionless per unit).
+        scale: [..., 1] float32 (float64 for float64 input), 1 / sqrt(mean square (+eps)) of the real input
+            (dimensionless per unit).
         gain: [d_model] float32 elementwise gain (``w``, or ``1 + w`` for Gemma).
         bias: [d_model] float32 additive bias, or None.
         centre: whether the norm subtracts the mean over d_model first (LayerNorm).
