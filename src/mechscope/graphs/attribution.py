@@ -216,7 +216,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
     Args:
         model: a :class:`~mechscope.HookedModel`.
         transcoders: one transcoder per layer of ``model`` (:func:`~mechscope.graphs.load_transcoders`).
-        prompt: text (BOS prepended by the tokenizer) or token ids ``[P]``.
+        prompt: text (BOS put in front, as the training contexts had) or token ids ``[P]`` (used as given).
         targets: target logits (token ids or one-token strings); None: the most likely tokens until
             ``desired_logit_prob``, at most ``max_n_logits``.
         max_feature_nodes: feature nodes kept (those of most influence on the logits); None: every active one.
