@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.browser.test_app_pages_browser import strict_page  # noqa: F401 (fixture)
 from tests.unit.test_cli import NASTY
 
 pytestmark = [pytest.mark.browser]
@@ -58,3 +59,25 @@ def test_integers_show_as_integers(page, graph_json, tmp_path):
     rows = dict(r.split("\t") for r in page.inner_text("#node-info table").splitlines()[1:6])
     assert rows["position"] == str(node["ctx_idx"]) and rows["layer"] == node["layer"]
     assert page.js_errors == []
+
+
+def test_the_app_serves_the_graph_page_under_its_csp(strict_page, graph_json):  # noqa: F811
+    from mechscope.app import AppState, create_app
+    from tests.browser.conftest import serve
+
+    url, stop = serve(create_app(AppState(graph=graph_json)))
+    try:
+        pg = strict_page
+        r = pg.goto(url + "/graph")
+        assert "script-src 'self';" in r.headers["content-security-policy"]
+        pg.wait_for_selector("#graph .main-svg")
+        assert NASTY[0] in pg.inner_text("#title") and pg.locator("header a.on").inner_text() == "graph"
+        node = next(n["node_id"] for n in graph_json["nodes"] if n["feature_type"] == "cross layer transcoder")
+        pg.evaluate(f"window.mechscopeShowNode({node!r})")
+        assert "edges in" in pg.inner_text("#node-info")
+        pg.click("#node-info button.pin")
+        assert pg.locator("#pins li").count() == 1
+        pg.wait_for_selector("#table-edges table")
+        assert pg.js_errors == [] and pg.console_errors == [] and pg.failed == []
+    finally:
+        stop()

@@ -95,3 +95,20 @@ def test_bad_graph_input_is_one_red_line(trained, tiny_model_dir, tmp_path):  # 
     assert "holds no attribution graph" in r.stderr
     r = invoke("graph", "w5", "--transcoders", trained / "tc", "--out", tmp_path / "g", "--node-threshold", 2, code=2)
     assert "--node-threshold must lie in [0, 1]" in r.stderr
+
+
+def test_the_app_serves_a_graph_view_and_says_when_it_has_none(trained, tiny_model_dir, tmp_path):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from mechscope.app import AppState, create_app
+    from mechscope.graphs.neuronpedia import load_neuronpedia
+
+    invoke("graph", "w5 w9 w13 w5 w9", "--transcoders", trained / "tc", "--out", tmp_path / "g", "--model",
+           tiny_model_dir, "--threads", "1")
+    d = load_neuronpedia(tmp_path / "g" / "neuronpedia.json")
+    view = TestClient(create_app(AppState(graph=d))).get("/api/graph").json()["view"]
+    assert set(view["nodes"]) == {n["node_id"] for n in d["nodes"]} and view["figure"]["data"]
+    r = TestClient(create_app(AppState())).get("/api/graph")
+    assert r.status_code >= 400 and "--graph" in r.json()["detail"]
+    r = invoke("serve", "--graph", tmp_path / "nope", code=2)
+    assert "does not exist" in r.stderr

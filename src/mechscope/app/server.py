@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mechscope.core.errors import InputError
 
-PAGES = ("index", "feature", "inspect", "patching", "steer", "circuit", "probe")
+PAGES = ("index", "feature", "inspect", "patching", "steer", "circuit", "probe", "graph")
 MAX_INT32 = 2**31 - 1  # bound of every id and offset: DuckDB's INTEGER, and far past any dictionary
 N_TOP_TOKENS = 5  # tokens shown per latent in lists
 _STEER_LINK = re.compile(r'(<a id="steer-link"[^>]*\bhref=")/steer(")')
@@ -51,6 +51,7 @@ class AppState:
         db: a read-only FeatureDB.
         report: the results.json of a ``mechscope report`` run (patching page).
         circuit: the evaluation.json of ``mechscope circuit evaluate`` (circuit page).
+        graph: an attribution graph's JSON (``neuronpedia.json`` of ``mechscope graph``; graph page).
         steer: ``fn(prompt, latents, max_new_tokens) -> dict`` used by the steering endpoint.
         probes: :class:`~mechscope.app.probe_routes.ServedProbe` (a loaded probe, its display name and threshold)
             for the probe page; :func:`~mechscope.app.probe_routes.load_probes` makes them.
@@ -61,6 +62,7 @@ class AppState:
     db: Any = None
     report: dict | None = None
     circuit: dict | None = None
+    graph: dict | None = None
     steer: Any = None
     probes: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -244,7 +246,7 @@ def create_app(state: AppState):
     app = FastAPI(title="mechscope", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(web.SecurityHeaders)
     app.mount("/static", web.make_static_files(), name="static")
-    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching, /circuit, /probe")
+    web.install_error_handlers(app, pages="/, /feature/<id>, /inspect, /steer, /patching, /circuit, /probe, /graph")
 
     def need(what: str, value):
         if value is None:
@@ -344,6 +346,13 @@ def create_app(state: AppState):
 
         ev = need("a circuit evaluation (--circuit evaluation.json)", state.circuit)
         return {"view": circuit_view(ev), "evaluation": ev}
+
+    @app.get("/api/graph")
+    def graph():
+        """The attribution-graph page's view (figure, node details, tables), drawn from the graph JSON."""
+        from mechscope.report.graph_view import graph_view
+
+        return {"view": graph_view(need("an attribution graph (--graph DIR of mechscope graph)", state.graph))}
 
     @app.post("/api/steer")
     def steer(body: SteerBody):

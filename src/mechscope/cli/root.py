@@ -139,6 +139,8 @@ def serve(
     report: Path | None = typer.Option(None, "--report", help="results.json (or its folder) of `mechscope report`"),
     circuit: Path | None = typer.Option(None, "--circuit", help="evaluation.json (or its folder) of `mechscope circuit "
                                         "evaluate`: the /circuit page"),
+    graph: Path | None = typer.Option(None, "--graph", help="graph folder of `mechscope graph` (or its "
+                                      "neuronpedia.json): the /graph page"),
     probe: list[Path] = typer.Option([], "--probe", help="probe folder written by Probe.save, fitted on this model: the "
                                      "/probe page (repeatable)"),
     probe_threshold: float | None = typer.Option(None, "--probe-threshold", help="alarm threshold (logit units) for "
@@ -148,7 +150,8 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
 ) -> None:
-    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering, circuit, probes."""
+    """Serve the local web app: feature browser, feature pages, prompt inspector, patching, steering, circuit, probes,
+    attribution graphs."""
     import uvicorn
 
     import mechscope
@@ -161,6 +164,11 @@ def serve(
         from mechscope.circuits.runs import read_evaluation
 
         evaluation = read_evaluation(circuit)
+    graph_json = None
+    if graph is not None:
+        from mechscope.graphs.neuronpedia import load_neuronpedia
+
+        graph_json = load_neuronpedia(graph / "neuronpedia.json" if graph.is_dir() else graph)
     d = load_dictionaries([dictionary])[0] if dictionary is not None else None
     db = open_database(features) if features is not None else None
     if d is not None and db is not None:
@@ -172,7 +180,7 @@ def serve(
 
         check_probe_folders(probe, threshold=probe_threshold)
     n, why = set_threads(threads, announce=False)
-    state = AppState(model=mechscope.load(model, dtype=dtype), report=results, circuit=evaluation)
+    state = AppState(model=mechscope.load(model, dtype=dtype), report=results, circuit=evaluation, graph=graph_json)
     state.dictionary, state.db = d, db
     if d is not None:
         from mechscope.app.server import make_steer

@@ -100,7 +100,7 @@ const ms = {
   latLink(id) { return ms.el("a", {cls: "lat", href: "/feature/" + id, text: "#" + id}); },
   nav(active) {
     const h = document.querySelector("header");
-    for (const [href, label] of [["/", "features"], ["/inspect", "prompt inspector"], ["/steer", "steering"], ["/patching", "patching"], ["/circuit", "circuit"], ["/probe", "probes"]]) {
+    for (const [href, label] of [["/", "features"], ["/inspect", "prompt inspector"], ["/steer", "steering"], ["/patching", "patching"], ["/circuit", "circuit"], ["/probe", "probes"], ["/graph", "graph"]]) {
       h.append(ms.el("a", {href, text: label, cls: href === active ? "on" : ""}));
     }
   },
