@@ -247,11 +247,9 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
     t0 = time.perf_counter()
     tokens = prompt_tokens(model, prompt)
     transcoders.check_model(model)
-    with torch.no_grad():
-        last = model.run(tokens[None], logits_to_keep=1).logits[0]
-    logit_ids, logit_p = logit_targets(model, last, targets, max_n_logits=max_n_logits,
+    st = replacement_state(model, transcoders, tokens, zero_first=zero_first)  # its real forward gives the logits
+    logit_ids, logit_p = logit_targets(model, st.logits[-1:], targets, max_n_logits=max_n_logits,
                                        desired_logit_prob=desired_logit_prob)
-    st = replacement_state(model, transcoders, tokens, zero_first=zero_first)
     n_feat, L, P = len(st.features), st.n_layers, st.n_pos
     n_logit = len(logit_ids)
     n_keep = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)

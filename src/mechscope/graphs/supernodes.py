@@ -148,15 +148,14 @@ def _group_deltas(model, transcoders, graph: AttributionGraph, nodes: list[int],
     return deltas
 
 
-def _top_logit_change(model, graph: AttributionGraph, deltas: dict[int, Tensor]) -> float:
-    tok = graph.tokens[None].to(model.device)
+def _top_logit(model, graph: AttributionGraph, deltas: dict[int, Tensor] | None = None) -> float:
+    """The top target's demeaned logit in the real model, with ``deltas`` added to the MLP outputs."""
     t = int(graph.logit_tokens[0])
     with torch.no_grad():
-        base = model.run(tok, logits_to_keep=1).logits[0, -1].double()
-        lg = model.run(tok, logits_to_keep=1,
-                       interventions=[Add(f"blocks.{L}.hook_mlp_out", direction=d) for L, d in deltas.items()]
+        lg = model.run(graph.tokens[None].to(model.device), logits_to_keep=1,
+                       interventions=[Add(f"blocks.{L}.hook_mlp_out", direction=d) for L, d in (deltas or {}).items()]
                        ).logits[0, -1].double()
-    return float((lg[t] - lg.mean()) - (base[t] - base.mean()))
+    return float(lg[t] - lg.mean())
 
 
 def steer_supernode(model, transcoders, graph: AttributionGraph, pruned: Pruned, nodes: list[int], *,
@@ -172,7 +171,8 @@ def steer_supernode(model, transcoders, graph: AttributionGraph, pruned: Pruned,
     for i in nodes:
         if graph.node_kind(i) != "feature":
             raise InputError(f"node {i} is a {graph.node_kind(i)} node; a supernode groups features.")
-    effect = _top_logit_change(model, graph, _group_deltas(model, transcoders, graph, nodes, alpha))
+    base = _top_logit(model, graph)  # once for the group and every random group
+    effect = _top_logit(model, graph, _group_deltas(model, transcoders, graph, nodes, alpha)) - base
     delta = torch.zeros(graph.n_features, 1, dtype=torch.float64)
     for i in nodes:
         delta[i, 0] = alpha * float(graph.activations[graph.selected[i]])
@@ -182,5 +182,5 @@ def steer_supernode(model, transcoders, graph: AttributionGraph, pruned: Pruned,
     rand = []
     for _ in range(n_random if len(pool) >= len(nodes) else 0):
         pick = [pool[int(k)] for k in torch.randperm(len(pool), generator=g)[:len(nodes)]]
-        rand.append(_top_logit_change(model, graph, _group_deltas(model, transcoders, graph, pick, alpha)))
+        rand.append(_top_logit(model, graph, _group_deltas(model, transcoders, graph, pick, alpha)) - base)
     return SteeringCheck(alpha, effect, predicted, rand, bool(rand) and abs(effect) > max(abs(r) for r in rand))

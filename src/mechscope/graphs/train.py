@@ -21,6 +21,7 @@ import torch
 
 from mechscope.core.errors import InputError
 from mechscope.core.io import jsonable, write_json_atomic
+from mechscope.evals.dictionary_eval import _ce
 from mechscope.graphs.transcoders import (TranscoderSet, layer_folder, load_transcoders, transcoder_configs,
                                           write_manifest)
 
@@ -43,11 +44,6 @@ class SetEval:
     ce_spliced: float
     ce_zero: float
     ce_loss_recovered: float
-
-
-def _ce(logits, toks, skip: int):
-    lp = logits[:, skip:-1].float().log_softmax(-1)
-    return -lp.gather(-1, toks[:, skip + 1:, None].to(lp.device))[..., 0]
 
 
 def evaluate_set(model, ts: TranscoderSet, contexts: torch.Tensor, *, batch_contexts: int = 8,

@@ -30,7 +30,7 @@ def _esc(s) -> str:
     return html.escape(str(s), quote=False).replace("\n", "\\n")
 
 
-def _y(node: dict, n_layers: int) -> float:
+def _y(node: dict) -> float:
     layer = node["layer"]
     if layer == "E":
         return -1.0
@@ -63,7 +63,7 @@ def graph_view(d: dict) -> dict:
     # positions: spread the nodes of one (y, pos) cell side by side
     cells = defaultdict(list)
     for n in d["nodes"]:
-        cells[(_y(n, n_layers), n["ctx_idx"])].append(n["node_id"])
+        cells[(_y(n), n["ctx_idx"])].append(n["node_id"])
     xy = {}
     for (y, pos), ids in cells.items():
         k = len(ids)
