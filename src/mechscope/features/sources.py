@@ -118,8 +118,13 @@ class FeatureSource:
             (no scan of the dense tensor).
         """
         res = self.model.run(tokens_BP.to(self.model.device), cache=[self.hook], stop_at_layer=self.stop_at_layer)
-        x = res.cache[self.hook]
-        x = x.reshape(*tokens_BP.shape, -1)
+        return self.from_hook(res.cache[self.hook], tokens_BP.shape)
+
+    @torch.no_grad()
+    def from_hook(self, x: Tensor, shape: torch.Size) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`activations` from the cached value ``x`` of :attr:`hook` for contexts of ``shape`` ``[B, P]``
+        (one forward can then serve several sources: :func:`mechscope.features.multi.compute_many_feature_stats`)."""
+        x = x.reshape(*shape, -1)
         d = self.dictionary
         if d is not None and d.cfg.architecture == "topk":
             pre = self._encode_pre(x.to(d.W_enc.device)).float().cpu()

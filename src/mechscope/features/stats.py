@@ -309,6 +309,30 @@ def _fingerprint(source: FeatureSource, tokens: Tensor, cfg: StatsConfig) -> dic
             "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]}
 
 
+def check_stats_tokens(tokens) -> Tensor:
+    """``tokens`` as CPU int64 ``[n_contexts, context_len]``.
+
+    Raises:
+        InputError: not an integer tensor of rank 2, no contexts, contexts of fewer than 2 tokens.
+    """
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise InputError("tokens must be an int64 tensor [n_contexts, context_len] (e.g. corpus_tokens(...).tokens).")
+    if tokens.shape[0] == 0:
+        raise InputError("no contexts to compute feature statistics on; give a corpus with text in it.")
+    if tokens.shape[1] < 2:
+        raise InputError(f"contexts need at least 2 tokens (BOS + text), got context_len {tokens.shape[1]}.")
+    return tokens.long().cpu()
+
+
+def check_batch(source: FeatureSource, acts: Tensor, entries, ids: Tensor) -> None:
+    """Refuse a batch with the wrong width or non-finite activations (names the contexts and the fix)."""
+    if acts.shape[-1] != source.n_latents:
+        raise MechscopeError(f"{source.hook} gave {acts.shape[-1]} features, expected {source.n_latents}.")
+    if not torch.isfinite(entries[3]).all() or not torch.isfinite(acts.amax()):
+        raise MechscopeError(f"non-finite latent activations in contexts {int(ids[0])}..{int(ids[-1])}; "
+                             "check the dictionary weights and the model dtype.")
+
+
 def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfig = StatsConfig(), *,
                           checkpoint_dir: str | Path | None = None, resume: bool = False,
                           progress: bool = True,
@@ -332,13 +356,7 @@ def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfi
         InputError: no contexts, contexts of fewer than 2 tokens, non-integer tokens; ``resume`` without a
             checkpoint, or a checkpoint written with other settings.
     """
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise InputError("tokens must be an int64 tensor [n_contexts, context_len] (e.g. corpus_tokens(...).tokens).")
-    if tokens.shape[0] == 0:
-        raise InputError("no contexts to compute feature statistics on; give a corpus with text in it.")
-    if tokens.shape[1] < 2:
-        raise InputError(f"contexts need at least 2 tokens (BOS + text), got context_len {tokens.shape[1]}.")
-    tokens = tokens.long().cpu()
+    tokens = check_stats_tokens(tokens)
     fp = _fingerprint(source, tokens, cfg)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume:
@@ -358,11 +376,7 @@ def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfi
         for bi in range(stats.next_batch, n_batches):
             ids = torch.arange(bi * cfg.batch_contexts, min(tokens.shape[0], (bi + 1) * cfg.batch_contexts))
             acts, entries = source.activations(tokens[ids])
-            if acts.shape[-1] != source.n_latents:
-                raise MechscopeError(f"{source.hook} gave {acts.shape[-1]} features, expected {source.n_latents}.")
-            if not torch.isfinite(entries[3]).all() or not torch.isfinite(acts.amax()):
-                raise MechscopeError(f"non-finite latent activations in contexts {int(ids[0])}..{int(ids[-1])}; "
-                                     "check the dictionary weights and the model dtype.")
+            check_batch(source, acts, entries, ids)
             stats.update(acts, entries, ids, bi, cfg)
             stats.next_batch = bi + 1
             if bar is not None:
