@@ -1,12 +1,14 @@
 """The attribution-graph page in headless Chromium: the self-contained file opens offline with no JS error and
 fetches nothing, draws nodes and edges, shows hostile prompt strings as text, and showing a node lists its edges
-and pins it."""
+and pins it; served with a transcoder set, a clicked feature shows its contexts from the set's feature database and
+steering the clicked or the pinned features shows the output before and after; without one the page says how."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.browser.test_app_pages_browser import strict_page  # noqa: F401 (fixture)
+from tests.unit.test_graph_features import built  # noqa: F401 (fixture)
 from tests.unit.test_cli import NASTY
 
 pytestmark = [pytest.mark.browser]
@@ -78,6 +80,56 @@ def test_the_app_serves_the_graph_page_under_its_csp(strict_page, graph_json):  
         pg.click("#node-info button.pin")
         assert pg.locator("#pins li").count() == 1
         pg.wait_for_selector("#table-edges table")
+        assert pg.js_errors == [] and pg.console_errors == [] and pg.failed == []
+    finally:
+        stop()
+
+
+def test_clicking_a_feature_shows_its_contexts_and_steering_changes_the_output(strict_page, built):  # noqa: F811
+    from mechscope.app import AppState, create_app
+    from mechscope.graphs.features import open_set_features
+    from tests.browser.conftest import serve
+
+    root, m, ts, _, _, _, d = built
+    url, stop = serve(create_app(AppState(model=m, graph=d, graph_transcoders=ts,
+                                          graph_features=open_set_features(root, ts))))
+    try:
+        pg = strict_page
+        pg.goto(url + "/graph")
+        pg.wait_for_selector("#graph .main-svg")
+        nodes = sorted((n for n in d["nodes"] if n["feature_type"] == "cross layer transcoder"),
+                       key=lambda n: -n["activation"])
+        pg.evaluate(f"window.mechscopeShowNode({nodes[0]['node_id']!r})")
+        pg.wait_for_selector("#feature-contexts .ctx")
+        assert "feature database" in pg.inner_text("#feature-info") and "no label yet" in pg.inner_text("#feature-info")
+        pg.fill("#steer-scale", "0")
+        pg.click("#steer-clicked")
+        pg.wait_for_selector("#steer-out table")
+        out = pg.inner_text("#steer-out")
+        assert "KL(before || after)" in out and "greedy continuation" in out
+        pg.click("#node-info button.pin")
+        pg.evaluate(f"window.mechscopeShowNode({nodes[1]['node_id']!r})")
+        pg.click("#node-info button.pin")
+        pg.click("#steer-pinned")
+        pg.locator("#steer-out p").filter(has_text="x their activations").filter(has_text=", ").wait_for()
+        assert pg.js_errors == [] and pg.console_errors == [] and pg.failed == []
+    finally:
+        stop()
+
+
+def test_without_transcoders_the_page_says_how_to_steer(strict_page, graph_json):  # noqa: F811
+    from mechscope.app import AppState, create_app
+    from tests.browser.conftest import serve
+
+    url, stop = serve(create_app(AppState(graph=graph_json)))
+    try:
+        pg = strict_page
+        pg.goto(url + "/graph")
+        pg.wait_for_selector("#steer-why p")
+        assert "--transcoders" in pg.inner_text("#steer-why") and pg.locator("#steer-clicked").is_disabled()
+        node = next(n["node_id"] for n in graph_json["nodes"] if n["feature_type"] == "cross layer transcoder")
+        pg.evaluate(f"window.mechscopeShowNode({node!r})")
+        pg.wait_for_selector("#feature-info p.note >> text=no feature database")
         assert pg.js_errors == [] and pg.console_errors == [] and pg.failed == []
     finally:
         stop()

@@ -112,3 +112,25 @@ def test_the_app_serves_a_graph_view_and_says_when_it_has_none(trained, tiny_mod
     assert r.status_code >= 400 and "--graph" in r.json()["detail"]
     r = invoke("serve", "--graph", tmp_path / "nope", code=2)
     assert "does not exist" in r.stderr
+
+
+def test_transcoders_features_builds_a_database_per_layer(trained, tiny_model_dir, tmp_path):  # noqa: F811
+    from mechscope.graphs import load_transcoders
+    from mechscope.graphs.features import open_set_features
+
+    r = invoke("transcoders", "features", trained / "tc", "--model", tiny_model_dir, "--dtype", "float32",
+               "--corpus", trained / "text.txt", "--tokens", 512, "--context-len", 16, "--layers", "1",
+               "--threads", "1")
+    assert "1 feature databases" in r.stdout
+    ts = load_transcoders(trained / "tc")
+    assert set(open_set_features(trained / "tc", ts)) == {1}
+    invoke("transcoders", "features", trained / "tc", "--model", tiny_model_dir, "--dtype", "float32",
+           "--corpus", trained / "text.txt", "--tokens", 512, "--context-len", 16, "--threads", "1")
+    dbs = open_set_features(trained / "tc", ts)
+    meta = dbs[0].meta
+    assert set(dbs) == {0, 1} and meta["n_tokens"] == meta["n_contexts"] * 15 >= 480
+    assert meta["corpus"] == [str(trained / "text.txt")] and meta["layer"] == 0
+    r = invoke("transcoders", "features", trained / "tc", "--layers", "2", "--model", tiny_model_dir, code=2)
+    assert "has layers 0-1" in r.stderr
+    r = invoke("serve", "--transcoders", trained / "tc", "--model", tiny_model_dir, code=2)
+    assert "give the graph too" in r.stderr

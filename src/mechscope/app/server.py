@@ -12,7 +12,9 @@ as HTML, so token strings such as ``<script>`` are shown as text):
 - ``/circuit`` a circuit evaluated by ``mechscope circuit evaluate`` (its evaluation.json): the layered graph
   (click a node for its edges and role), faithfulness with its interval, MIB's curves, robustness and roles;
 - ``/probe`` linear probes' per-token scores on a typed prompt, and a generation under a runtime monitor
-  (``mechscope serve --probe DIR``; routes in :mod:`mechscope.app.probe_routes`).
+  (``mechscope serve --probe DIR``; routes in :mod:`mechscope.app.probe_routes`);
+- ``/graph`` an attribution graph (``mechscope serve --graph DIR [--transcoders DIR]``): click a feature for its
+  contexts and label, pin nodes, steer features alone or together (routes in :mod:`mechscope.app.graph_routes`).
 
 JSON API under ``/api`` (its OpenAPI schema at ``/openapi.json``). A malformed request gets a 4xx whose
 ``detail`` is readable text, never a 500 (:mod:`mechscope.app.web`): validation 422, an unknown latent 404,
@@ -52,6 +54,8 @@ class AppState:
         report: the results.json of a ``mechscope report`` run (patching page).
         circuit: the evaluation.json of ``mechscope circuit evaluate`` (circuit page).
         graph: an attribution graph's JSON (``neuronpedia.json`` of ``mechscope graph``; graph page).
+        graph_transcoders: the graph's :class:`~mechscope.graphs.TranscoderSet` (steering on the graph page).
+        graph_features: ``{layer: FeatureDB}`` of that set (:func:`mechscope.graphs.features.open_set_features`).
         steer: ``fn(prompt, latents, max_new_tokens) -> dict`` used by the steering endpoint.
         probes: :class:`~mechscope.app.probe_routes.ServedProbe` (a loaded probe, its display name and threshold)
             for the probe page; :func:`~mechscope.app.probe_routes.load_probes` makes them.
@@ -63,6 +67,8 @@ class AppState:
     report: dict | None = None
     circuit: dict | None = None
     graph: dict | None = None
+    graph_transcoders: Any = None
+    graph_features: dict = field(default_factory=dict)
     steer: Any = None
     probes: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -207,6 +213,7 @@ def _summaries(db, ids: list[int] | None = None, *, order: str = "id", offset: i
         ids: these latents, in this order (unknown ids are left out); None: a page of all latents in ``order``
             (``id``, ``density``, ``density_asc``, ``max_act``), from ``offset``, ``limit`` rows.
     """
+    from mechscope.app.web import best_label
     from mechscope.features.db import ORDERS
 
     sql = ("SELECT l.id, l.density, l.max_act, l.mean_act, l.n_fired, "
@@ -223,18 +230,8 @@ def _summaries(db, ids: list[int] | None = None, *, order: str = "id", offset: i
     finally:
         c.close()
     return [{"id": i, "density": density, "max_act": max_act, "mean_act": mean_act, "n_fired": n_fired,
-             **_best_label({"labels": labels}), "top_tokens": list(dict.fromkeys(tops or []))[:N_TOP_TOKENS]}
+             **best_label({"labels": labels}), "top_tokens": list(dict.fromkeys(tops or []))[:N_TOP_TOKENS]}
             for i, density, max_act, mean_act, n_fired, tops, labels in rows]
-
-
-def _best_label(f: dict) -> dict:
-    """The best-scored label with its score and provenance (a label is never shown without them)."""
-    labels = sorted(f.get("labels") or [], key=lambda lab: -(lab["score"] if lab["score"] is not None else -1))
-    if not labels:
-        return {"label": None}
-    b = labels[0]
-    return {"label": b["label"], "label_score": b["score"], "label_score_kind": b["score_kind"],
-            "label_explainer": b["explainer"], "label_date": b["date"]}
 
 
 def create_app(state: AppState):
@@ -347,13 +344,6 @@ def create_app(state: AppState):
         ev = need("a circuit evaluation (--circuit evaluation.json)", state.circuit)
         return {"view": circuit_view(ev), "evaluation": ev}
 
-    @app.get("/api/graph")
-    def graph():
-        """The attribution-graph page's view (figure, node details, tables), drawn from the graph JSON."""
-        from mechscope.report.graph_view import graph_view
-
-        return {"view": graph_view(need("an attribution graph (--graph DIR of mechscope graph)", state.graph))}
-
     @app.post("/api/steer")
     def steer(body: SteerBody):
         fn = need("steering (a model and a dictionary)", state.steer)
@@ -365,8 +355,10 @@ def create_app(state: AppState):
         with state.lock:
             return fn(body.prompt, [s.model_dump() for s in body.latents], body.max_new_tokens)
 
+    from mechscope.app.graph_routes import add_graph_routes
     from mechscope.app.probe_routes import add_probe_routes
 
+    add_graph_routes(app, state)
     add_probe_routes(app, state)
     return app
 

@@ -211,3 +211,13 @@ def plotly_response(request):
     if asked.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in asked.split(",")]:
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/javascript", headers=headers)
+
+
+def best_label(f: dict) -> dict:
+    """The best-scored label with its score and provenance (a label is never shown without them)."""
+    labels = sorted(f.get("labels") or [], key=lambda lab: -(lab["score"] if lab["score"] is not None else -1))
+    if not labels:
+        return {"label": None}
+    b = labels[0]
+    return {"label": b["label"], "label_score": b["score"], "label_score_kind": b["score_kind"],
+            "label_explainer": b["explainer"], "label_date": b["date"]}

@@ -110,6 +110,66 @@ def eval_cmd(
     print_table(_set_table(e))
 
 
+@transcoders_app.command("features")
+@clean_errors
+def features_cmd(
+    folder: Path = typer.Argument(..., help="a transcoder-set folder"),
+    tokens: int = typer.Option(262_144, "--tokens", min=1, help="tokens of text to compute statistics on"),
+    layers: str | None = typer.Option(None, "--layers", help="only these layers, e.g. 0-3,10 (default: all)"),
+    corpus: list[str] = typer.Option(["pydoc", "wikipedia", "austen", "shakespeare"], "--corpus",
+                                     help="corpus names, files or folders (repeatable)"),
+    context_len: int = typer.Option(128, "--context-len", min=2, help="tokens per context (BOS included)"),
+    split: str = typer.Option("train", "--split", help="corpus split: train or eval"),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="top-activating contexts kept per latent"),
+    batch_contexts: int = typer.Option(8, "--batch-contexts", min=1, help="contexts per forward pass"),
+    model: str = ModelOpt,
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype (bfloat16: the encoder matmuls run in bf16 "
+                              "too, as `features build` does)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted build (finished layers are kept)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """A feature database for every transcoder of the set (folder/features/L00.duckdb ...), from one pass over real
+    text: what the graph viewer shows for a clicked feature."""
+    import time
+
+    import mechscope
+    from mechscope.cli.common import check_choice, expand_latents, parse_latents
+    from mechscope.data import corpus_tokens
+    from mechscope.features.stats import StatsConfig
+    from mechscope.graphs import load_transcoders
+    from mechscope.graphs.features import build_set_features
+
+    check_model_dtype(dtype)
+    check_choice(split, ("train", "eval"), "--split")
+    check_corpora(corpus)
+    ts = load_transcoders(folder)
+    chosen = None
+    if layers is not None:
+        ranges = parse_latents(layers, "--layers")
+        if any(b >= ts.n_layers for _, b in ranges):
+            raise InputError(f"--layers {layers}: the set in {folder} has layers 0-{ts.n_layers - 1}.")
+        chosen = expand_latents(ranges, ts.n_layers, f"the set in {folder}", "--layers")
+    set_threads(threads)
+    m = mechscope.load(model, dtype=dtype)
+    ts.check_model(m)
+    if m.tokenizer is None:
+        raise InputError(f"{model} has no tokenizer; feature statistics need one to read the corpus.")
+    packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed)
+    if tokens - packed.n_tokens >= packed.context_len:
+        note(f"statistics over {packed.n_tokens:,} tokens, not the {tokens:,} asked: the {split} split of "
+             f"{', '.join(corpus)} holds no more. Add text with --corpus for more.")
+    t0 = time.perf_counter()
+    bf16 = dtype in ("bfloat16", "bf16")
+    paths = build_set_features(m, ts, packed.tokens, folder=folder, layers=chosen, resume=resume,
+                               cfg=StatsConfig(top_k=top_k, per_bin=2, batch_contexts=batch_contexts, seed=seed),
+                               encode_dtype="bfloat16" if bf16 else "float32",
+                               meta={"corpus": list(corpus), "split": split, "context_len": context_len,
+                                     "dtype": dtype})
+    out.print(f"{len(paths)} feature databases over {packed.n_tokens:,} tokens in {time.perf_counter() - t0:.0f} s -> "
+              f"{(folder / 'features').resolve()}", soft_wrap=True)
+
+
 def _scores_table(g, pr) -> Table:
     from mechscope.graphs import graph_scores
 

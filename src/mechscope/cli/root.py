@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli.common import (check_model_dtype, check_out_dir, clean_errors, err, load_dictionaries,
+from mechscope.cli.common import (check_model_dtype, check_out_dir, clean_errors, err, load_dictionaries, note,
                                   open_database, out, print_table, set_threads)
 
 app = typer.Typer(
@@ -141,6 +141,9 @@ def serve(
                                         "evaluate`: the /circuit page"),
     graph: Path | None = typer.Option(None, "--graph", help="graph folder of `mechscope graph` (or its "
                                       "neuronpedia.json): the /graph page"),
+    transcoders: Path | None = typer.Option(None, "--transcoders", help="the graph's transcoder set: feature contexts "
+                                            "(its features/ databases) and steering on the /graph page (default: the "
+                                            "set the graph records, if that folder exists)"),
     probe: list[Path] = typer.Option([], "--probe", help="probe folder written by Probe.save, fitted on this model: the "
                                      "/probe page (repeatable)"),
     probe_threshold: float | None = typer.Option(None, "--probe-threshold", help="alarm threshold (logit units) for "
@@ -169,6 +172,22 @@ def serve(
         from mechscope.graphs.neuronpedia import load_neuronpedia
 
         graph_json = load_neuronpedia(graph / "neuronpedia.json" if graph.is_dir() else graph)
+    elif transcoders is not None:
+        from mechscope.core.errors import InputError
+
+        raise InputError("--transcoders serves a graph's transcoder set; give the graph too (--graph DIR).")
+    tset, tdbs = None, {}
+    if graph_json is not None:
+        from mechscope.graphs import load_transcoders
+        from mechscope.graphs.features import open_set_features
+
+        recorded = (graph_json["metadata"].get("mechscope") or {}).get("transcoders")
+        if transcoders is None and recorded and Path(recorded).is_dir():
+            transcoders = Path(recorded)
+            note(f"--transcoders {recorded} (the set this graph records)")
+        if transcoders is not None:
+            tset = load_transcoders(transcoders)
+            tdbs = open_set_features(transcoders, tset)
     d = load_dictionaries([dictionary])[0] if dictionary is not None else None
     db = open_database(features) if features is not None else None
     if d is not None and db is not None:
@@ -182,6 +201,9 @@ def serve(
     n, why = set_threads(threads, announce=False)
     state = AppState(model=mechscope.load(model, dtype=dtype), report=results, circuit=evaluation, graph=graph_json)
     state.dictionary, state.db = d, db
+    if tset is not None:
+        tset.check_model(state.model)
+        state.graph_transcoders, state.graph_features = tset.to(device=state.model.device), tdbs
     if d is not None:
         from mechscope.app.server import make_steer
         from mechscope.dictionaries.splice import check_fits

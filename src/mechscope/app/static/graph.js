@@ -3,6 +3,10 @@
 ms.nav("/graph");
 const TABLES = {supernodes: "Suggested supernodes", edges: "Strongest edges"};
 let pinned = [];
+let clicked = null;
+let steerOK = false;
+const $ = id => document.getElementById(id);
+const isFeature = (view, id) => view.nodes[id] && view.nodes[id].rows[0][1] === "feature";
 
 function table(columns, rows) {
   const t = ms.el("table", {}, ms.el("tr", {}, ...columns.map(c => ms.el("th", {text: c}))));
@@ -13,11 +17,52 @@ function table(columns, rows) {
 }
 
 function drawPins(view) {
-  document.getElementById("pins").replaceChildren(...pinned.map(id => {
+  $("pins").replaceChildren(...pinned.map(id => {
     const b = ms.el("button", {cls: "pin", text: "unpin"});
     b.addEventListener("click", () => { pinned = pinned.filter(x => x !== id); drawPins(view); });
     return ms.el("li", {text: view.nodes[id] ? view.nodes[id].name : id}, b);
   }));
+  $("steer-pinned").disabled = !steerOK || !pinned.some(id => isFeature(view, id));
+}
+
+// the clicked feature's entry in its layer's feature database: label, density, top contexts, logit effects
+function showFeature(view, id) {
+  const box = $("feature-info");
+  box.replaceChildren();
+  if (!isFeature(view, id)) return;
+  box.append(ms.el("p", {cls: "note", text: "loading the feature's contexts ..."}));
+  ms.api("/api/graph/node/" + encodeURIComponent(id)).then(r => {
+    if (clicked !== id) return;
+    const f = r.feature;
+    if (!f) { box.replaceChildren(ms.el("p", {cls: "note", text: "no feature database: " + r.why})); return; }
+    const label = f.label ? `label: ${f.label}` + (f.label_score != null ? ` (${f.label_score_kind} ${Number(f.label_score).toFixed(3)}, ${f.label_explainer})` : "")
+      : "no label yet (mechscope features explain)";
+    box.replaceChildren(ms.el("h2", {text: `L${r.layer} #${r.latent}: feature database`}),
+      ms.el("p", {cls: "label", text: label}),
+      ms.el("p", {cls: "note", text: `density ${Number(f.density).toExponential(2)} · max activation ${Number(f.max_act).toFixed(3)} · here ${Number(r.activation).toFixed(3)} · over ${f.n_tokens} tokens`}));
+    const ctx = ms.el("div", {id: "feature-contexts"});
+    for (const ex of f.top) ctx.append(ms.context(ex, f.max_act, "top-example"));
+    box.append(ms.el("h2", {text: "top contexts"}), ctx);
+    const up = (f.logits.up || []).map(t => [t.token, t.value]), down = (f.logits.down || []).map(t => [t.token, t.value]);
+    if (up.length) box.append(ms.el("h2", {text: "promotes"}), table(["token", "logit effect"], up));
+    if (down.length) box.append(ms.el("h2", {text: "suppresses"}), table(["token", "logit effect"], down));
+  }).catch(e => { if (clicked === id) ms.fail(box, e); });
+}
+
+function steer(view, ids) {
+  const out = $("steer-out");
+  const body = {nodes: ids, scale: Number($("steer-scale").value), max_new_tokens: Number($("steer-tokens").value)};
+  out.replaceChildren(ms.el("p", {cls: "note", text: `steering ${ids.length} feature(s) ...`}));
+  ms.api("/api/graph/steer", body).then(r => {
+    const names = r.nodes.map(n => view.nodes[n.id] ? view.nodes[n.id].name : n.id).join(", ");
+    out.replaceChildren(ms.el("p", {text: `steered ${names} to ${r.scale} x their activations; KL(before || after) = ${r.kl.toFixed(4)} nats`}),
+      ms.el("h2", {text: "the graph's target logits"}),
+      table(["token", "p before", "p after", "demeaned logit change"], r.targets.map(t => [t.token, t.prob_before, t.prob_after, t.logit_diff])),
+      ms.el("h2", {text: "top next tokens"}),
+      table(["before", "p", "after", "p"], r.top_before.map((t, i) => [t.token, t.prob, r.top_after[i].token, r.top_after[i].prob])),
+      ms.el("h2", {text: "greedy continuation"}),
+      table(["", "text"], [["before", r.continuation_before], ["after", r.continuation_after]]));
+  }).catch(e => ms.fail(out, e));
 }
 
 function showNode(view, id) {
@@ -25,15 +70,22 @@ function showNode(view, id) {
   if (!d) return;
   const pin = ms.el("button", {cls: "pin", text: pinned.includes(id) ? "pinned" : "pin"});
   pin.addEventListener("click", () => { if (!pinned.includes(id)) { pinned.push(id); drawPins(view); pin.textContent = "pinned"; } });
-  const box = document.getElementById("node-info");
+  clicked = id;
+  $("steer-clicked").disabled = !steerOK || !isFeature(view, id);
+  const box = $("node-info");
   box.replaceChildren(ms.el("h2", {text: d.name}, pin), table(["quantity", "value"], d.rows));
   if (d.edges_in.length) box.append(ms.el("h2", {text: "edges in (strongest)"}), table(["source", "weight"], d.edges_in));
   if (d.edges_out.length) box.append(ms.el("h2", {text: "edges out (strongest)"}), table(["target", "weight"], d.edges_out));
+  showFeature(view, id);
 }
 
 ms.api("/api/graph").then(r => {
   const v = r.view;
   pinned = v.pinned.slice();
+  steerOK = r.steering.available;
+  if (!steerOK) $("steer-why").replaceChildren(ms.el("p", {cls: "note", text: "steering is off: " + r.steering.why}));
+  $("steer-clicked").addEventListener("click", () => { if (clicked) steer(v, [clicked]); });
+  $("steer-pinned").addEventListener("click", () => steer(v, pinned.filter(id => isFeature(v, id))));
   document.getElementById("title").textContent = v.title;
   document.getElementById("summary").replaceChildren(...v.summary.map(([k, val, s]) =>
     ms.el("div", {cls: "card"}, ms.el("div", {cls: "k", text: k}), ms.el("div", {cls: "v", text: String(val)}), ms.el("div", {cls: "s", text: s}))));
