@@ -134,3 +134,19 @@ def test_transcoders_features_builds_a_database_per_layer(trained, tiny_model_di
     assert "has layers 0-1" in r.stderr
     r = invoke("serve", "--transcoders", trained / "tc", "--model", tiny_model_dir, code=2)
     assert "give the graph too" in r.stderr
+
+
+def test_graph_heads_splits_an_edge_over_heads(trained, tiny_model_dir, tmp_path):  # noqa: F811
+    invoke("graph", "w5 w9 w13 w5 w9", "--transcoders", trained / "tc", "--out", tmp_path / "g", "--model",
+           tiny_model_dir, "--threads", "1")
+    d = json.loads((tmp_path / "g" / "neuronpedia.json").read_text())
+    kinds = {n["node_id"]: n["feature_type"] for n in d["nodes"]}
+    pos = {n["node_id"]: n["ctx_idx"] for n in d["nodes"]}
+    e = max((e for e in d["links"] if kinds[e["source"]] == "embedding" and pos[e["source"]] < pos[e["target"]]),
+            key=lambda e: abs(e["weight"]))
+    r = invoke("graph", "heads", tmp_path / "g", e["source"], e["target"], "--model", tiny_model_dir, "--threads", "1")
+    assert "heads that carry it" in r.stdout and f"{e['weight']:+.4f}"[:6] in r.stdout and "attends" in r.stdout
+    r = invoke("graph", "heads", tmp_path / "g", "nope", e["target"], "--model", tiny_model_dir, code=2)
+    assert "is not in this graph" in r.stderr
+    r = invoke("graph", "heads", tmp_path / "g", e["source"], code=2)
+    assert "usage: mechscope graph heads" in r.stderr

@@ -4,7 +4,7 @@ Claims tested: the set's databases come from one pass and equal each layer's sin
 against the set and refuse a set with other weights; steering a graph's feature to 0 equals clamping that latent
 to 0 with the transcoder spliced (error term kept) through the independent LatentSteer path, scale 1 changes
 nothing, and the continuation before steering is plain greedy generation; the API serves a clicked feature's
-contexts and label, steers, and answers bad node ids and a server without transcoders with a readable 4xx.
+contexts and label, steers, splits an edge over heads, and answers bad node ids and a server without transcoders with a readable 4xx.
 """
 
 from __future__ import annotations
@@ -114,7 +114,13 @@ def test_the_graph_api_serves_features_and_steering(built):
     bad = c.post("/api/graph/steer", json={"nodes": [error]})
     assert bad.status_code == 400 and "only transcoder features" in bad.json()["detail"]
     assert c.post("/api/graph/steer", json={"nodes": []}).status_code == 422
+    link = max(d["links"], key=lambda e: abs(e["weight"]))
+    e = c.get("/api/graph/edge", params={"source": link["source"], "target": link["target"]})
+    assert e.status_code == 200 and e.json()["edge"] == pytest.approx(link["weight"], rel=1e-4, abs=1e-6)
+    assert c.get("/api/graph/edge", params={"source": "x", "target": link["target"]}).status_code == 400
     bare = TestClient(create_app(AppState(model=m, graph=d)))
+    assert "--transcoders" in bare.get("/api/graph/edge", params={"source": link["source"],
+                                                                  "target": link["target"]}).json()["detail"]
     r = bare.get("/api/graph").json()
     assert not r["steering"]["available"] and "--transcoders" in r["steering"]["why"]
     assert bare.get(f"/api/graph/node/{node['node_id']}").json()["feature"] is None

@@ -10,7 +10,10 @@
   database;
 - ``POST /api/graph/steer`` ``{nodes: [id], scale, max_new_tokens}`` ->
   :func:`mechscope.graphs.steer.steer_graph_features` (the real model, each node's activation times ``scale``;
-  several nodes together form a hand-made supernode).
+  several nodes together form a hand-made supernode);
+- ``GET /api/graph/edge?source=ID&target=ID`` -> :func:`mechscope.graphs.edge_heads.json_edge_heads`'s
+  ``to_dict()``: the attention heads that carry the edge, their strongest (query, key) moves, and the split of
+  the top head's attention score into query- and key-side components.
 """
 
 from __future__ import annotations
@@ -91,6 +94,18 @@ def add_graph_routes(app, state) -> None:
             raise HTTPException(status_code=404, detail=f"latent {latent} is not in {db.path} (0..{db.n_latents - 1}).")
         out["feature"] = feature_entry(db, latent)  # a cursor of its own: no lock
         return out
+
+    @app.get("/api/graph/edge")
+    def edge(source: str, target: str):
+        """The heads that carry an edge (exact split in the frozen replacement model) and why the top one attended."""
+        from mechscope.graphs.edge_heads import json_edge_heads
+
+        g = need_graph()
+        why = no_steering()
+        if why is not None:
+            raise HTTPException(status_code=404, detail=why.replace("steer its features", "split its edges"))
+        with state.lock:
+            return json_edge_heads(state.model, state.graph_transcoders, g, source, target).to_dict()
 
     @app.post("/api/graph/steer")
     def steer(body: GraphSteerBody):

@@ -202,7 +202,8 @@ def graph_cmd(
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Attribution graph of PROMPT (mechscope graph "The capital of France is" -t DIR -o DIR), or
-    validate a graph folder by interventions (mechscope graph validate DIR)."""
+    validate a graph folder by interventions (mechscope graph validate DIR), or split an edge over the attention
+    heads that carry it (mechscope graph heads DIR SOURCE_ID TARGET_ID; ids as the graph page shows them)."""
     import mechscope
     from mechscope.graphs import AttributionGraph, attribute, load_transcoders, prune, save_neuronpedia, validate
 
@@ -235,6 +236,9 @@ def graph_cmd(
         write_json_atomic(jsonable({**v.to_dict(), "supernodes": steered}), Path(args[1]) / "validation.json")
         out.print(v.summary(), soft_wrap=True)
         return
+    if args[0] == "heads":
+        _heads(args, transcoders, model, dtype, threads)
+        return
     if len(args) != 1:
         raise InputError(f'pass the prompt as one argument in quotes: mechscope graph "{" ".join(args)}" ...')
     if transcoders is None or out_dir is None:
@@ -262,3 +266,44 @@ def graph_cmd(
          f"{g.info['seconds']:.0f} s")
     out.print(f"wrote {out_dir.resolve()} (graph.safetensors, graph.json, neuronpedia.json, graph.html)",
               soft_wrap=True)
+
+
+def _heads(args: list[str], transcoders: Path | None, model: str, dtype: str, threads: int | None) -> None:
+    """``mechscope graph heads DIR SOURCE TARGET``: the heads that carry the edge, and why the top one attended."""
+    import mechscope
+    from mechscope.graphs import load_transcoders
+    from mechscope.graphs.edge_heads import json_edge_heads
+    from mechscope.graphs.neuronpedia import load_neuronpedia
+
+    if len(args) != 4:
+        raise InputError("usage: mechscope graph heads DIR SOURCE_ID TARGET_ID (node ids as the graph page shows them, "
+                         "e.g. 12_3456_5 for feature 3456 of layer 12 at position 5).")
+    folder = Path(args[1])
+    d = load_neuronpedia(folder / "neuronpedia.json" if folder.is_dir() else folder)
+    recorded = (d["metadata"].get("mechscope") or {}).get("transcoders")
+    tdir = transcoders or (Path(recorded) if recorded else None)
+    if tdir is None:
+        raise InputError("the graph does not record its transcoders; pass --transcoders DIR.")
+    ts = load_transcoders(tdir)
+    set_threads(threads)
+    m = mechscope.load(model, dtype=dtype)
+    ts.check_model(m)
+    r = json_edge_heads(m, ts, d, args[2], args[3])
+    toks = d["metadata"].get("prompt_tokens") or []
+
+    def tok(p):
+        return repr(toks[p]) if 0 <= p < len(toks) else str(p)
+
+    out.print(f"edge {args[2]} -> {args[3]}: {r.edge:+.4f} (frozen replacement model)", soft_wrap=True)
+    t = Table(title="heads that carry it", title_justify="left")
+    for c in ("layer", "head", "share", "of edge", "strongest move (query <- key)"):
+        t.add_column(c, justify="right")
+    for h in r.top:
+        q, k, v = h.moves[0]
+        t.add_row(str(h.layer), str(h.head), f"{h.contribution:+.4f}", f"{h.fraction:.0%}",
+                  f"{tok(q)} <- {tok(k)} ({v:+.4f})")
+    print_table(t)
+    for a in r.attention:
+        note(f"L{a.layer}H{a.head} attends {tok(a.query_pos)} <- {tok(a.key_pos)} with score {a.score:+.3f} (pattern "
+             f"{a.pattern:.3f}); the largest query x key pairs: " +
+             "; ".join(f"{p.query} x {p.key} {p.value:+.3f}" for p in a.pairs[:5]))

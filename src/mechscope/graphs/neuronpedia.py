@@ -128,7 +128,8 @@ def to_neuronpedia(graph: AttributionGraph, *, slug: str = "graph", scan: str | 
                           "tokens": graph.tokens.tolist(), "edge_threshold": pr.edge_threshold,
                           "replacement_score": rep, "completeness_score": comp,
                           "pruned_replacement_score": rep_p, "pruned_completeness_score": comp_p,
-                          "transcoders": graph.transcoders}}
+                          "transcoders": graph.transcoders,
+                          "first_zeroed": bool(graph.info.get("first_zeroed", True))}}
     groups = []
     for sn in supernodes or ():
         members = [ids[i] for i in sn.nodes if i in ids]

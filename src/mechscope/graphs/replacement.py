@@ -207,7 +207,8 @@ class FrozenRun:
 
 @contextlib.contextmanager
 def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, batch: int = 1, *,
-                   deltas: dict[int, Tensor] | None = None, grad: bool = True, logits_to_keep: int = 0):
+                   deltas: dict[int, Tensor] | None = None, embed_delta: Tensor | None = None,
+                   functions: dict | None = None, grad: bool = True, logits_to_keep: int = 0):
     """Run the frozen local replacement model on ``batch`` copies of the prompt; yields a :class:`FrozenRun`.
 
     Each MLP output is ``(recon - skip(x_real) + error) + skip(x) + mlp_leaf[L] + deltas[L]``, where ``x`` is
@@ -218,6 +219,9 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
     Args:
         deltas: layer -> ``[B, P, D]`` added to that layer's MLP output (an intervention on features: a
             feature's activation change times its decoder row).
+        embed_delta: ``[B, P, D]`` added to the token embeddings (after the leaf: gradients are unchanged).
+        functions: more hook functions (``{hook name: fn}``, as ``model.hooks``), e.g. to keep ``attn.hook_z``;
+            not ``hook_pattern`` (the frozen patterns are set there).
         grad: build the autograd graph (for attribution); False for plain evaluation.
         logits_to_keep: compute logits for the last that many positions only (0: all).
 
@@ -260,10 +264,14 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         return forward
 
     def hook_embed(mod, args, out):
-        return run.embed
+        return run.embed if embed_delta is None else run.embed + embed_delta.to(run.embed.dtype)
 
     patterns = {f"blocks.{L}.attn.hook_pattern": (lambda p, L=L: state.patterns[L].to(p.dtype).expand_as(p))
                 for L in range(n)}
+    clash = set(patterns) & set(functions or {})
+    if clash:
+        raise InputError(f"frozen_forward sets {sorted(clash)[0]} itself (the frozen pattern); hook another site.")
+    patterns.update(functions or {})
     ctx = torch.enable_grad() if grad else torch.no_grad()
     try:
         handles.append(model.module(a.embed).register_forward_hook(hook_embed))

@@ -53,8 +53,9 @@ def node_name(node: dict, tokens: list[str]) -> str:
 
 
 def graph_view(d: dict) -> dict:
-    """The page's content from a graph JSON dict: ``figure`` (plotly data/layout), ``nodes`` (id -> details),
-    ``summary`` cards, ``tables`` (strongest edges), ``title``, ``pinned``."""
+    """The page's content from a graph JSON dict: ``figure`` (plotly data/layout), ``nodes`` (id -> details:
+    name, rows, edges in/out, the incoming edges' source ids), ``summary`` cards, ``tables`` (strongest edges),
+    ``title``, ``pinned``, ``tokens`` (the prompt's token strings)."""
     meta = d["metadata"]
     ms = meta.get("mechscope", {})
     tokens = list(meta.get("prompt_tokens", []))
@@ -134,7 +135,8 @@ def graph_view(d: dict) -> dict:
             rows.append(["label", n["clerp"]])
         details[nid] = {"name": node_name(n, tokens), "rows": rows,
                         "edges_in": [[node_name(nodes[e["source"]], tokens), e["weight"]] for e in incoming[nid][:25]],
-                        "edges_out": [[node_name(nodes[e["target"]], tokens), e["weight"]] for e in outgoing[nid][:25]]}
+                        "edges_out": [[node_name(nodes[e["target"]], tokens), e["weight"]] for e in outgoing[nid][:25]],
+                        "edges_in_ids": [e["source"] for e in incoming[nid][:25]]}
     n_feat = sum(1 for n in d["nodes"] if n["feature_type"] == "cross layer transcoder")
     targets = [n for n in d["nodes"] if n["feature_type"] == "logit"]
     summary = [("prompt", meta.get("prompt") or "".join(tokens), f"{len(tokens)} tokens"),
@@ -155,5 +157,5 @@ def graph_view(d: dict) -> dict:
             "layout": layout}, "nodes": details, "summary": summary, "notes": notes,
             "tables": {"edges": {"columns": ["source", "target", "weight"], "rows": edge_rows},
                        "supernodes": {"columns": ["supernode", "features"], "rows": groups}},
-            "pinned": list(d.get("qParams", {}).get("pinnedIds", [])), "model": ms.get("model", ""),
+            "pinned": list(d.get("qParams", {}).get("pinnedIds", [])), "model": ms.get("model", ""), "tokens": tokens,
             "scan": meta.get("scan", "")}

@@ -49,6 +49,25 @@ function showFeature(view, id) {
   }).catch(e => { if (clicked === id) ms.fail(box, e); });
 }
 
+function edgeHeads(view, source, target) {
+  const out = $("edge-info");
+  const name = n => view.nodes[n] ? view.nodes[n].name : n;
+  out.replaceChildren(ms.el("p", {cls: "note", text: "splitting the edge over the heads ..."}));
+  ms.api(`/api/graph/edge?source=${encodeURIComponent(source)}&target=${encodeURIComponent(target)}`).then(r => {
+    const toks = view.tokens;
+    const tok = p => (p >= 0 && p < toks.length) ? JSON.stringify(toks[p]) : String(p);
+    out.replaceChildren(ms.el("h2", {text: `edge ${name(source)} -> ${name(target)}: ${r.edge.toFixed(4)}`}),
+      ms.el("p", {cls: "note", text: "Each head's share is the sum of the edge's paths through it (exact in the frozen replacement model); per layer, the shares plus the paths through no head of that layer add up to the edge."}),
+      table(["layer", "head", "share", "of edge", "strongest move (query <- key)"],
+        r.top.map(h => [h.layer, h.head, h.contribution, (100 * h.fraction).toFixed(0) + "%", `${tok(h.moves[0][0])} <- ${tok(h.moves[0][1])} (${h.moves[0][2].toFixed(4)})`])));
+    for (const a of r.attention) {
+      out.append(ms.el("h2", {text: `why L${a.layer}H${a.head} attends ${tok(a.query_pos)} <- ${tok(a.key_pos)}: score ${a.score.toFixed(3)}, pattern ${a.pattern.toFixed(3)}`}),
+        table(["query side", "key side", "score part"], a.pairs.slice(0, 10).map(p => [p.query, p.key, p.value])));
+    }
+    if (!r.top.length) out.append(ms.el("p", {cls: "note", text: "no head carries this edge: it runs through the residual stream at one position."}));
+  }).catch(e => ms.fail(out, e));
+}
+
 function steer(view, ids) {
   const out = $("steer-out");
   const body = {nodes: ids, scale: Number($("steer-scale").value), max_new_tokens: Number($("steer-tokens").value)};
@@ -74,7 +93,16 @@ function showNode(view, id) {
   $("steer-clicked").disabled = !steerOK || !isFeature(view, id);
   const box = $("node-info");
   box.replaceChildren(ms.el("h2", {text: d.name}, pin), table(["quantity", "value"], d.rows));
-  if (d.edges_in.length) box.append(ms.el("h2", {text: "edges in (strongest)"}), table(["source", "weight"], d.edges_in));
+  if (d.edges_in.length) {
+    box.append(ms.el("h2", {text: "edges in (strongest)"}), table(["source", "weight"], d.edges_in));
+    if (steerOK) {
+      // which attention heads carry each incoming edge (the model re-runs: one edge at a time, on request)
+      const pick = ms.el("select", {id: "edge-source"}, ...d.edges_in.map((e, i) => ms.el("option", {value: d.edges_in_ids[i], text: e[0]})));
+      const go = ms.el("button", {id: "edge-heads", text: "which heads carry it?"});
+      go.addEventListener("click", () => edgeHeads(view, pick.value, id));
+      box.append(ms.el("p", {}, "edge from ", pick, " ", go));
+    }
+  }
   if (d.edges_out.length) box.append(ms.el("h2", {text: "edges out (strongest)"}), table(["target", "weight"], d.edges_out));
   showFeature(view, id);
 }
