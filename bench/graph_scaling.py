@@ -38,7 +38,8 @@ def child_mechscope(args) -> None:
     ts = load_transcoders(args.transcoders)
     tokens = torch.tensor(json.loads(Path(args.tokens).read_text()))
     t0 = time.perf_counter()
-    g = attribute(m, ts, tokens, max_feature_nodes=args.max_feature_nodes, progress=False)
+    g = attribute(m, ts, tokens, max_feature_nodes=args.max_feature_nodes, memory_budget_gb=args.memory_budget_gb,
+                  progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t0, "features": g.n_features, "passes": g.info["passes"],
                       "batch": g.info["batch_size"], "active": g.info["n_active_features"]}))
 
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024])
     ap.add_argument("--max-feature-nodes", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-budget-gb", type=float, default=4.0, help="mechscope's attribute(memory_budget_gb=)")
     ap.add_argument("--ct", help="circuit-tracer's python (its own virtual environment)")
     ap.add_argument("--ct-max-length", type=int, default=256, help="longest prompt given to circuit-tracer")
     ap.add_argument("--child", choices=["mechscope"], help=argparse.SUPPRESS)
@@ -122,7 +124,8 @@ def main() -> None:
         ours, peak, err = run_child([sys.executable, __file__, "--child", "mechscope", "--model", args.model,
                                      "--transcoders", str(args.transcoders), "--tokens", str(tok_file),
                                      "--max-feature-nodes", str(args.max_feature_nodes),
-                                     "--threads", str(args.threads)])
+                                     "--threads", str(args.threads),
+                                     "--memory-budget-gb", str(args.memory_budget_gb)])
         row = {"length": P, "mechscope_s": ours and ours["seconds"], "mechscope_peak_gib": peak,
                "mechscope": ours, "error": None if ours else err}
         if args.ct and P <= args.ct_max_length:

@@ -6,6 +6,7 @@ let pinned = [];
 let clicked = null;
 let steerOK = false;
 const $ = id => document.getElementById(id);
+const quoted = t => `"${ms.vis(t)}"`;  // a token with its spaces visible and newlines as \n: " Mary"
 const isFeature = (view, id) => view.nodes[id] && view.nodes[id].rows[0][1] === "feature";
 
 function table(columns, rows) {
@@ -43,7 +44,7 @@ function showFeature(view, id) {
     const ctx = ms.el("div", {id: "feature-contexts"});
     for (const ex of f.top) ctx.append(ms.context(ex, f.max_act, "top-example"));
     box.append(ms.el("h2", {text: "top contexts"}), ctx);
-    const up = (f.logits.up || []).map(t => [t.token, t.value]), down = (f.logits.down || []).map(t => [t.token, t.value]);
+    const up = (f.logits.up || []).map(t => [quoted(t.token), t.value]), down = (f.logits.down || []).map(t => [quoted(t.token), t.value]);
     if (up.length) box.append(ms.el("h2", {text: "promotes"}), table(["token", "logit effect"], up));
     if (down.length) box.append(ms.el("h2", {text: "suppresses"}), table(["token", "logit effect"], down));
   }).catch(e => { if (clicked === id) ms.fail(box, e); });
@@ -76,9 +77,9 @@ function steer(view, ids) {
     const names = r.nodes.map(n => view.nodes[n.id] ? view.nodes[n.id].name : n.id).join(", ");
     out.replaceChildren(ms.el("p", {text: `steered ${names} to ${r.scale} x their activations; KL(before || after) = ${r.kl.toFixed(4)} nats`}),
       ms.el("h2", {text: "the graph's target logits"}),
-      table(["token", "p before", "p after", "demeaned logit change"], r.targets.map(t => [t.token, t.prob_before, t.prob_after, t.logit_diff])),
+      table(["token", "p before", "p after", "demeaned logit change"], r.targets.map(t => [quoted(t.token), t.prob_before, t.prob_after, t.logit_diff])),
       ms.el("h2", {text: "top next tokens"}),
-      table(["before", "p", "after", "p"], r.top_before.map((t, i) => [t.token, t.prob, r.top_after[i].token, r.top_after[i].prob])),
+      table(["before", "p", "after", "p"], r.top_before.map((t, i) => [quoted(t.token), t.prob, quoted(r.top_after[i].token), r.top_after[i].prob])),
       ms.el("h2", {text: "greedy continuation"}),
       table(["", "text"], [["before", r.continuation_before], ["after", r.continuation_after]]));
   }).catch(e => ms.fail(out, e));
