@@ -407,6 +407,36 @@ def test_validate_reports_exact_agreement_in_the_frozen_model(setup, mode):
     assert torch.allclose(_path_sums(g, delta), want, atol=1e-9)
     with pytest.raises(mechscope.InputError, match="mode"):
         validate(m, ts, g, mode="triple")
+    for a in (v.live_paths, v.replacement_paths, v.real_replacement):
+        assert a.n == 25 * g.n_logits and -1 <= a.pearson <= 1
+    assert "Where it departs" in v.summary()
+
+
+def test_live_and_unfrozen_replacement_models_are_the_real_forward_and_linearise_to_the_paths(setup):
+    """Check 3's two intermediate models: on the prompt they equal the real forward; for a vanishing perturbation the
+    live-feature model (attention frozen, transcoders recomputed) changes the logits by the graph's path sums."""
+    from mechscope.graphs.validate import _path_sums, unfrozen_replacement_logits
+
+    m, ts, tok, g = setup
+    st = replacement_state(m, ts, tok)
+    with frozen_forward(m, ts, st, 1, grad=False, live_features=True) as r:
+        torch.testing.assert_close(r.logits[0].double(), st.logits.double(), atol=1e-5, rtol=0)  # HF norms: fp32
+    torch.testing.assert_close(unfrozen_replacement_logits(m, ts, st, None, 1)[0], st.logits[-1].double(),
+                               atol=1e-5, rtol=0)
+    eps = 1e-6
+    i = int(g.activations[g.selected].abs().argmax())
+    L, p, f = (int(v) for v in g.active_features[g.selected[i]])
+    a = float(g.activations[g.selected[i]])
+    d = torch.zeros(1, g.n_pos, m.cfg.d_model, dtype=torch.float64)
+    d[0, p] = eps * a * ts[L].W_dec[f].detach()
+    with frozen_forward(m, ts, st, 1, grad=False, live_features=True) as r0:
+        lg0 = r0.logits[0, -1].double()
+    with frozen_forward(m, ts, st, 1, deltas={L: d}, grad=False, live_features=True) as r1:
+        lg1 = r1.logits[0, -1].double()
+    measured = ((lg1 - lg1.mean()) - (lg0 - lg0.mean()))[g.logit_tokens] / eps
+    delta = torch.zeros(g.n_features, 1, dtype=torch.float64)
+    delta[i, 0] = a
+    torch.testing.assert_close(measured, _path_sums(g, delta)[:, 0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -208,7 +208,8 @@ class FrozenRun:
 @contextlib.contextmanager
 def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, batch: int = 1, *,
                    deltas: dict[int, Tensor] | None = None, embed_delta: Tensor | None = None,
-                   functions: dict | None = None, grad: bool = True, logits_to_keep: int = 0):
+                   functions: dict | None = None, live_features: bool = False, grad: bool = True,
+                   logits_to_keep: int = 0):
     """Run the frozen local replacement model on ``batch`` copies of the prompt; yields a :class:`FrozenRun`.
 
     Each MLP output is ``(recon - skip(x_real) + error) + skip(x) + mlp_leaf[L] + deltas[L]``, where ``x`` is
@@ -222,6 +223,10 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         embed_delta: ``[B, P, D]`` added to the token embeddings (after the leaf: gradients are unchanged).
         functions: more hook functions (``{hook name: fn}``, as ``model.hooks``), e.g. to keep ``attn.hook_z``;
             not ``hook_pattern`` (the frozen patterns are set there).
+        live_features: recompute every transcoder on this run's MLP input instead of holding its features: each
+            MLP writes ``transcoder(x) + (out_real - transcoder(x_real))`` (the error held), so the model is
+            nonlinear again through the TopK/ReLU and equals the real forward on the prompt itself; no gradients
+            at ``mlp_leaf`` then mean edges (a check of how far the features' own nonlinearity matters).
         grad: build the autograd graph (for attribution); False for plain evaluation.
         logits_to_keep: compute logits for the last that many positions only (0: all).
 
@@ -235,10 +240,14 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
                                           requires_grad=grad) for _ in range(n)],
                     mlp_in=[None] * n)
     const = []  # each MLP's output minus its skip connection on the real input: reconstruction - skip + error
-    for L in range(n):
-        W = transcoders[L].W_skip
-        skip = 0 if W is None else (state.mlp_in[L].to(W.dtype) @ W.detach()).to(dt)
-        const.append((state.mlp_out[L] - skip).detach())
+    for L in range(n):  # (live_features: minus the whole transcoder on the real input, i.e. the error)
+        t = transcoders[L]
+        with torch.no_grad():
+            if live_features:
+                minus = t(state.mlp_in[L].to(t.W_enc.dtype)).to(dt)
+            else:
+                minus = 0 if t.W_skip is None else (state.mlp_in[L].to(t.W_skip.dtype) @ t.W_skip).to(dt)
+        const.append((state.mlp_out[L] - minus).detach())
     handles, swapped = [], []
 
     def hook_norm(key):
@@ -256,7 +265,9 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         def forward(*args, **kwargs):  # the MLP's output in the replacement model; the real MLP is not computed
             t = transcoders[L]
             y = const[L].expand(batch, P, -1) + run.mlp_leaf[L]
-            if t.W_skip is not None:
+            if live_features:
+                y = y + t(run.mlp_in[L].to(t.W_enc.dtype)).to(dt)
+            elif t.W_skip is not None:
                 y = y + (run.mlp_in[L].to(t.W_skip.dtype) @ t.W_skip).to(dt)
             if deltas and L in deltas:
                 y = y + deltas[L].to(dt)

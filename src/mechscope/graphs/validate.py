@@ -13,6 +13,11 @@ Two checks, on the same sample of feature nodes, each perturbed by doubling its 
    the graph — the direct effect alone, and the sum over every path of the graph (downstream features respond
    by their pre-activation change; error nodes and attention held). How far they part says how local the
    replacement model's linearity is for this prompt.
+3. **Where the real model departs** (the same perturbations, the top targets): three models between the frozen
+   one and the real one. *Live features*: attention and norms frozen, every transcoder recomputed on its input
+   (TopK/ReLU nonlinearity only) — against the path sums. *Unfrozen replacement*: every transcoder spliced in
+   with its error held at the prompt's value, attention and norms recomputed — against the path sums. *Real*
+   against the unfrozen replacement: what is left is the transcoders' mismatch with the MLPs' own response.
 
 Shape key: k perturbations, P positions, D d_model, F feature nodes, T target logits.
 """
@@ -66,6 +71,8 @@ class Validation:
         real_direct / real_paths: check 2, the real model's target-logit changes against the direct effects and
             against the path sums.
         real_frozen_gap: median over perturbations of ``|real - path sum| / |path sum|`` for the top target logit.
+        live_paths / replacement_paths / real_replacement: check 3 (live-feature model vs path sums, unfrozen
+            replacement vs path sums, real vs unfrozen replacement), on the target logits.
     """
 
     n_perturbed: int
@@ -75,6 +82,9 @@ class Validation:
     real_direct: Agreement
     real_paths: Agreement
     real_frozen_gap: float
+    live_paths: Agreement | None = None
+    replacement_paths: Agreement | None = None
+    real_replacement: Agreement | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +95,37 @@ class Validation:
                 f"model: features max error {f.max_abs_error:.2e} ({f.rel_error:.1e} of the largest edge, r = "
                 f"{f.pearson:.6f}), logits max error {lo.max_abs_error:.2e} (r = {lo.pearson:.6f}). Real model, "
                 f"target logits: r = {rd.pearson:.3f} with the direct effects, r = {rp.pearson:.3f} with the path "
-                f"sums (median relative gap {self.real_frozen_gap:.2f}).")
+                f"sums (median relative gap {self.real_frozen_gap:.2f}).") + (
+            "" if self.live_paths is None else
+            f" Where it departs: live features vs paths r = {self.live_paths.pearson:.3f}, unfrozen replacement vs "
+            f"paths r = {self.replacement_paths.pearson:.3f}, real vs unfrozen replacement r = "
+            f"{self.real_replacement.pearson:.3f}.")
+
+
+def unfrozen_replacement_logits(model, transcoders: TranscoderSet, st, deltas: dict[int, Tensor] | None,
+                                k: int) -> Tensor:
+    """``[k, d_vocab]`` last-position logits of the *unfrozen* replacement model: every transcoder spliced in
+    (recomputed on its live input), its error held at the prompt's value, attention and norms live, and
+    ``deltas[L]`` ``[k, P, D]`` added to layer ``L``'s MLP output. On the prompt itself (no deltas) it is the
+    real forward."""
+    from mechscope.dictionaries.splice import Splice
+
+    n, P = st.n_layers, st.n_pos
+    with torch.no_grad():
+        corr = [(st.mlp_out[L] - transcoders[L](st.mlp_in[L].to(transcoders[L].W_enc.dtype)).to(st.mlp_out.dtype))
+                for L in range(n)]
+
+    def add(L):
+        def fn(x):
+            y = x + corr[L].to(x.dtype)
+            return y + deltas[L].to(x.dtype) if deltas and L in deltas else y
+        return fn
+
+    with torch.no_grad():
+        res = model.run(st.tokens[None].expand(k, P).to(model.device), logits_to_keep=1,
+                        saes=[Splice(transcoders[L]) for L in range(n)],
+                        functions={f"blocks.{L}.hook_mlp_out": add(L) for L in range(n)})
+    return res.logits[:, -1].double()
 
 
 def _path_sums(graph: AttributionGraph, delta: Tensor) -> Tensor:
@@ -134,6 +174,13 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
         pre0 = torch.stack([feature_preactivations(transcoders, r0, L)[0] for L in range(st.n_layers)])
         lg0 = r0.logits[0, -1].double()
     real0 = st.logits[-1].double()
+    with frozen_forward(model, transcoders, st, 1, grad=False, logits_to_keep=1, live_features=True) as rl0:
+        live0 = rl0.logits[0, -1].double()
+    rep0 = unfrozen_replacement_logits(model, transcoders, st, None, 1)[0]
+    live_l, rep_l = [], []
+
+    def demeaned_change(x, x0):
+        return ((x - x.mean(-1, keepdim=True)) - (x0 - x0.mean())[None])[:, logit_ids]
     feat = graph.active_features[graph.selected]  # [F, 3]
     for c in range(0, len(pick), batch):
         nodes = pick[c:c + batch].tolist()
@@ -157,7 +204,11 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
             res = model.run(graph.tokens[None].expand(k, P).to(model.device),
                             interventions=[Add(f"blocks.{L}.hook_mlp_out", direction=d) for L, d in deltas.items()])
         rl = res.logits[:, -1].double()
-        real_l.append(((rl - rl.mean(-1, keepdim=True)) - (real0 - real0.mean())[None])[:, logit_ids])
+        real_l.append(demeaned_change(rl, real0))
+        with frozen_forward(model, transcoders, st, k, deltas=deltas, grad=False, logits_to_keep=1,
+                            live_features=True) as rlive:
+            live_l.append(demeaned_change(rlive.logits[:, -1].double(), live0))
+        rep_l.append(demeaned_change(unfrozen_replacement_logits(model, transcoders, st, deltas, k), rep0))
     pred_direct = torch.cat(pred_l)
     delta = torch.zeros(graph.n_features, len(pick), dtype=torch.float64)
     delta[pick, torch.arange(len(pick))] = sign * graph.activations[graph.selected[pick]].double()
@@ -166,4 +217,6 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     gap = ((real[:, 0] - paths[:, 0]).abs() / paths[:, 0].abs().clamp_min(1e-12)).median()
     return Validation(n_perturbed=len(pick), mode=mode, frozen_features=_agree(torch.cat(meas_f), torch.cat(pred_f)),
                       frozen_logits=_agree(torch.cat(meas_l), pred_direct), real_direct=_agree(real, pred_direct),
-                      real_paths=_agree(real, paths), real_frozen_gap=float(gap))
+                      real_paths=_agree(real, paths), real_frozen_gap=float(gap),
+                      live_paths=_agree(torch.cat(live_l), paths), replacement_paths=_agree(torch.cat(rep_l), paths),
+                      real_replacement=_agree(real, torch.cat(rep_l)))
