@@ -399,17 +399,22 @@ def test_validate_reports_exact_agreement_in_the_frozen_model(setup, mode):
     for a in (v.real_direct, v.real_paths):
         assert a.n == 25 * g.n_logits and -1 <= a.pearson <= 1
     assert "features" in v.summary() and json.dumps(v.to_dict())
-    # the path sums are (I - A_ff)^-1 applied to the change, read by the logits
+    # the path sums in closed form: relative changes u = (I - D^-1 A_ff)^-1 D^-1 delta, read by the logits
     delta = torch.randn(g.n_features, 3, dtype=torch.float64)
     A = g.adjacency.double()
     F = g.n_features
-    want = A[g.logit_start:, :F] @ torch.linalg.solve(torch.eye(F, dtype=torch.float64) - A[:F, :F], delta)
-    assert torch.allclose(_path_sums(g, delta), want, atol=1e-9)
+    Dinv = torch.diag(1 / g.activations[g.selected].double())
+    u = torch.linalg.solve(torch.eye(F, dtype=torch.float64) - Dinv @ A[:F, :F], Dinv @ delta)
+    assert torch.allclose(_path_sums(g, delta), A[g.logit_start:, :F] @ u, atol=1e-9)
     with pytest.raises(mechscope.InputError, match="mode"):
         validate(m, ts, g, mode="triple")
     for a in (v.live_paths, v.replacement_paths, v.real_replacement):
         assert a.n == 25 * g.n_logits and -1 <= a.pearson <= 1
     assert "Where it departs" in v.summary()
+    tiny = validate(m, ts, g, n_features=10, step=1e-6)  # a vanishing step: the live-feature model is the graph
+    assert tiny.mode == "step" and tiny.live_paths.pearson > 0.999999 and tiny.live_paths.rel_error < 1e-4
+    with pytest.raises(mechscope.InputError, match="step"):
+        validate(m, ts, g, step=0.0)
 
 
 def test_live_and_unfrozen_replacement_models_are_the_real_forward_and_linearise_to_the_paths(setup):
@@ -424,19 +429,22 @@ def test_live_and_unfrozen_replacement_models_are_the_real_forward_and_linearise
     torch.testing.assert_close(unfrozen_replacement_logits(m, ts, st, None, 1)[0], st.logits[-1].double(),
                                atol=1e-5, rtol=0)
     eps = 1e-6
-    i = int(g.activations[g.selected].abs().argmax())
-    L, p, f = (int(v) for v in g.active_features[g.selected[i]])
-    a = float(g.activations[g.selected[i]])
-    d = torch.zeros(1, g.n_pos, m.cfg.d_model, dtype=torch.float64)
-    d[0, p] = eps * a * ts[L].W_dec[f].detach()
     with frozen_forward(m, ts, st, 1, grad=False, live_features=True) as r0:
         lg0 = r0.logits[0, -1].double()
-    with frozen_forward(m, ts, st, 1, deltas={L: d}, grad=False, live_features=True) as r1:
-        lg1 = r1.logits[0, -1].double()
-    measured = ((lg1 - lg1.mean()) - (lg0 - lg0.mean()))[g.logit_tokens] / eps
-    delta = torch.zeros(g.n_features, 1, dtype=torch.float64)
-    delta[i, 0] = a
-    torch.testing.assert_close(measured, _path_sums(g, delta)[:, 0], atol=1e-4, rtol=1e-4)
+    moved = 0
+    for i in range(g.n_features):  # every feature node, one at a time
+        L, p, f = (int(v) for v in g.active_features[g.selected[i]])
+        a = float(g.activations[g.selected[i]])
+        d = torch.zeros(1, g.n_pos, m.cfg.d_model, dtype=torch.float64)
+        d[0, p] = eps * a * ts[L].W_dec[f].detach()
+        with frozen_forward(m, ts, st, 1, deltas={L: d}, grad=False, live_features=True) as r1:
+            lg1 = r1.logits[0, -1].double()
+        measured = ((lg1 - lg1.mean()) - (lg0 - lg0.mean()))[g.logit_tokens] / eps
+        delta = torch.zeros(g.n_features, 1, dtype=torch.float64)
+        delta[i, 0] = a
+        torch.testing.assert_close(measured, _path_sums(g, delta)[:, 0], atol=1e-6, rtol=1e-4)
+        moved += int(measured.abs().max() > 1e-4)
+    assert moved > g.n_features // 4  # most features reach the logits: the comparison is not 0 == 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

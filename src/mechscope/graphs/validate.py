@@ -24,6 +24,7 @@ Shape key: k perturbations, P positions, D d_model, F feature nodes, T target lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -91,7 +92,8 @@ class Validation:
 
     def summary(self) -> str:
         f, lo, rd, rp = self.frozen_features, self.frozen_logits, self.real_direct, self.real_paths
-        return (f"{self.n_perturbed} features {'doubled' if self.mode == 'double' else 'zeroed'}. Frozen replacement "
+        how = {"double": "doubled", "zero": "zeroed"}.get(self.mode, "stepped")
+        return (f"{self.n_perturbed} features {how}. Frozen replacement "
                 f"model: features max error {f.max_abs_error:.2e} ({f.rel_error:.1e} of the largest edge, r = "
                 f"{f.pearson:.6f}), logits max error {lo.max_abs_error:.2e} (r = {lo.pearson:.6f}). Real model, "
                 f"target logits: r = {rd.pearson:.3f} with the direct effects, r = {rp.pearson:.3f} with the path "
@@ -129,27 +131,39 @@ def unfrozen_replacement_logits(model, transcoders: TranscoderSet, st, deltas: d
 
 
 def _path_sums(graph: AttributionGraph, delta: Tensor) -> Tensor:
-    """``[T, k]``: logit changes when feature nodes change by ``delta`` ``[F, k]`` and every feature downstream
-    responds by its pre-activation change (the graph's paths through features; errors and tokens fixed)."""
+    """``[T, k]``: logit changes when feature nodes' activations change by ``delta`` ``[F, k]`` (absolute, the
+    transcoders' units) and every feature downstream responds by its pre-activation change (the graph's paths
+    through features; errors and tokens fixed).
+
+    An edge ``A[t, s]`` is ``a_s`` times the gradient of ``t``'s input along ``s``'s decoder row, so a change
+    ``Δa_s`` moves ``t`` by ``A[t, s] Δa_s / a_s``: the sum runs over relative changes ``u = Δa / a``,
+    ``u = (delta + A_ff u) / a``, read by the logits as ``A_lf u`` (``a`` the nodes' activations; they are
+    positive for TopK/ReLU transcoders).
+    """
     F = graph.n_features
     A_ff = graph.edges[:F, :F].double()
-    x = delta.double()
-    for _ in range(graph.n_layers + 1):
-        x = delta.double() + A_ff @ x
-    return graph.edges[F:, :F].double() @ x
+    a = graph.activations[graph.selected].double()[:, None].clamp_min(1e-30)
+    d = delta.double()
+    u = d / a
+    for _ in range(graph.n_layers + 1):  # a path crosses at most n_layers feature layers
+        u = (d + A_ff @ u) / a
+    return graph.edges[F:, :F].double() @ u
 
 
 def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_features: int = 100,
-             mode: str = "double", seed: int = 0, batch: int = 16) -> Validation:
+             mode: str = "double", step: float | None = None, seed: int = 0, batch: int = 16) -> Validation:
     """Perturb sampled feature nodes and compare the measured effects with the graph's (see the module docstring).
 
     Args:
         n_features: how many feature nodes to perturb (sampled without replacement, seeded).
         mode: ``"double"`` (activation x 2) or ``"zero"`` (activation 0).
+        step: instead of ``mode``, change each activation by ``step`` times itself (e.g. 0.05: a 5% step, to see
+            how far the real model stays linear); ``mode`` is then recorded as ``"step"``.
         batch: perturbations per forward.
 
     Raises:
-        InputError: a graph of another model or prompt length, no feature nodes, a bad mode.
+        InputError: a graph of another model or prompt length, no feature nodes, a bad mode, a zero or
+            non-finite step.
     """
     if mode not in ("double", "zero"):
         raise InputError(f"mode must be 'double' or 'zero', got {mode!r}.")
@@ -164,6 +178,10 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(graph.n_features, generator=g)[:n_features].sort().values
     sign = 1.0 if mode == "double" else -1.0
+    if step is not None:
+        if not (math.isfinite(step) and step != 0):
+            raise InputError(f"step must be a finite non-zero fraction of the activation, got {step}.")
+        sign, mode = float(step), "step"
     P, D = graph.n_pos, model.cfg.d_model
     dt = st.mlp_out.dtype
     logit_ids = graph.logit_tokens.to(model.device)
