@@ -75,6 +75,7 @@ def main() -> None:
         v = validate(model, ts, g, n_features=args.n_validate)
         t_val = time.perf_counter() - t1
         write_json_atomic(jsonable(v.to_dict()), folder / "validation.json")
+        small = validate(model, ts, g, n_features=args.n_validate, step=0.05)  # how local is the linearity?
         supernodes = []
         for sn in suggest_supernodes(g, pr)[:4]:
             chk = steer_supernode(model, ts, g, pr, sn.nodes, alpha=-1.0)
@@ -93,12 +94,14 @@ def main() -> None:
                          "pruned_edges": int(pr.edge_mask.sum()), "replacement": rep, "completeness": comp,
                          "pruned_replacement": rep_p, "pruned_completeness": comp_p, "graph_seconds": t_graph,
                          "validate_seconds": t_val, "validation": v.to_dict(), "summary": v.summary(),
+                         "validation_step_5pct": small.to_dict(), "summary_step_5pct": small.summary(),
                          "top_features": describe(model, ts, g, pr), "supernodes": supernodes,
                          "attention": attention, "info": g.info}
         print(name, json.dumps(jsonable({k: summary[name][k] for k in ("targets", "replacement", "completeness",
                                                                           "pruned_replacement", "pruned_completeness",
                                                                           "graph_seconds")})), flush=True)
         print(v.summary(), flush=True)
+        print(small.summary(), flush=True)
         write_json_atomic(jsonable(summary), args.out / "study.json")
 
 

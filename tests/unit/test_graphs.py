@@ -408,7 +408,7 @@ def test_validate_reports_exact_agreement_in_the_frozen_model(setup, mode):
     assert torch.allclose(_path_sums(g, delta), A[g.logit_start:, :F] @ u, atol=1e-9)
     with pytest.raises(mechscope.InputError, match="mode"):
         validate(m, ts, g, mode="triple")
-    for a in (v.live_paths, v.replacement_paths, v.real_replacement):
+    for a in (v.live_paths, v.replacement_paths, v.real_replacement, v.attention_paths, v.norms_paths):
         assert a.n == 25 * g.n_logits and -1 <= a.pearson <= 1
     assert "Where it departs" in v.summary()
     tiny = validate(m, ts, g, n_features=10, step=1e-6)  # a vanishing step: the live-feature model is the graph
@@ -428,6 +428,15 @@ def test_live_and_unfrozen_replacement_models_are_the_real_forward_and_linearise
         torch.testing.assert_close(r.logits[0].double(), st.logits.double(), atol=1e-5, rtol=0)  # HF norms: fp32
     torch.testing.assert_close(unfrozen_replacement_logits(m, ts, st, None, 1)[0], st.logits[-1].double(),
                                atol=1e-5, rtol=0)
+    # with attention and norms live the live-feature model is the unfrozen replacement (hooks vs Splice: two paths)
+    i = int(g.activations[g.selected].argmax())
+    L, p, f = (int(v) for v in g.active_features[g.selected[i]])
+    d = torch.zeros(2, g.n_pos, m.cfg.d_model, dtype=torch.float64)
+    d[1, p] = -float(g.activations[g.selected[i]]) * ts[L].W_dec[f].detach()
+    with frozen_forward(m, ts, st, 2, deltas={L: d}, grad=False, live_features=True, freeze_attention=False,
+                        freeze_norms=False) as r:
+        torch.testing.assert_close(r.logits[:, -1].double(), unfrozen_replacement_logits(m, ts, st, {L: d}, 2),
+                                   atol=1e-9, rtol=0)
     eps = 1e-6
     with frozen_forward(m, ts, st, 1, grad=False, live_features=True) as r0:
         lg0 = r0.logits[0, -1].double()

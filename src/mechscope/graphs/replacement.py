@@ -208,8 +208,8 @@ class FrozenRun:
 @contextlib.contextmanager
 def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, batch: int = 1, *,
                    deltas: dict[int, Tensor] | None = None, embed_delta: Tensor | None = None,
-                   functions: dict | None = None, live_features: bool = False, grad: bool = True,
-                   logits_to_keep: int = 0):
+                   functions: dict | None = None, live_features: bool = False, freeze_attention: bool = True,
+                   freeze_norms: bool = True, grad: bool = True, logits_to_keep: int = 0):
     """Run the frozen local replacement model on ``batch`` copies of the prompt; yields a :class:`FrozenRun`.
 
     Each MLP output is ``(recon - skip(x_real) + error) + skip(x) + mlp_leaf[L] + deltas[L]``, where ``x`` is
@@ -227,6 +227,9 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
             MLP writes ``transcoder(x) + (out_real - transcoder(x_real))`` (the error held), so the model is
             nonlinear again through the TopK/ReLU and equals the real forward on the prompt itself; no gradients
             at ``mlp_leaf`` then mean edges (a check of how far the features' own nonlinearity matters).
+        freeze_attention / freeze_norms: False recomputes the attention patterns / the norms' scales (diagnostics
+            of which frozen quantity a real response depends on; the graph's edges assume both frozen). With
+            ``live_features`` and both False this is the unfrozen replacement model.
         grad: build the autograd graph (for attribution); False for plain evaluation.
         logits_to_keep: compute logits for the last that many positions only (0: all).
 
@@ -252,12 +255,14 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
 
     def hook_norm(key):
         def fn(mod, args, out):
-            y = _apply_frozen(state.norms[key], args[0])
+            y = _apply_frozen(state.norms[key], args[0]) if freeze_norms else _first(out)
             path, L = key
             if path == a.ln2 and L is not None:
                 run.mlp_in[L] = y
             if L is None:
                 run.final = y
+            if not freeze_norms:
+                return None
             return y.to(_first(out).dtype) if not isinstance(out, tuple) else (y.to(out[0].dtype), *out[1:])
         return fn
 
@@ -278,7 +283,7 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
         return run.embed if embed_delta is None else run.embed + embed_delta.to(run.embed.dtype)
 
     patterns = {f"blocks.{L}.attn.hook_pattern": (lambda p, L=L: state.patterns[L].to(p.dtype).expand_as(p))
-                for L in range(n)}
+                for L in range(n)} if freeze_attention else {}
     clash = set(patterns) & set(functions or {})
     if clash:
         raise InputError(f"frozen_forward sets {sorted(clash)[0]} itself (the frozen pattern); hook another site.")

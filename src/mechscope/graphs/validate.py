@@ -74,6 +74,8 @@ class Validation:
         real_frozen_gap: median over perturbations of ``|real - path sum| / |path sum|`` for the top target logit.
         live_paths / replacement_paths / real_replacement: check 3 (live-feature model vs path sums, unfrozen
             replacement vs path sums, real vs unfrozen replacement), on the target logits.
+        attention_paths / norms_paths: the live-feature model with only the attention patterns / only the norm
+            scales recomputed, vs the path sums: which frozen quantity the real response turns on.
     """
 
     n_perturbed: int
@@ -86,6 +88,8 @@ class Validation:
     live_paths: Agreement | None = None
     replacement_paths: Agreement | None = None
     real_replacement: Agreement | None = None
+    attention_paths: Agreement | None = None
+    norms_paths: Agreement | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,8 +103,9 @@ class Validation:
                 f"target logits: r = {rd.pearson:.3f} with the direct effects, r = {rp.pearson:.3f} with the path "
                 f"sums (median relative gap {self.real_frozen_gap:.2f}).") + (
             "" if self.live_paths is None else
-            f" Where it departs: live features vs paths r = {self.live_paths.pearson:.3f}, unfrozen replacement vs "
-            f"paths r = {self.replacement_paths.pearson:.3f}, real vs unfrozen replacement r = "
+            f" Where it departs (r with the path sums): live features {self.live_paths.pearson:.3f}, + live "
+            f"attention {self.attention_paths.pearson:.3f}, + live norms {self.norms_paths.pearson:.3f}, unfrozen "
+            f"replacement {self.replacement_paths.pearson:.3f}; real vs unfrozen replacement r = "
             f"{self.real_replacement.pearson:.3f}.")
 
 
@@ -192,10 +197,17 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
         pre0 = torch.stack([feature_preactivations(transcoders, r0, L)[0] for L in range(st.n_layers)])
         lg0 = r0.logits[0, -1].double()
     real0 = st.logits[-1].double()
-    with frozen_forward(model, transcoders, st, 1, grad=False, logits_to_keep=1, live_features=True) as rl0:
-        live0 = rl0.logits[0, -1].double()
+    variants = {"live": {}, "attention": {"freeze_attention": False}, "norms": {"freeze_norms": False}}
+
+    def variant_logits(kw, k, deltas=None):
+        with frozen_forward(model, transcoders, st, k, deltas=deltas, grad=False, logits_to_keep=1,
+                            live_features=True, **kw) as rv:
+            return rv.logits[:, -1].double()
+
+    base = {name: variant_logits(kw, 1)[0] for name, kw in variants.items()}
     rep0 = unfrozen_replacement_logits(model, transcoders, st, None, 1)[0]
-    live_l, rep_l = [], []
+    var_l = {name: [] for name in variants}
+    rep_l = []
 
     def demeaned_change(x, x0):
         return ((x - x.mean(-1, keepdim=True)) - (x0 - x0.mean())[None])[:, logit_ids]
@@ -223,9 +235,8 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
                             interventions=[Add(f"blocks.{L}.hook_mlp_out", direction=d) for L, d in deltas.items()])
         rl = res.logits[:, -1].double()
         real_l.append(demeaned_change(rl, real0))
-        with frozen_forward(model, transcoders, st, k, deltas=deltas, grad=False, logits_to_keep=1,
-                            live_features=True) as rlive:
-            live_l.append(demeaned_change(rlive.logits[:, -1].double(), live0))
+        for name, kw in variants.items():
+            var_l[name].append(demeaned_change(variant_logits(kw, k, deltas), base[name]))
         rep_l.append(demeaned_change(unfrozen_replacement_logits(model, transcoders, st, deltas, k), rep0))
     pred_direct = torch.cat(pred_l)
     delta = torch.zeros(graph.n_features, len(pick), dtype=torch.float64)
@@ -236,5 +247,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     return Validation(n_perturbed=len(pick), mode=mode, frozen_features=_agree(torch.cat(meas_f), torch.cat(pred_f)),
                       frozen_logits=_agree(torch.cat(meas_l), pred_direct), real_direct=_agree(real, pred_direct),
                       real_paths=_agree(real, paths), real_frozen_gap=float(gap),
-                      live_paths=_agree(torch.cat(live_l), paths), replacement_paths=_agree(torch.cat(rep_l), paths),
-                      real_replacement=_agree(real, torch.cat(rep_l)))
+                      live_paths=_agree(torch.cat(var_l["live"]), paths),
+                      replacement_paths=_agree(torch.cat(rep_l), paths), real_replacement=_agree(real, torch.cat(rep_l)),
+                      attention_paths=_agree(torch.cat(var_l["attention"]), paths),
+                      norms_paths=_agree(torch.cat(var_l["norms"]), paths))
