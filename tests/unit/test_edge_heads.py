@@ -114,6 +114,12 @@ def test_moves_sum_to_the_head_and_the_top_move_is_explained(setup):
     assert a.total == pytest.approx(a.score, abs=1e-6)
     d = r.to_dict()
     assert d["top"][0]["layer"] == hm.layer and len(d["heads"]) == g.n_layers
+    st = replacement_state(m, ts, g.tokens)  # a kept state gives the same split and explanation
+    again = graph_edge_heads(m, ts, g, s, t, top=2, explain=1, n_moves=64, state=st)
+    assert torch.equal(again.heads, r.heads) and again.attention[0].pairs == r.attention[0].pairs
+    other = replacement_state(m, ts, g.tokens[:-1])
+    with pytest.raises(InputError, match="another prompt"):
+        graph_edge_heads(m, ts, g, s, t, state=other)
 
 
 def test_json_nodes_and_bad_pairs():

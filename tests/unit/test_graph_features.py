@@ -117,6 +117,8 @@ def test_the_graph_api_serves_features_and_steering(built):
     link = max(d["links"], key=lambda e: abs(e["weight"]))
     e = c.get("/api/graph/edge", params={"source": link["source"], "target": link["target"]})
     assert e.status_code == 200 and e.json()["edge"] == pytest.approx(link["weight"], rel=1e-4, abs=1e-6)
+    assert "replacement" in state.graph_cache  # kept for the next edge
+    assert c.get("/api/graph/edge", params={"source": link["source"], "target": link["target"]}).json() == e.json()
     assert c.get("/api/graph/edge", params={"source": "x", "target": link["target"]}).status_code == 400
     bare = TestClient(create_app(AppState(model=m, graph=d)))
     assert "--transcoders" in bare.get("/api/graph/edge", params={"source": link["source"],

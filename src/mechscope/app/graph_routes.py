@@ -105,7 +105,15 @@ def add_graph_routes(app, state) -> None:
         if why is not None:
             raise HTTPException(status_code=404, detail=why.replace("steer its features", "split its edges"))
         with state.lock:
-            return json_edge_heads(state.model, state.graph_transcoders, g, source, target).to_dict()
+            if "replacement" not in state.graph_cache:  # the prompt's replacement state, once per server
+                from mechscope.graphs.edge_heads import json_first_zeroed, json_tokens
+                from mechscope.graphs.replacement import replacement_state
+
+                if "tokens" in (g["metadata"].get("mechscope") or {}):
+                    state.graph_cache["replacement"] = replacement_state(
+                        state.model, state.graph_transcoders, json_tokens(g), zero_first=json_first_zeroed(g))
+            return json_edge_heads(state.model, state.graph_transcoders, g, source, target,
+                                   state=state.graph_cache.get("replacement")).to_dict()
 
     @app.post("/api/graph/steer")
     def steer(body: GraphSteerBody):

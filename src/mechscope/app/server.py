@@ -56,6 +56,7 @@ class AppState:
         graph: an attribution graph's JSON (``neuronpedia.json`` of ``mechscope graph``; graph page).
         graph_transcoders: the graph's :class:`~mechscope.graphs.TranscoderSet` (steering on the graph page).
         graph_features: ``{layer: FeatureDB}`` of that set (:func:`mechscope.graphs.features.open_set_features`).
+        graph_cache: what the graph routes keep between requests (the prompt's replacement state).
         steer: ``fn(prompt, latents, max_new_tokens) -> dict`` used by the steering endpoint.
         probes: :class:`~mechscope.app.probe_routes.ServedProbe` (a loaded probe, its display name and threshold)
             for the probe page; :func:`~mechscope.app.probe_routes.load_probes` makes them.
@@ -69,6 +70,7 @@ class AppState:
     graph: dict | None = None
     graph_transcoders: Any = None
     graph_features: dict = field(default_factory=dict)
+    graph_cache: dict = field(default_factory=dict)
     steer: Any = None
     probes: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)

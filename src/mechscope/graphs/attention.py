@@ -93,17 +93,19 @@ def residual_components(model, transcoders, state: ReplacementState, attn_out: T
 
 
 def explain_attention(model, transcoders, tokens: Tensor, layer: int, head: int, query_pos: int, key_pos: int, *,
-                      top: int = 20, str_tokens: list[str] | None = None) -> AttentionExplanation:
+                      top: int = 20, str_tokens: list[str] | None = None,
+                      state: ReplacementState | None = None) -> AttentionExplanation:
     """Split head ``head`` of ``layer``'s score from ``query_pos`` to ``key_pos`` into component pairs (see the
     module docstring).
 
     Args:
         tokens: the prompt's token ids ``[P]`` (an :class:`AttributionGraph`'s ``tokens``).
         top: pairs and per-side totals kept.
+        state: the prompt's :func:`replacement_state`, when the caller has it (saves a forward).
 
     Raises:
         InputError: a layer, head or position out of range, a key after the query, a model with query/key norms
-            (their scales would need freezing too) or a soft-capped score.
+            (their scales would need freezing too) or a soft-capped score; a ``state`` of other tokens.
     """
     c = model.cfg
     tokens = tokens.reshape(-1)
@@ -117,7 +119,9 @@ def explain_attention(model, transcoders, tokens: Tensor, layer: int, head: int,
     if any(hasattr(attn, n) for n in ("q_norm", "k_norm")) or getattr(model.hf.config, "attn_logit_softcapping", None):
         raise InputError(f"{c.name}'s attention normalises queries/keys or soft-caps scores, so its score is not "
                          "bilinear in the residual stream; explain_attention supports plain dot-product attention.")
-    st = replacement_state(model, transcoders, tokens)
+    st = state if state is not None else replacement_state(model, transcoders, tokens)
+    if not torch.equal(st.tokens.cpu(), tokens.cpu()):
+        raise InputError("state= is the replacement state of another prompt; pass the state of these tokens.")
     L = f"blocks.{layer}."
     names_all = ["blocks.*.hook_attn_out", f"{L}hook_resid_pre", f"{L}attn.hook_attn_scores", f"{L}attn.hook_pattern"]
     with torch.no_grad():

@@ -92,7 +92,7 @@ def _check_nodes(source: dict, target: dict, n_layers: int, P: int) -> None:
 
 def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, target: dict, *, top: int = 5,
                explain: int = 1, n_moves: int = 3, zero_first: bool = True,
-               str_tokens: list[str] | None = None) -> EdgeHeads:
+               str_tokens: list[str] | None = None, state=None) -> EdgeHeads:
     """Split the edge ``source -> target`` of a prompt's attribution graph over the attention heads that carry it.
 
     Args:
@@ -102,6 +102,8 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
         target: a feature (``layer, pos, feature``) or logit (``token``, at the last position) node.
         top: heads listed. explain: how many of them get their strongest move's score explained (0: none).
         n_moves: (query, key) moves listed per head. zero_first: as the graph was made.
+        state: the prompt's :func:`~mechscope.graphs.replacement.replacement_state` (made with ``zero_first``), when
+            the caller keeps it (the web app does, per graph): saves two real forwards per call.
 
     Returns:
         :class:`EdgeHeads`; ``edge`` equals the graph's adjacency entry (to float rounding).
@@ -116,7 +118,10 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
     tokens = tokens.reshape(-1)
     P, n = len(tokens), c.n_layers
     _check_nodes(source, target, n, P)
-    st = replacement_state(model, transcoders, tokens, zero_first=zero_first)
+    st = state if state is not None else replacement_state(model, transcoders, tokens, zero_first=zero_first)
+    if not torch.equal(st.tokens.cpu(), tokens.cpu()) or st.first_zeroed != zero_first:
+        raise InputError("state= is the replacement state of another prompt (or of another zero_first); pass the "
+                         "state of these tokens.")
     dt, dev, D = st.mlp_out.dtype, st.mlp_out.device, c.d_model
     deltas, embed_delta = None, None
     L, p = int(source.get("layer", -1)), int(source["pos"])
@@ -177,7 +182,7 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
         top_heads.append(HeadMove(i, h, float(heads[i, h]), float(heads[i, h] / edge) if edge else 0.0,
                                   [(k // P, k % P, float(M.flatten()[k])) for k in mv]))
     expl = [explain_attention(model, transcoders, tokens, hm.layer, hm.head, hm.moves[0][0], hm.moves[0][1],
-                              str_tokens=str_tokens) for hm in top_heads[:explain]]
+                              str_tokens=str_tokens, state=st) for hm in top_heads[:explain]]
     return EdgeHeads(source, target, edge, heads, residual, top_heads, expl)
 
 
@@ -219,6 +224,16 @@ def json_edge_heads(model, transcoders: TranscoderSet, graph_json: dict, source_
         if i not in nodes:
             raise InputError(f"node {i!r} is not in this graph; node ids are shown when a node is clicked.")
     strs = graph_json["metadata"].get("prompt_tokens")
-    return edge_heads(model, transcoders, torch.tensor(ms["tokens"], dtype=torch.long), json_node(nodes[source_id]),
-                      json_node(nodes[target_id]), zero_first=bool(ms.get("first_zeroed", True)), str_tokens=strs,
+    return edge_heads(model, transcoders, json_tokens(graph_json), json_node(nodes[source_id]),
+                      json_node(nodes[target_id]), zero_first=json_first_zeroed(graph_json), str_tokens=strs,
                       **kwargs)
+
+
+def json_tokens(graph_json: dict) -> Tensor:
+    """The prompt's token ids ``[P]`` int64 from a graph JSON written by mechscope."""
+    return torch.tensor(graph_json["metadata"]["mechscope"]["tokens"], dtype=torch.long)
+
+
+def json_first_zeroed(graph_json: dict) -> bool:
+    """Whether the graph dropped position 0's features (recorded since the field exists; True before)."""
+    return bool((graph_json["metadata"].get("mechscope") or {}).get("first_zeroed", True))
