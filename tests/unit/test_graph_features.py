@@ -4,7 +4,8 @@ Claims tested: the set's databases come from one pass and equal each layer's sin
 against the set and refuse a set with other weights; steering a graph's feature to 0 equals clamping that latent
 to 0 with the transcoder spliced (error term kept) through the independent LatentSteer path, scale 1 changes
 nothing, and the continuation before steering is plain greedy generation; the API serves a clicked feature's
-contexts and label, steers, splits an edge over heads, and answers bad node ids and a server without transcoders with a readable 4xx.
+contexts and label, steers, splits an edge over heads (keeping the prompt's replacement state), and answers bad
+node ids and a server without transcoders with a readable 4xx.
 """
 
 from __future__ import annotations

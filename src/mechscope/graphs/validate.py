@@ -248,6 +248,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
                       frozen_logits=_agree(torch.cat(meas_l), pred_direct), real_direct=_agree(real, pred_direct),
                       real_paths=_agree(real, paths), real_frozen_gap=float(gap),
                       live_paths=_agree(torch.cat(var_l["live"]), paths),
-                      replacement_paths=_agree(torch.cat(rep_l), paths), real_replacement=_agree(real, torch.cat(rep_l)),
+                      replacement_paths=_agree(torch.cat(rep_l), paths),
+                      real_replacement=_agree(real, torch.cat(rep_l)),
                       attention_paths=_agree(torch.cat(var_l["attention"]), paths),
                       norms_paths=_agree(torch.cat(var_l["norms"]), paths))
