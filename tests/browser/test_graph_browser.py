@@ -5,6 +5,9 @@ steering the clicked or the pinned features shows the output before and after; w
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.browser.test_app_pages_browser import strict_page  # noqa: F401 (fixture)
@@ -115,6 +118,23 @@ def test_clicking_a_feature_shows_its_contexts_and_steering_changes_the_output(s
         pg.click("#node-info button.pin")
         pg.click("#steer-pinned")
         pg.locator("#steer-out p").filter(has_text="x their activations").filter(has_text=", ").wait_for()
+        # a hand-made supernode: group the pinned nodes, steer the group, download the JSON that carries it
+        n_suggested = len(d["qParams"]["supernodes"])
+        pg.fill("#group-name", "my <b>group</b>")
+        pg.click("#group-pinned")
+        assert pg.locator("#groups li").count() == n_suggested + 1
+        assert "my <b>group</b>" in pg.inner_text("#groups")
+        pg.fill("#steer-scale", "2")
+        pg.locator("#groups button.steer-group").last.click()
+        pg.locator("#steer-out p").filter(has_text="to 2 x their activations").wait_for()
+        with pg.expect_download() as dl:
+            pg.click("#export-json")
+        saved = json.loads(Path(dl.value.path()).read_text())
+        assert saved["qParams"]["supernodes"][-1] == ["my <b>group</b>", nodes[0]["node_id"], nodes[1]["node_id"]]
+        assert saved["qParams"]["pinnedIds"] == [nodes[0]["node_id"], nodes[1]["node_id"]]
+        from mechscope.graphs.neuronpedia import load_neuronpedia
+
+        load_neuronpedia(saved)  # the download reads back
         assert pg.js_errors == [] and pg.console_errors == [] and pg.failed == []
     finally:
         stop()

@@ -121,6 +121,12 @@ def test_the_graph_api_serves_features_and_steering(built):
     assert "replacement" in state.graph_cache  # kept for the next edge
     assert c.get("/api/graph/edge", params={"source": link["source"], "target": link["target"]}).json() == e.json()
     assert c.get("/api/graph/edge", params={"source": "x", "target": link["target"]}).status_code == 400
+    x = c.post("/api/graph/export", json={"pinned": [node["node_id"]], "supernodes": [["g", node["node_id"], error]]})
+    assert x.status_code == 200 and "attachment" in x.headers["content-disposition"]
+    assert x.json()["qParams"]["supernodes"] == [["g", node["node_id"], error]] and x.json()["nodes"] == d["nodes"]
+    bad = c.post("/api/graph/export", json={"pinned": ["nope"]})
+    assert bad.status_code == 400 and "'nope' is not in this graph" in bad.json()["detail"]
+    assert c.post("/api/graph/export", json={"supernodes": [["only one", error]]}).status_code == 400
     bare = TestClient(create_app(AppState(model=m, graph=d)))
     assert "--transcoders" in bare.get("/api/graph/edge", params={"source": link["source"],
                                                                   "target": link["target"]}).json()["detail"]

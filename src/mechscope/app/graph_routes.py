@@ -11,6 +11,8 @@
 - ``POST /api/graph/steer`` ``{nodes: [id], scale, max_new_tokens}`` ->
   :func:`mechscope.graphs.steer.steer_graph_features` (the real model, each node's activation times ``scale``;
   several nodes together form a hand-made supernode);
+- ``POST /api/graph/export`` ``{pinned: [id], supernodes: [[name, id, ...]]}`` -> the graph JSON with those pins and
+  hand-made supernodes in its ``qParams`` (a download: Neuronpedia's viewer and ``mechscope serve --graph`` read it);
 - ``GET /api/graph/edge?source=ID&target=ID`` -> :func:`mechscope.graphs.edge_heads.json_edge_heads`'s
   ``to_dict()``: the attention heads that carry the edge, their strongest (query, key) moves, and the split of
   the top head's attention score into query- and key-side components.
@@ -30,6 +32,13 @@ class GraphSteerBody(BaseModel):
     nodes: list[str] = Field(..., min_length=1, max_length=MAX_STEERED)
     scale: float = Field(0.0, ge=-100.0, le=100.0, allow_inf_nan=False, strict=False)
     max_new_tokens: int = Field(8, ge=0, le=32, strict=True)
+
+
+class GraphExportBody(BaseModel):
+    """POST /api/graph/export: node ids to pin, and supernodes as ``[name, node id, node id, ...]``."""
+
+    pinned: list[str] = Field(default_factory=list, max_length=10_000)
+    supernodes: list[list[str]] = Field(default_factory=list, max_length=1_000)
 
 
 def feature_entry(db, latent: int) -> dict:
@@ -94,6 +103,24 @@ def add_graph_routes(app, state) -> None:
             raise HTTPException(status_code=404, detail=f"latent {latent} is not in {db.path} (0..{db.n_latents - 1}).")
         out["feature"] = feature_entry(db, latent)  # a cursor of its own: no lock
         return out
+
+    @app.post("/api/graph/export")
+    def export(body: GraphExportBody):
+        """The graph JSON with the page's pins and hand-made supernodes, as a file to download."""
+        from fastapi.responses import JSONResponse
+
+        g = need_graph()
+        ids = {n["node_id"] for n in g["nodes"]}
+        for group in body.supernodes:
+            if len(group) < 3 or not group[0].strip():
+                raise InputError("a supernode is [name, node id, node id, ...]: a name and at least two nodes.")
+        unknown = [i for i in body.pinned + [i for grp in body.supernodes for i in grp[1:]] if i not in ids]
+        if unknown:
+            raise InputError(f"node {unknown[0]!r} is not in this graph ({len(unknown)} unknown ids).")
+        out = {**g, "qParams": {**g["qParams"], "pinnedIds": list(body.pinned),
+                                "supernodes": [list(grp) for grp in body.supernodes]}}
+        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(g["metadata"].get("slug", "graph")))[:64]
+        return JSONResponse(out, headers={"Content-Disposition": f'attachment; filename="{slug or "graph"}.json"'})
 
     @app.get("/api/graph/edge")
     def edge(source: str, target: str):

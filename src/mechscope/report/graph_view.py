@@ -55,7 +55,7 @@ def node_name(node: dict, tokens: list[str]) -> str:
 def graph_view(d: dict) -> dict:
     """The page's content from a graph JSON dict: ``figure`` (plotly data/layout), ``nodes`` (id -> details:
     name, rows, edges in/out, the incoming edges' source ids), ``summary`` cards, ``tables`` (strongest edges),
-    ``title``, ``pinned``, ``tokens`` (the prompt's token strings)."""
+    ``title``, ``pinned``, ``tokens`` (the prompt's token strings), ``supernodes`` (``[name, id, ...]`` each)."""
     meta = d["metadata"]
     ms = meta.get("mechscope", {})
     tokens = list(meta.get("prompt_tokens", []))
@@ -158,4 +158,5 @@ def graph_view(d: dict) -> dict:
             "tables": {"edges": {"columns": ["source", "target", "weight"], "rows": edge_rows},
                        "supernodes": {"columns": ["supernode", "features"], "rows": groups}},
             "pinned": list(d.get("qParams", {}).get("pinnedIds", [])), "model": ms.get("model", ""), "tokens": tokens,
+            "supernodes": [list(g) for g in d.get("qParams", {}).get("supernodes", []) if len(g) >= 3],
             "scan": meta.get("scan", "")}

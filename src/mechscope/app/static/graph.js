@@ -3,6 +3,7 @@
 ms.nav("/graph");
 const TABLES = {supernodes: "Suggested supernodes", edges: "Strongest edges"};
 let pinned = [];
+let groups = [];  // hand-made supernodes: [name, id, id, ...] (the graph JSON's qParams.supernodes format)
 let clicked = null;
 let steerOK = false;
 const $ = id => document.getElementById(id);
@@ -24,6 +25,30 @@ function drawPins(view) {
     return ms.el("li", {text: view.nodes[id] ? view.nodes[id].name : id}, b);
   }));
   $("steer-pinned").disabled = !steerOK || !pinned.some(id => isFeature(view, id));
+  $("group-pinned").disabled = pinned.length < 2;
+}
+
+function drawGroups(view) {
+  const name = n => view.nodes[n] ? view.nodes[n].name : n;
+  if (!groups.length) { $("groups").replaceChildren(ms.el("li", {cls: "note", text: "none yet: pin nodes, name them, group them."})); return; }
+  $("groups").replaceChildren(...groups.map((g, k) => {
+    const st = ms.el("button", {cls: "steer-group", text: "steer together"});
+    st.disabled = !steerOK || !g.slice(1).some(id => isFeature(view, id));
+    st.addEventListener("click", () => steer(view, g.slice(1).filter(id => isFeature(view, id))));
+    const rm = ms.el("button", {cls: "pin", text: "remove"});
+    rm.addEventListener("click", () => { groups.splice(k, 1); drawGroups(view); });
+    return ms.el("li", {text: `${g[0]}: ${g.slice(1).map(name).join(", ")} `}, st, " ", rm);
+  }));
+}
+
+function exportJSON() {
+  ms.api("/api/graph/export", {pinned: pinned, supernodes: groups}).then(data => {
+    const a = ms.el("a", {href: URL.createObjectURL(new Blob([JSON.stringify(data)], {type: "application/json"})),
+      download: (data.metadata.slug || "graph") + ".json"});
+    document.body.append(a);
+    a.click();
+    a.remove();
+  }).catch(e => ms.fail($("groups"), e));
 }
 
 // the clicked feature's entry in its layer's feature database: label, density, top contexts, logit effects
@@ -115,6 +140,14 @@ ms.api("/api/graph").then(r => {
   if (!steerOK) $("steer-why").replaceChildren(ms.el("p", {cls: "note", text: "steering is off: " + r.steering.why}));
   $("steer-clicked").addEventListener("click", () => { if (clicked) steer(v, [clicked]); });
   $("steer-pinned").addEventListener("click", () => steer(v, pinned.filter(id => isFeature(v, id))));
+  groups = (v.supernodes || []).map(g => g.slice());
+  $("group-pinned").addEventListener("click", () => {
+    const name = $("group-name").value.trim() || `group ${groups.length + 1}`;
+    groups.push([name, ...pinned]);
+    $("group-name").value = `group ${groups.length + 1}`;
+    drawGroups(v);
+  });
+  $("export-json").addEventListener("click", exportJSON);
   document.getElementById("title").textContent = v.title;
   document.getElementById("summary").replaceChildren(...v.summary.map(([k, val, s]) =>
     ms.el("div", {cls: "card"}, ms.el("div", {cls: "k", text: k}), ms.el("div", {cls: "v", text: String(val)}), ms.el("div", {cls: "s", text: s}))));
@@ -126,6 +159,7 @@ ms.api("/api/graph").then(r => {
   });
   window.mechscopeShowNode = id => showNode(v, id);
   drawPins(v);
+  drawGroups(v);
   const tables = document.getElementById("tables");
   for (const [key, title] of Object.entries(TABLES)) {
     const t = v.tables[key];
