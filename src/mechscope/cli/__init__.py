@@ -6,7 +6,8 @@ status 2, thread choice); :mod:`~mechscope.cli.root` the top-level commands (``v
 :mod:`~mechscope.cli.toys` the ``sae``, ``features`` and ``toy`` groups; :mod:`~mechscope.cli.circuit` the
 ``circuit`` group; :mod:`~mechscope.cli.probe` and :mod:`~mechscope.cli.monitor` the ``probe`` and ``monitor``
 groups; :mod:`~mechscope.cli.audit`, :mod:`~mechscope.cli.finetune`, :mod:`~mechscope.cli.diff` and
-:mod:`~mechscope.cli.plant` the ``audit``, ``finetune``, ``diff`` and ``plant`` commands. This module only
+:mod:`~mechscope.cli.plant` the ``audit``, ``finetune``, ``diff`` and ``plant`` commands; :mod:`~mechscope.cli.dist` the
+``dist`` group (torchrun start-up checks). This module only
 assembles them: the command modules import ``common`` and library code, never each other.
 """
 
@@ -16,6 +17,7 @@ from mechscope.cli.audit import audit
 from mechscope.cli.circuit import circuit_app
 from mechscope.cli.common import auto_threads, clean_errors
 from mechscope.cli.diff import diff_cmd
+from mechscope.cli.dist import dist_app
 from mechscope.cli.features import features_app
 from mechscope.cli.finetune import finetune_cmd
 from mechscope.cli.graph import graph_cmd, transcoders_app
@@ -33,6 +35,7 @@ app.add_typer(circuit_app, name="circuit")
 app.add_typer(probe_app, name="probe")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(transcoders_app, name="transcoders")
+app.add_typer(dist_app, name="dist")
 app.command("graph")(graph_cmd)
 app.command("audit")(audit)
 app.command("finetune")(finetune_cmd)
