@@ -12,8 +12,9 @@ import torch
 
 from mechscope import InputError
 from mechscope.core.errors import MemoryBudgetError
-from mechscope.data import shards as shards_mod
-from mechscope.data.shards import ShardedActivations, harvest
+from mechscope.data import harvesting as shards_mod  # the writer: its _write_file and shutil are replaced below
+from mechscope.data.harvesting import harvest
+from mechscope.data.shards import ShardedActivations
 from mechscope.data.store import ActivationStream, plan_memory
 from tests.conftest import WRONG_TYPE, tiny_hooked
 

@@ -1,7 +1,7 @@
 """Datasets and token streams: IOI prompts (:mod:`mechscope.data.ioi`), real-text corpora and user text
 (:mod:`mechscope.data.corpora`, :mod:`mechscope.data.sources`), tokenizing and packing into rows
 (:mod:`mechscope.data.packing`), activations streamed (:mod:`mechscope.data.store`) or harvested to shards
-(:mod:`mechscope.data.shards`), and circuit tasks: clean and corrupted prompts with answers and a metric
+(:mod:`mechscope.data.harvesting` writes them, :mod:`mechscope.data.shards` reads them), and circuit tasks: clean and corrupted prompts with answers and a metric
 (:mod:`mechscope.data.tasks`)."""
 
 from mechscope.data.corpora import CORPORA, CorpusSpec, available_corpora, load_corpus
@@ -11,7 +11,8 @@ from mechscope.data.labelled import Example, LabelledDataset, check_disjoint
 from mechscope.data.labelled_builtins import BUILTIN_LABELLED, load_labelled
 from mechscope.data.labelled_render import RenderedExample, render
 from mechscope.data.packing import PackedTokens, corpus_tokens, pack, split_documents
-from mechscope.data.shards import ShardedActivations, harvest
+from mechscope.data.harvesting import harvest
+from mechscope.data.shards import ShardedActivations
 from mechscope.data.store import ActivationStream, MemoryPlan, MemoryTerm, plan_memory
 from mechscope.data.tasks import (
     BUILTIN_TASKS,

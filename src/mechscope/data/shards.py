@@ -1,4 +1,5 @@
-"""Activation store, on disk: :func:`harvest` writes sharded safetensors, :class:`ShardedActivations` reads them.
+"""Activation store, on disk: :func:`~mechscope.data.harvesting.harvest` writes sharded safetensors,
+:class:`ShardedActivations` reads them (this module: the format, its checks and the reader).
 
 Directory layout::
 
@@ -22,34 +23,21 @@ reading: ``get_tensor`` copies a whole tensor per call and ``get_slice`` takes c
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
 import struct
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from jaxtyping import Int
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from mechscope.core.errors import InputError
 from mechscope.data.store import (
     INDEX_KEYS,
-    check_contexts,
-    contexts_fingerprint,
-    forward_rows,
-    index_rows,
-    model_fingerprint,
-    plan_memory,
     positive_int,
-    site_dims,
-    stop_layer,
-    storage_dtype,
 )
 
 FORMAT = "mechscope.activations"
@@ -64,50 +52,6 @@ _IDENTITY = ("format", "format_version", "model", "model_fingerprint", "hooks", 
              "forward_batch_contexts")
 _KEYS = set(_IDENTITY) | {"n_tokens", "n_tokens_total", "complete", "shards"}
 _SHARD_KEYS = {"file", "contexts", "n_tokens", "n_bytes", "sha256"}
-
-
-# -- atomic writes -----------------------------------------------------------------------------------
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (tests replace this to simulate a full disk or a kill)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a tmp file + fsync + os.replace + directory fsync; a failure leaves ``path`` as it was.
-
-    Raises:
-        OSError: ENOSPC with the bytes needed and free, when the disk is full (tmp file removed).
-    """
-    tmp = _tmp(path)
-    try:
-        _write_file(tmp, data)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, (
-                f"disk full while writing {path.name}: it needs {len(data):,} bytes and "
-                f"{free:,} bytes are free on {path.parent}. The shards already listed in {MANIFEST} are "
-                "intact; free space (or move the directory) and re-run harvest with the same arguments "
-                "to resume.")) from e
-        raise
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 # -- reading and checking files ------------------------------------------------------------------------
@@ -184,141 +128,6 @@ def _shard_ok(file: Path, entry: dict, keys: Sequence[str]) -> bool:
     except InputError:
         return False
     return set(keys) <= set(header)
-
-
-# -- harvest ---------------------------------------------------------------------------------------------
-def harvest(model, hooks: str | Sequence[str], contexts: Int[Tensor, "n_contexts context_len"],
-            out_dir: str | os.PathLike, *, shard_tokens: int = 2**18, dtype: torch.dtype = torch.bfloat16,
-            skip_positions: int = 1, forward_batch_contexts: int = 8, memory_budget_bytes: int | None = None,
-            progress: bool = True) -> "ShardedActivations":
-    """Run the model once over ``contexts`` and write the activations at ``hooks`` to sharded safetensors.
-
-    Resumable: called again with the same arguments on the same ``out_dir`` after a kill, it checks the
-    manifest matches and continues at the first shard not written (already complete: returns at once).
-    Shards hold whole contexts and forward batches never straddle shards, so a resumed harvest writes
-    the same bytes as an uninterrupted one.
-
-    Args:
-        model: a HookedModel.
-        hooks: hook names or globs; all rows aligned across hooks.
-        contexts: token ids [n_contexts, context_len].
-        out_dir: directory (created; must be empty or a harvest of the same arguments).
-        shard_tokens: target rows per shard (rounded down to whole contexts, at least one context).
-        dtype: storage dtype (bfloat16 default: half the bytes of float32, its range).
-        skip_positions: leading positions of each context not stored (BOS).
-        forward_batch_contexts: contexts per model forward.
-        memory_budget_bytes: optional; the :func:`~mechscope.data.store.plan_memory` total must fit.
-        progress: tqdm bar of tokens.
-
-    Returns:
-        ShardedActivations over ``out_dir``.
-
-    Raises:
-        InputError: bad argument; ``out_dir`` holds a harvest with other settings (says which differ);
-            NaN/inf activations (names hook, context, position; nothing written for them).
-        MemoryBudgetError: the plan exceeds ``memory_budget_bytes`` (before any forward).
-        OSError: ENOSPC, when the disk lacks room for the planned output (checked before any forward) or
-            fills up while writing (the tmp file is removed; listed shards stay loadable).
-    """
-    d_in = site_dims(model, hooks)
-    names = list(d_in)
-    contexts = check_contexts(model, contexts, skip_positions)
-    positive_int("shard_tokens", shard_tokens)
-    positive_int("forward_batch_contexts", forward_batch_contexts)
-    storage_dtype(dtype)
-    n, ctx = contexts.shape
-    rpc = ctx - skip_positions
-    plan = plan_memory(model, names, context_len=ctx, forward_batch_contexts=forward_batch_contexts, dtype=dtype,
-                       skip_positions=skip_positions, shard_tokens=shard_tokens, n_contexts=n)
-    plan.check(memory_budget_bytes)
-    cps = max(1, shard_tokens // rpc)
-    identity = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.name,
-        "model_fingerprint": model_fingerprint(model), "hooks": names, "d_in": d_in,
-        "dtype": str(dtype).replace("torch.", ""), "n_contexts": n, "context_len": ctx,
-        "contexts_sha256": contexts_fingerprint(contexts), "skip_positions": skip_positions,
-        "shard_tokens": shard_tokens, "contexts_per_shard": cps, "forward_batch_contexts": forward_batch_contexts,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in [*out.glob(".shard_*.safetensors.tmp"), *out.glob(f".{MANIFEST}.tmp")]:  # left by a kill mid-write
-        f.unlink()
-    if (out / MANIFEST).is_file():
-        manifest = _read_manifest(out)
-        diff = [k for k in _IDENTITY if manifest[k] != identity[k]]
-        if diff:
-            lines = "; ".join(f"{k}: on disk {_short(manifest[k])}, now {_short(identity[k])}" for k in diff)
-            raise InputError(f"{out} holds a harvest with other settings ({lines}). Harvest into a new out_dir, "
-                             "or delete this one to start over.")
-        keep = manifest["shards"]
-        for i, entry in enumerate(keep):
-            if not _shard_ok(out / entry["file"], entry, names):
-                warnings.warn(f"{entry['file']} is missing or damaged; re-writing it and the shards after it.",
-                              stacklevel=2)
-                keep = keep[:i]
-                break
-        manifest["shards"] = keep
-        if manifest["complete"] and len(keep) == -(-n // cps):
-            return ShardedActivations(out)
-    else:
-        foreign = [p.name for p in out.iterdir() if not p.name.startswith("shard_")]
-        if foreign:
-            raise InputError(f"{out} is not empty ({foreign[:3]}) and holds no {MANIFEST}; harvest into an empty "
-                             "or new directory.")
-        manifest = dict(identity, shards=[])
-    manifest.update(complete=False, n_tokens_total=n * rpc)
-    manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
-    first_shard = len(manifest["shards"])
-    n_shards = -(-n // cps)
-    # disk: every remaining shard's bytes (values + index tensors + headers) must fit now
-    need = (n - first_shard * cps) * rpc * (sum(d_in.values()) * dtype.itemsize + 16) + 4096 * (n_shards - first_shard)
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise OSError(errno.ENOSPC, f"harvest needs about {need:,} bytes of disk for the remaining "
-                      f"{n_shards - first_shard} shards and {out} has {free:,} bytes free; free space, harvest "
-                      "fewer contexts or hooks, or use a dtype of fewer bytes.")
-    _write_manifest(out, manifest)
-    stop = stop_layer(names, model.cfg.n_layers)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n * rpc, initial=manifest["n_tokens"], unit="tok", unit_scale=True, desc="harvest")
-    try:
-        for s in range(first_shard, n_shards):
-            k0, k1 = s * cps, min((s + 1) * cps, n)
-            parts = []
-            for f0 in range(k0, k1, forward_batch_contexts):
-                toks = contexts[f0:min(f0 + forward_batch_contexts, k1)]
-                rows = forward_rows(model, names, toks, f0, skip_positions, dtype, stop)
-                rows.update(index_rows(toks, f0, skip_positions))
-                parts.append(rows)
-                if bar is not None:
-                    bar.update(len(toks) * rpc)
-            tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
-            del parts
-            # one metadata key: safetensors keeps metadata in a hash map whose order varies between
-            # runs, and shards must be byte-for-byte reproducible
-            data = st_save(tensors, metadata={"mechscope": json.dumps({"format": FORMAT, "shard": s})})
-            del tensors
-            file = f"shard_{s:05d}.safetensors"
-            _atomic_write(out / file, data)
-            manifest["shards"].append({"file": file, "contexts": [k0, k1], "n_tokens": (k1 - k0) * rpc,
-                                       "n_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-            manifest["n_tokens"] += (k1 - k0) * rpc
-            del data
-            _write_manifest(out, manifest)
-        manifest["complete"] = True
-        _write_manifest(out, manifest)
-    finally:
-        if bar is not None:
-            bar.close()
-    return ShardedActivations(out)
-
-
-def _short(v) -> str:
-    s = json.dumps(v) if not isinstance(v, str) else v
-    return s if len(s) <= 24 else s[:12] + "..."
 
 
 # -- reading ---------------------------------------------------------------------------------------------

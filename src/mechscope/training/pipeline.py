@@ -18,7 +18,7 @@ from pathlib import Path
 from mechscope.core.errors import InputError
 from mechscope.core.io import jsonable, write_json_atomic
 from mechscope.data.packing import PackedTokens, corpus_tokens
-from mechscope.data.shards import harvest
+from mechscope.data.harvesting import harvest
 from mechscope.data.store import ActivationStream
 from mechscope.dictionaries.model import SparseDictionary
 from mechscope.evals.dictionary_eval import DictionaryEval, evaluate_dictionary
