@@ -324,10 +324,13 @@ def test_disk_full_leaves_a_loadable_directory(model, tmp_path, monkeypatch):
         do_harvest(model, out)
     assert e.value.errno == errno.ENOSPC
     monkeypatch.undo()
-    assert sorted(os.listdir(out)) == ["manifest.json", "shard_00000.safetensors", "shard_00001.safetensors"]
+    # the finished shards, listed, with their sidecars (removed once the harvest completes)
+    assert sorted(os.listdir(out)) == [".shard_00000.json", ".shard_00001.json", "manifest.json",
+                                       "shard_00000.safetensors", "shard_00001.safetensors"]
     sa = ShardedActivations(out, allow_incomplete=True, verify_checksums=True)
     assert sa.n_tokens == 128 and next(sa.batches(32))[HOOKS[0]].shape == (32, 64)
     assert do_harvest(model, out).n_tokens == 320  # space freed: resumes
+    assert not list(out.glob(".shard_*"))
 
 
 def test_disk_too_small_is_refused_before_any_forward(model, tmp_path, monkeypatch):

@@ -174,3 +174,65 @@ def eval_cmd(
         rows[folder.name] = e.summary()
     print_table(_eval_table(rows))
     out.print(json.dumps(rows, indent=1))
+
+
+@sae_app.command("harvest")
+@clean_errors
+def harvest_cmd(
+    hook: list[str] = typer.Option(..., "--hook", help="hook to store, e.g. blocks.15.hook_resid_post (repeatable)"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="the activation directory (shards + manifest.json)"),
+    tokens: int = typer.Option(1_000_000, "--tokens", min=1, help="tokens of text to run the model on"),
+    corpus: list[str] = CorpusOpt,
+    text_field: str = TextFieldOpt,
+    split_lines: bool = SplitLinesOpt,
+    context_len: int = typer.Option(128, "--context-len", min=2, help="tokens per context (BOS included)"),
+    split: str = typer.Option("train", "--split", help="corpus split: train or eval"),
+    shard_tokens: int = typer.Option(2**18, "--shard-tokens", min=1, help="rows per shard (whole contexts)"),
+    batch_contexts: int = typer.Option(8, "--batch-contexts", min=1, help="contexts per forward"),
+    store_dtype: str = typer.Option("bfloat16", "--store-dtype", help="bfloat16, float16 or float32 on disk"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf or hub id"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
+    timeout: float = typer.Option(60.0, "--timeout", help="seconds a peer may be missing or silent (torchrun)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads per rank"),
+) -> None:
+    """Run the model over real text and store activations as sharded safetensors. Under torchrun every rank takes the
+    shards of its global indices (shard s to rank s % world size): the directory is byte-identical to one process's,
+    and a relaunch after a killed rank recomputes only the missing shards."""
+    import time
+
+    import torch
+
+    import mechscope
+    from mechscope.data import corpus_tokens
+    from mechscope.core.errors import InputError
+    from mechscope.data.harvesting import harvest
+    from mechscope.scale.dist import init_distributed, self_test, shutdown
+
+    for h in hook:
+        check_hook_name(h)
+    check_model_dtype(dtype)
+    check_choice(split, ("train", "eval"), "--split")
+    check_choice(store_dtype, ("bfloat16", "float16", "float32"), "--store-dtype")
+    check_corpora(corpus)
+    info = init_distributed(timeout_s=timeout, device=device)
+    self_test(info, ["barrier", "broadcast"])
+    if threads is None and info.world_size > 1:  # the node's cores shared by its ranks, not each rank taking all
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    set_threads(threads, announce=info.is_main)
+    m = mechscope.load(model, dtype=dtype, device=str(info.device))
+    if m.tokenizer is None:
+        raise InputError(f"{model} has no tokenizer; a harvest needs one to read the corpus.")
+    packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed,
+                           text_field=text_field, split_lines=split_lines, cache=info.is_main)
+    t0 = time.perf_counter()
+    sa = harvest(m, hook, packed.tokens, out_dir, shard_tokens=shard_tokens, dtype=getattr(torch, store_dtype),
+                 forward_batch_contexts=batch_contexts, progress=info.is_main, dist=info if info.backend else None)
+    if info.is_main:
+        out.print(f"harvested {sa.n_tokens:,} tokens at {len(sa.hooks)} hooks into {out_dir.resolve()} in "
+                  f"{time.perf_counter() - t0:.0f} s ({info.world_size} rank{'s' if info.world_size > 1 else ''})",
+                  soft_wrap=True)
+    shutdown()
