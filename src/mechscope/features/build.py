@@ -61,7 +61,7 @@ def finalize(stats: FeatureStats, source: FeatureSource, cfg: StatsConfig) -> Fi
     top = {"ctx": torch.where(valid, t["top_ctx"].gather(1, order), -1), "pos": t["top_pos"].gather(1, order),
            "val": t["top_key"].gather(1, order).clamp_min(0),
            "acts": t["top_acts"].gather(1, order[:, :, None].expand_as(t["top_acts"]))}
-    quant = _quantiles(t, cfg)
+    quant = _quantiles(_canonical_sample(t), cfg)
     logits = None
     dirs = source.directions()
     notes = list(stats.notes)
@@ -74,6 +74,19 @@ def finalize(stats: FeatureStats, source: FeatureSource, cfg: StatsConfig) -> Fi
         coact = _rank_coactivation(t["coact"], fired, cfg.n_coact)
     return FinalStats(stats.n_tokens, fired.double() / n_tok, act_max, act_mean, fired, t["hist"], cfg.hist_edges,
                       top, quant, logits, coact, notes)
+
+
+def _canonical_sample(t: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The sample's slots in one order, by random key (descending), then context: which slot a sampled context
+    sits in depends on the pass's history (and on the ranks of a distributed pass); the quantile pick must not."""
+    keys = ("smp_key", "smp_val", "smp_ctx", "smp_pos", "smp_acts")
+    by_ctx = t["smp_ctx"].argsort(dim=1, stable=True)
+    order = by_ctx.gather(1, t["smp_key"].gather(1, by_ctx).argsort(dim=1, descending=True, stable=True))
+    out = dict(t)
+    for k in keys:
+        idx = order.view(*order.shape, *([1] * (t[k].ndim - 2))).expand_as(t[k])
+        out[k] = t[k].gather(1, idx)
+    return out
 
 
 def _quantiles(t: dict[str, Tensor], cfg: StatsConfig, chunk: int = 4096) -> dict[str, Tensor]:
@@ -151,7 +164,7 @@ def _rank_coactivation(U: Tensor, fired: Tensor, n: int, chunk: int = 512) -> di
 
 def build_feature_db(source: FeatureSource, tokens: Tensor, out: str | Path, cfg: StatsConfig = StatsConfig(), *,
                      resume: bool = False, meta: dict | None = None, progress: bool = True,
-                     on_batch: Callable[[int], None] | None = None):
+                     on_batch: Callable[[int], None] | None = None, dist=None):
     """Compute the statistics of every latent of ``source`` over ``tokens`` and write the feature database.
 
     Checkpoints go to ``<out>.partial/`` (removed when the database is written); the database is built in
@@ -161,9 +174,12 @@ def build_feature_db(source: FeatureSource, tokens: Tensor, out: str | Path, cfg
         source: the latents. tokens: ``[n_contexts, context_len]`` int64. out: the ``.duckdb`` file.
         cfg: :class:`StatsConfig`. resume: continue from ``<out>.partial/``. meta: extra provenance
             (corpus names, ...). progress / on_batch: as in :func:`compute_feature_stats`.
+        dist: a :class:`~mechscope.scale.dist.DistInfo` (torchrun): each rank folds the batches of its global
+            indices, the statistics merge exactly (:mod:`mechscope.features.parallel`), rank 0 writes the database;
+            checkpoints per rank in ``<out>.partial/rank{r}-of-{W}`` (resume at the same world size).
 
     Returns:
-        The open (read-only) :class:`~mechscope.features.db.FeatureDB`.
+        The open (read-only) :class:`~mechscope.features.db.FeatureDB` (None on ranks other than 0).
 
     Raises:
         InputError: as :func:`compute_feature_stats`; an existing checkpoint without ``resume`` (resume
@@ -173,11 +189,19 @@ def build_feature_db(source: FeatureSource, tokens: Tensor, out: str | Path, cfg
 
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    if not resume and (partial / "state.json").exists():
-        raise InputError(f"{partial} holds a checkpoint of an interrupted build; pass resume=True (--resume) to "
+    W, rank = (1, 0) if dist is None else (dist.world_size, dist.rank)
+    ckpt = partial if W == 1 else partial / f"rank{rank}-of-{W}"
+    if not resume and (ckpt / "state.json").exists():
+        raise InputError(f"{ckpt} holds a checkpoint of an interrupted build; pass resume=True (--resume) to "
                          "continue it, or delete the folder to start over.")
-    stats = compute_feature_stats(source, tokens, cfg, checkpoint_dir=partial, resume=resume, progress=progress,
-                                  on_batch=on_batch)
+    stats = compute_feature_stats(source, tokens, cfg, checkpoint_dir=ckpt, resume=resume, progress=progress,
+                                  on_batch=on_batch, dist=dist)
+    if W > 1:
+        from mechscope.features.parallel import merge_stats
+
+        stats = merge_stats(stats, dist)
+        if rank != 0:  # rank 0 writes the database (no barrier after: a large write may outlast the timeout)
+            return None
     final = finalize(stats, source, cfg)
     fp = _fingerprint(source, tokens.long().cpu(), cfg)
     info = {"model": source.model.cfg.name, "source": source.identity, "hook": source.hook,

@@ -336,7 +336,7 @@ def check_batch(source: FeatureSource, acts: Tensor, entries, ids: Tensor) -> No
 def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfig = StatsConfig(), *,
                           checkpoint_dir: str | Path | None = None, resume: bool = False,
                           progress: bool = True,
-                          on_batch: Callable[[int], None] | None = None) -> FeatureStats:
+                          on_batch: Callable[[int], None] | None = None, dist=None) -> FeatureStats:
     """Stream ``tokens`` through the model once and collect every latent's statistics.
 
     Args:
@@ -348,6 +348,8 @@ def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfi
         resume: continue from the checkpoint in ``checkpoint_dir``.
         progress: show a tqdm bar over contexts.
         on_batch: called with the index of each finished batch (after any checkpoint).
+        dist: a :class:`~mechscope.scale.dist.DistInfo`: fold only this rank's batches (``b % world_size ==
+            rank``); merge the ranks with :func:`mechscope.features.parallel.merge_stats`.
 
     Returns:
         :class:`FeatureStats` with the running tensors (finish with :func:`finalize`).
@@ -373,7 +375,8 @@ def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfi
         bar = tqdm(total=tokens.shape[0], initial=min(tokens.shape[0], stats.next_batch * cfg.batch_contexts),
                    unit="ctx", desc="feature stats", dynamic_ncols=True)
     try:
-        for bi in range(stats.next_batch, n_batches):
+        W, r = (1, 0) if dist is None else (dist.world_size, dist.rank)
+        for bi in (b for b in range(stats.next_batch, n_batches) if b % W == r):  # this rank's batches
             ids = torch.arange(bi * cfg.batch_contexts, min(tokens.shape[0], (bi + 1) * cfg.batch_contexts))
             acts, entries = source.activations(tokens[ids])
             check_batch(source, acts, entries, ids)
@@ -381,7 +384,8 @@ def compute_feature_stats(source: FeatureSource, tokens: Tensor, cfg: StatsConfi
             stats.next_batch = bi + 1
             if bar is not None:
                 bar.update(len(ids))
-            if folder is not None and cfg.checkpoint_every and stats.next_batch % cfg.checkpoint_every == 0 \
+            local = (bi - r) // W + 1  # this rank's count of batches so far (one process: next_batch)
+            if folder is not None and cfg.checkpoint_every and local % cfg.checkpoint_every == 0 \
                     and stats.next_batch < n_batches:
                 stats.save(folder, fp)
             if on_batch is not None:
