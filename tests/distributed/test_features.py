@@ -113,3 +113,47 @@ def test_features_build_under_torchrun_equals_one_process(tmp_path, tiny_model_d
     for name in ("contexts", "examples", "logit_effects", "coactivation"):
         assert want[name].equals(got[name]), name
     assert want["latents"].drop(columns=["mean_act"]).equals(got["latents"].drop(columns=["mean_act"]))
+
+
+def _sources(model, d):
+    from mechscope.dictionaries import DictionaryConfig, SparseDictionary
+    from mechscope.features.sources import FeatureSource
+
+    relu = SparseDictionary(DictionaryConfig("relu", 64, 24, "blocks.0.hook_resid_post")).initialize(seed=5)
+    return [FeatureSource(model, dictionary=d), FeatureSource(model, dictionary=relu),
+            FeatureSource(model, neurons="blocks.0.mlp.hook_post")]
+
+
+def _worker_multi(rank: int, world: int, port: int, folder: str) -> None:
+    from mechscope.features.multi import build_feature_dbs
+    from mechscope.scale.dist import init_distributed
+
+    _env(rank, world, port)
+    model, d, toks, cfg = _inputs()
+    info = init_distributed("gloo", timeout_s=30.0)
+    build_feature_dbs(_sources(model, d), toks, [Path(folder, f"{i}.duckdb") for i in range(3)], cfg, progress=False,
+                      dist=info)
+    os._exit(0)
+
+
+def test_several_sources_from_one_pass_on_two_ranks(tmp_path):
+    """The transcoder set's path (one forward per batch, several sources) split over two ranks: each database
+    equals its one-process build."""
+    import numpy as np
+
+    from mechscope.features.db import FeatureDB
+    from mechscope.features.multi import build_feature_dbs
+    from tests.unit.test_feature_stats import _db_content
+
+    model, d, toks, cfg = _inputs()
+    build_feature_dbs(_sources(model, d), toks, [tmp_path / f"one{i}.duckdb" for i in range(3)], cfg, progress=False)
+    (tmp_path / "two").mkdir()
+    mp.spawn(_worker_multi, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    for i in range(3):
+        with FeatureDB(tmp_path / f"one{i}.duckdb") as a, FeatureDB(tmp_path / "two" / f"{i}.duckdb") as b:
+            want, got = _db_content(a), _db_content(b)
+        for name in ("contexts", "examples", "logit_effects", "coactivation"):
+            assert want[name].equals(got[name]), (i, name)
+        assert want["latents"].drop(columns=["mean_act"]).equals(got["latents"].drop(columns=["mean_act"]))
+        assert np.allclose(want["latents"]["mean_act"], got["latents"]["mean_act"], rtol=1e-12, atol=0)
+    assert not list((tmp_path / "two").glob("*.partial"))

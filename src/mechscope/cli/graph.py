@@ -150,12 +150,21 @@ def features_cmd(
         if any(b >= ts.n_layers for _, b in ranges):
             raise InputError(f"--layers {layers}: the set in {folder} has layers 0-{ts.n_layers - 1}.")
         chosen = expand_latents(ranges, ts.n_layers, f"the set in {folder}", "--layers")
-    set_threads(threads)
+    from mechscope.scale.dist import init_distributed, self_test, shutdown
+
+    info = init_distributed(device="cpu")  # under torchrun: the batches split over ranks, rank 0 writes
+    self_test(info, ["barrier", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
+    if threads is None and info.world_size > 1:
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    set_threads(threads, announce=info.is_main)
     m = mechscope.load(model, dtype=dtype)
     ts.check_model(m)
     if m.tokenizer is None:
         raise InputError(f"{model} has no tokenizer; feature statistics need one to read the corpus.")
-    packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed)
+    packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed,
+                           cache=info.is_main)
     if tokens - packed.n_tokens >= packed.context_len:
         note(f"statistics over {packed.n_tokens:,} tokens, not the {tokens:,} asked: the {split} split of "
              f"{', '.join(corpus)} holds no more. Add text with --corpus for more.")
@@ -165,9 +174,12 @@ def features_cmd(
                                cfg=StatsConfig(top_k=top_k, per_bin=2, batch_contexts=batch_contexts, seed=seed),
                                encode_dtype="bfloat16" if bf16 else "float32",
                                meta={"corpus": list(corpus), "split": split, "context_len": context_len,
-                                     "dtype": dtype})
-    out.print(f"{len(paths)} feature databases over {packed.n_tokens:,} tokens in {time.perf_counter() - t0:.0f} s -> "
-              f"{(folder / 'features').resolve()}", soft_wrap=True)
+                                     "dtype": dtype}, progress=info.is_main, dist=info if info.backend else None)
+    if info.is_main:
+        out.print(f"{len(paths)} feature databases over {packed.n_tokens:,} tokens in "
+                  f"{time.perf_counter() - t0:.0f} s -> {(folder / 'features').resolve()}"
+                  + (f" ({info.world_size} ranks)" if info.world_size > 1 else ""), soft_wrap=True)
+    shutdown()
 
 
 def _scores_table(g, pr) -> Table:

@@ -34,7 +34,7 @@ def _running_bytes(source: FeatureSource, P: int, cfg: StatsConfig) -> int:
 
 def build_feature_dbs(sources: list[FeatureSource], tokens: Tensor, outs: list[str | Path],
                       cfg: StatsConfig = StatsConfig(), *, resume: bool = False, metas: list[dict] | None = None,
-                      progress: bool = True) -> list[Path]:
+                      progress: bool = True, dist=None) -> list[Path]:
     """Write the feature database of every source in ``sources`` from one pass of the model over ``tokens``.
 
     Args:
@@ -46,6 +46,9 @@ def build_feature_dbs(sources: list[FeatureSource], tokens: Tensor, outs: list[s
         resume: continue from the ``<out>.partial/`` checkpoints; outputs already written are kept.
         metas: extra provenance per source (as ``build_feature_db``'s ``meta``).
         progress: a tqdm bar over contexts.
+        dist: a :class:`~mechscope.scale.dist.DistInfo` (torchrun): batch ``b`` to rank ``b % world_size``, each
+            source's statistics merged exactly (:func:`mechscope.features.parallel.merge_stats`), rank 0 writes
+            the databases; checkpoints per rank (``<out>.partial/rank{r}-of-{W}``, resumed at the same world size).
 
     Returns:
         The database paths, in the order of ``sources``.
@@ -74,7 +77,10 @@ def build_feature_dbs(sources: list[FeatureSource], tokens: Tensor, outs: list[s
         raise InputError(f"the running state of {len(sources)} sources needs {need / 2**30:.1f} GiB > "
                          f"memory_budget_bytes={cfg.memory_budget_bytes / 2**30:.1f} GiB. Lower top_k, per_bin or "
                          "the context length, build fewer sources per pass, or raise the budget.")
+    W, rank = (1, 0) if dist is None else (dist.world_size, dist.rank)
     partials = [o.with_name(o.name + ".partial") for o in outs]
+    if W > 1:
+        partials = [p / f"rank{rank}-of-{W}" for p in partials]
     todo = []
     for i, (src, out, part) in enumerate(zip(sources, outs, partials)):
         has_ckpt = (part / "state.json").exists()
@@ -96,13 +102,13 @@ def build_feature_dbs(sources: list[FeatureSource], tokens: Tensor, outs: list[s
     stops = [sources[i].stop_at_layer for i in todo]
     stop = None if not stops or any(s is None for s in stops) else max(stops)
     bar = None
-    if progress and todo:
+    if progress and todo and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tokens.shape[0], initial=min(tokens.shape[0], start * cfg.batch_contexts), unit="ctx",
                    desc=f"feature stats ({len(todo)} sources)", dynamic_ncols=True)
     try:
-        for bi in range(start, n_batches):
+        for bi in (b for b in range(start, n_batches) if b % W == rank):  # this rank's batches
             ids = torch.arange(bi * cfg.batch_contexts, min(tokens.shape[0], (bi + 1) * cfg.batch_contexts))
             with torch.no_grad():
                 cache = model.run(tokens[ids].to(model.device), cache=hooks, stop_at_layer=stop).cache
@@ -117,17 +123,25 @@ def build_feature_dbs(sources: list[FeatureSource], tokens: Tensor, outs: list[s
             del cache
             if bar is not None:
                 bar.update(len(ids))
-            if cfg.checkpoint_every and (bi + 1) % cfg.checkpoint_every == 0 and bi + 1 < n_batches:
+            local = (bi - rank) // W + 1  # this rank's count of batches (one process: bi + 1)
+            if cfg.checkpoint_every and local % cfg.checkpoint_every == 0 and bi + 1 < n_batches:
                 for i in todo:
                     stats[i].save(partials[i], fps[i])
     finally:
         if bar is not None:
             bar.close()
+    if W > 1:
+        from mechscope.features.parallel import merge_stats
+
+        for i in todo:  # every rank, the same order: a collective per source
+            stats[i] = merge_stats(stats[i], dist)
+        if rank != 0:
+            return outs  # rank 0 writes the databases
     for i in todo:
         src = sources[i]
         final = finalize(stats[i], src, cfg)
         info = {"model": model.cfg.name, "source": src.identity, "hook": src.hook,
                 "tokens_sha256": fps[i]["tokens_sha256"], "config": asdict(cfg), **metas[i]}
         FeatureDB.create(outs[i], final, tokens, model.tokenizer, info).close()
-        shutil.rmtree(partials[i], ignore_errors=True)
+        shutil.rmtree(outs[i].with_name(outs[i].name + ".partial"), ignore_errors=True)
     return outs

@@ -119,14 +119,29 @@ class StatsConfig:
 
 
 # -- the streaming state ------------------------------------------------------------------------------
-def _merge_slots(keys_NS: Tensor, new_NB: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _merge_slots(keys_NS: Tensor, new_NB: Tensor, ctx_NS: Tensor | None = None,
+                 ctx_B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Which slots to overwrite with which new candidates so the slots hold the S largest keys.
+
+    With ``ctx_NS`` (the slots' context ids) and ``ctx_B`` (the new candidates'), a tie at the last kept place
+    goes to the lower context id, so what is kept does not depend on the order contexts arrived in (one process
+    and the ranks of a distributed pass keep the same contexts); only the rows with such a tie are sorted.
 
     Returns (rows, slots, cols): for each replaced slot ``keys[rows, slots]`` takes ``new[rows, cols]``.
     Only changed slots are returned, so per-batch work is proportional to the changes.
     """
     n, S = keys_NS.shape
-    idx = torch.cat([keys_NS, new_NB], dim=1).topk(S, dim=1, sorted=False).indices
+    cand = torch.cat([keys_NS, new_NB], dim=1)
+    vals, idx = cand.topk(S, dim=1, sorted=False)
+    if ctx_NS is not None:
+        kth = vals.amin(1, keepdim=True)
+        tied = ((cand == kth).sum(1) > (vals == kth).sum(1)) & (kth[:, 0] > -math.inf)
+        if bool(tied.any()):
+            r = tied.nonzero().flatten()
+            cctx = torch.cat([ctx_NS[r], ctx_B[None, :].expand(len(r), -1)], dim=1)
+            by_ctx = cctx.argsort(dim=1, stable=True)
+            order = by_ctx.gather(1, cand[r].gather(1, by_ctx).argsort(dim=1, descending=True, stable=True))
+            idx[r] = order[:, :S]
     is_new = idx >= S
     count = is_new.sum(1)
     if int(count.sum()) == 0:
@@ -220,7 +235,7 @@ class FeatureStats:
         cmax, cpos = cmax.view(B, N), cpos.view(B, N)
         firing = cmax > 0
         key = torch.where(firing, cmax, -math.inf).T.contiguous()  # [N, B]
-        rows, slots, cols = _merge_slots(t["top_key"], key)
+        rows, slots, cols = _merge_slots(t["top_key"], key, t["top_ctx"], ctx_ids)
         t["top_key"][rows, slots] = key[rows, cols]
         t["top_ctx"][rows, slots] = ctx_ids[cols]
         t["top_pos"][rows, slots] = cpos[cols, rows]
@@ -228,7 +243,7 @@ class FeatureStats:
         t["top_acts"][rows, slots] = acts_NB_P[cols, rows]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch_index)
         rkey = torch.where(firing, torch.rand(B, N, generator=g), -math.inf).T.contiguous()
-        rows, slots, cols = _merge_slots(t["smp_key"], rkey)
+        rows, slots, cols = _merge_slots(t["smp_key"], rkey, t["smp_ctx"], ctx_ids)
         t["smp_key"][rows, slots] = rkey[rows, cols]
         t["smp_val"][rows, slots] = cmax[cols, rows]
         t["smp_ctx"][rows, slots] = ctx_ids[cols]

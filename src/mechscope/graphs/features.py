@@ -28,7 +28,7 @@ def feature_db_path(folder: str | Path, layer: int) -> Path:
 def build_set_features(model, transcoders: TranscoderSet, tokens: Tensor, *, folder: str | Path | None = None,
                        layers: list[int] | None = None, cfg: StatsConfig | None = None, resume: bool = False,
                        meta: dict | None = None, encode_dtype: str = "float32",
-                       progress: bool = True) -> dict[int, Path]:
+                       progress: bool = True, dist=None) -> dict[int, Path]:
     """Build the feature database of each transcoder of ``transcoders`` in one pass over ``tokens``.
 
     Args:
@@ -42,6 +42,8 @@ def build_set_features(model, transcoders: TranscoderSet, tokens: Tensor, *, fol
         meta: provenance written into every database (corpus, split, ...).
         encode_dtype: ``float32`` (exact) or ``bfloat16`` (the encoder matmul in bf16, as ``features build``
             does for a bf16 model).
+        dist: a :class:`~mechscope.scale.dist.DistInfo` (torchrun): the batches split over ranks, rank 0 writes
+            (:func:`~mechscope.features.multi.build_feature_dbs`).
 
     Returns:
         ``{layer: path}`` of the databases.
@@ -68,7 +70,7 @@ def build_set_features(model, transcoders: TranscoderSet, tokens: Tensor, *, fol
                              encode_dtype=encode_dtype) for L in layers]
     outs = [feature_db_path(folder, L) for L in layers]
     build_feature_dbs(sources, tokens, outs, cfg, resume=resume, metas=[{"layer": L, **(meta or {})} for L in layers],
-                      progress=progress)
+                      progress=progress, dist=dist)
     return dict(zip(layers, outs))
 
 
