@@ -148,7 +148,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate dictionaries on held-out text: L0, FVU, CE loss recovered, KL, dead/dense latents.
 
-    Writes eval.json into each dictionary folder."""
+    Writes eval.json into each dictionary folder. Under torchrun the batches split over ranks and rank 0 writes."""
     import mechscope
     from mechscope.core.errors import InputError
     from mechscope.dictionaries.splice import check_fits
@@ -163,17 +163,29 @@ def eval_cmd(
                               split_lines=split_lines)
     check_corpora(corpus)
     dicts = load_dictionaries(dictionary, hook=hook)
+    from mechscope.scale.dist import init_distributed, self_test, shutdown
+
+    info = init_distributed(device="cpu")  # under torchrun: the batches split over ranks, rank 0 writes
+    self_test(info, ["barrier", "all_reduce_sum"])
+    if threads is None and info.world_size > 1:
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     set_threads(threads, announce=False)
     m = mechscope.load(model, dtype=dtype)
     for d in dicts:
         check_fits(m, d)
     rows = {}
     for folder, d in zip(dictionary, dicts):
-        e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=tokens)
-        _write_eval(folder, e, corpus_cfg)
+        e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=tokens, progress=info.is_main,
+                               dist=info if info.backend else None)
+        if info.is_main:
+            _write_eval(folder, e, corpus_cfg)
         rows[folder.name] = e.summary()
-    print_table(_eval_table(rows))
-    out.print(json.dumps(rows, indent=1))
+    if info.is_main:
+        print_table(_eval_table(rows))
+        out.print(json.dumps(rows, indent=1))
+    shutdown()
 
 
 @sae_app.command("harvest")

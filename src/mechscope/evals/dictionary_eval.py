@@ -114,10 +114,39 @@ def _ce(logits: Tensor, tokens: Tensor, skip: int) -> Tensor:
     return -lp.gather(-1, tokens[:, skip + 1:, None]).squeeze(-1)
 
 
+def _merge_ranks(dist, fired: Tensor, sums: dict, pooled: dict, n_tok: int, n_pred: int, n_out: int,
+                 fvus: list[float]) -> tuple[int, int, int, list[float]]:
+    """All-reduce one rank's running evaluation in place (``fired``, ``sums``, ``pooled``); returns the summed
+    counts and a list whose mean is the mean of every rank's per-batch FVUs."""
+    import torch.distributed as tdist
+
+    from mechscope.scale.dist import guarded
+
+    def reduce(t: Tensor) -> Tensor:
+        guarded(dist, "the evaluation's all-reduce", tdist.all_reduce, t)
+        return t
+
+    reduce(fired)
+    keys = sorted(sums)
+    pools = ("all", "typical")
+    floats = reduce(torch.tensor([sums[k] for k in keys] + [sum(fvus)] + [pooled[p].sse for p in pools]
+                                 + [pooled[p].sum_sq for p in pools], dtype=torch.float64))
+    for i, k in enumerate(keys):
+        sums[k] = float(floats[i])
+    ints = reduce(torch.tensor([n_tok, n_pred, n_out, len(fvus)] + [pooled[p].n for p in pools], dtype=torch.int64))
+    for j, p in enumerate(pools):
+        pooled[p].sse = float(floats[len(keys) + 1 + j])
+        pooled[p].sum_sq = float(floats[len(keys) + 3 + j])
+        pooled[p].n = int(ints[4 + j])
+        reduce(pooled[p].sum)
+    n_batches = int(ints[3])
+    return int(ints[0]), int(ints[1]), int(ints[2]), [float(floats[len(keys)]) / max(n_batches, 1)] * n_batches
+
+
 @torch.no_grad()
 def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tensor, "n_contexts context_len"], *,
                         batch_contexts: int = 8, skip_positions: int = 1, dense_threshold: float = 0.1,
-                        outlier_factor: float = 10.0, progress: bool = True) -> DictionaryEval:
+                        outlier_factor: float = 10.0, progress: bool = True, dist=None) -> DictionaryEval:
     """Evaluate a dictionary spliced into ``model`` on token contexts it was not trained on.
 
     Args:
@@ -129,6 +158,9 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
         dense_threshold: a latent firing on more than this fraction of tokens counts as dense.
         outlier_factor: tokens whose target norm exceeds this multiple of their batch's median norm are
             left out of ``fvu_without_outliers`` (and counted in ``outlier_fraction``).
+        dist: a :class:`~mechscope.scale.dist.DistInfo` (torchrun): batch ``b`` on rank ``b % world_size``, the
+            running sums all-reduced (integer counts exactly, float64 sums to rounding); every rank returns the
+            whole evaluation.
 
     Returns:
         :class:`DictionaryEval`.
@@ -152,7 +184,8 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
     n_out = 0
     from tqdm.auto import tqdm
 
-    starts = range(0, contexts.shape[0], batch_contexts)
+    W, rank = (1, 0) if dist is None else (dist.world_size, dist.rank)
+    starts = [s for i, s in enumerate(range(0, contexts.shape[0], batch_contexts)) if i % W == rank]
     for s in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
         toks = contexts[s:s + batch_contexts].to(model.device)
         logits, cache = model.run(toks, cache=sites)
@@ -188,6 +221,8 @@ def evaluate_dictionary(model, dictionary: SparseDictionary, contexts: Int[Tenso
         sums["kl"] += float((lp_clean.exp() * (lp_clean - lp_sae)).sum())
         n_pred += ce_clean.numel()
 
+    if W > 1:
+        n_tok, n_pred, n_out, fvus = _merge_ranks(dist, fired, sums, pooled, n_tok, n_pred, n_out, fvus)
     density = fired.double() / n_tok
     ce_clean, ce_sae, ce_zero = sums["ce_clean"] / n_pred, sums["ce_sae"] / n_pred, sums["ce_zero"] / n_pred
     denom = ce_zero - ce_clean

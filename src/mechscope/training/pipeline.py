@@ -62,8 +62,10 @@ class CorpusConfig:
             raise InputError(f"text_field must name a field or column, got {self.text_field!r}.")
 
 
-def contexts_for(model, corpus: CorpusConfig, split: str, n_tokens: int | None) -> tuple[PackedTokens, int]:
-    """Packed contexts of a split with at least ``n_tokens`` trainable positions (BOS excluded), if the text has them.
+def contexts_for(model, corpus: CorpusConfig, split: str, n_tokens: int | None,
+                 cache: bool = True) -> tuple[PackedTokens, int]:
+    """Packed contexts of a split with at least ``n_tokens`` trainable positions (BOS excluded), if the text has them
+    (``cache``: read and write the packed-token cache; one rank of a distributed job does).
 
     Returns:
         (packed tokens, number of contexts to use).
@@ -74,7 +76,7 @@ def contexts_for(model, corpus: CorpusConfig, split: str, n_tokens: int | None) 
     max_tokens = None if n_tokens is None else int(n_tokens * 1.02) + corpus.context_len * 4
     packed = corpus_tokens(list(corpus.sources), model.tokenizer, corpus.context_len, split,
                            eval_fraction=corpus.eval_fraction, seed=corpus.seed, max_tokens=max_tokens,
-                           text_field=corpus.text_field, split_lines=corpus.split_lines)
+                           text_field=corpus.text_field, split_lines=corpus.split_lines, cache=cache)
     n_ctx = packed.tokens.shape[0] if n_tokens is None else min(packed.tokens.shape[0], math.ceil(n_tokens / per_ctx))
     if n_ctx == 0:
         raise InputError(f"the {split} split of {list(corpus.sources)} has no full context of {corpus.context_len} tokens.")
@@ -148,8 +150,12 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
 
 
 def evaluate_on_corpus(model, dictionary: SparseDictionary, *, corpus: CorpusConfig = CorpusConfig(),
-                       n_tokens: int = 25_000, batch_contexts: int = 8, progress: bool = True) -> DictionaryEval:
+                       n_tokens: int = 25_000, batch_contexts: int = 8, progress: bool = True,
+                       dist=None) -> DictionaryEval:
     """Evaluate a dictionary on the held-out (eval) split of a corpus, about ``n_tokens`` positions.
+
+    ``dist``: a :class:`~mechscope.scale.dist.DistInfo` splits the batches over ranks
+    (:func:`~mechscope.evals.dictionary_eval.evaluate_dictionary`).
 
     Returns:
         The metrics; ``n_tokens`` is what was evaluated and ``n_tokens_requested`` what was asked: fewer when
@@ -157,7 +163,7 @@ def evaluate_on_corpus(model, dictionary: SparseDictionary, *, corpus: CorpusCon
     """
     import dataclasses
 
-    packed, n_ctx = contexts_for(model, corpus, "eval", n_tokens)
+    packed, n_ctx = contexts_for(model, corpus, "eval", n_tokens, cache=dist is None or dist.rank == 0)
     e = evaluate_dictionary(model, dictionary, packed.tokens[:n_ctx], batch_contexts=batch_contexts,
-                            progress=progress)
+                            progress=progress, dist=dist)
     return dataclasses.replace(e, n_tokens_requested=n_tokens)
