@@ -81,6 +81,16 @@ SplitLinesOpt = typer.Option(False, "--split-lines",
                              help=".txt files: one document per non-blank line (default: one per file)")
 
 
+def rank_threads(threads: int | None, info) -> int | None:
+    """--threads for one rank of a torchrun job: as given, or the node's cores shared by its ranks
+    (``LOCAL_WORLD_SIZE``) rather than each rank taking them all; None (the default choice) on one process."""
+    if threads is not None or info.world_size == 1:
+        return threads
+    import os
+
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+
+
 def set_threads(threads: int | None, announce: bool = True) -> tuple[int, str]:
     """Set torch's CPU threads to ``threads`` (from --threads) or to :func:`auto_threads`; say so if ``announce``."""
     import torch

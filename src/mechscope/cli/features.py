@@ -9,7 +9,8 @@ from rich.text import Text
 
 from mechscope.cli.common import (CorpusOpt, SplitLinesOpt, TextFieldOpt, check_choice, check_corpora, check_hook_name,
                                   check_model_dtype, check_out_dir, check_out_file, clean_errors, expand_latents,
-                                  load_dictionaries, note, open_database, out, parse_latents, print_table, set_threads)
+                                  load_dictionaries, note, open_database, out, parse_latents, print_table, rank_threads,
+                                  set_threads)
 
 features_app = typer.Typer(no_args_is_help=True, help="Feature statistics and the feature database.")
 
@@ -83,10 +84,7 @@ def build_cmd(
 
     info = init_distributed(device="cpu")  # under torchrun: each rank folds the batches of its global indices
     self_test(info, ["barrier", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
-    if threads is None and info.world_size > 1:  # the node's cores shared by its ranks
-        import os
-
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    threads = rank_threads(threads, info)
     set_threads(threads, announce=info.is_main)
     m = mechscope.load(model, dtype=dtype)
     if d is not None:

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from mechscope.cli.common import (check_corpora, check_model_dtype, check_out_dir, clean_errors, note, out,
-                                  print_table, set_threads)
+                                  print_table, rank_threads, set_threads)
 from mechscope.core.errors import InputError
 
 transcoders_app = typer.Typer(no_args_is_help=True, help="A transcoder for every layer: train and evaluate.")
@@ -154,10 +154,7 @@ def features_cmd(
 
     info = init_distributed(device="cpu")  # under torchrun: the batches split over ranks, rank 0 writes
     self_test(info, ["barrier", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
-    if threads is None and info.world_size > 1:
-        import os
-
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    threads = rank_threads(threads, info)
     set_threads(threads, announce=info.is_main)
     m = mechscope.load(model, dtype=dtype)
     ts.check_model(m)

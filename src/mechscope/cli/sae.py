@@ -12,7 +12,7 @@ from rich.text import Text
 
 from mechscope.cli.common import (CorpusOpt, SplitLinesOpt, TextFieldOpt, check_choice, check_corpora, check_hook_name,
                                   check_model_dtype, check_out_dir, clean_errors, load_dictionaries, note, out,
-                                  print_table, set_threads)
+                                  print_table, rank_threads, set_threads)
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train and evaluate sparse autoencoders and transcoders.")
 
@@ -167,10 +167,7 @@ def eval_cmd(
 
     info = init_distributed(device="cpu")  # under torchrun: the batches split over ranks, rank 0 writes
     self_test(info, ["barrier", "all_reduce_sum"])
-    if threads is None and info.world_size > 1:
-        import os
-
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    threads = rank_threads(threads, info)
     set_threads(threads, announce=False)
     m = mechscope.load(model, dtype=dtype)
     for d in dicts:
@@ -230,10 +227,7 @@ def harvest_cmd(
     check_corpora(corpus)
     info = init_distributed(timeout_s=timeout, device=device)
     self_test(info, ["barrier", "broadcast"])
-    if threads is None and info.world_size > 1:  # the node's cores shared by its ranks, not each rank taking all
-        import os
-
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    threads = rank_threads(threads, info)
     set_threads(threads, announce=info.is_main)
     m = mechscope.load(model, dtype=dtype, device=str(info.device))
     if m.tokenizer is None:

@@ -158,18 +158,14 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
     H = c.n_heads
     group = H // c.n_kv_heads
     heads = torch.zeros(n, H, dtype=torch.float64)
-    per_move = {}
+    grads = {}
     for i in range(n):
         g = z[i].grad
         if g is None:
             continue
         gz = g[0].double()  # [P, H, dh]: gradients are the same for both copies (the model is linear)
-        dv = (v[i][1] - v[i][0]).detach().double()  # [P, Hkv, dh]
-        A = st.patterns[i].double()  # [H, P(q), P(k)]
-        for h in range(H):
-            M = A[h] * (gz[:, h] @ dv[:, h // group].T)  # [q, k]
-            heads[i, h] = M.sum()
-            per_move[(i, h)] = M
+        heads[i] = (gz * (z[i][1] - z[i][0]).detach().double()).sum((0, 2))  # C[l, h] = sum_q <dT/dz, dz>
+        grads[i] = gz
     residual = edge - heads.sum(1)
     order = heads.flatten().abs().argsort(descending=True)[:top]
     top_heads = []
@@ -177,10 +173,12 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
         i, h = divmod(j, H)
         if heads[i, h] == 0:
             break
-        M = per_move[(i, h)]
-        mv = M.flatten().abs().argsort(descending=True)[:n_moves].tolist()
+        # the head's (query, key) moves, only for the heads listed: A[h, q, k] <dT/dz[q, h], dv[k, g(h)]>
+        dv = (v[i][1] - v[i][0]).detach().double()[:, h // group]  # [P(k), dh]
+        M = (st.patterns[i][h].double() * (grads[i][:, h] @ dv.T)).flatten()  # [q * k]
+        mv = M.abs().argsort(descending=True)[:n_moves].tolist()
         top_heads.append(HeadMove(i, h, float(heads[i, h]), float(heads[i, h] / edge) if edge else 0.0,
-                                  [(k // P, k % P, float(M.flatten()[k])) for k in mv]))
+                                  [(k // P, k % P, float(M[k])) for k in mv]))
     expl = [explain_attention(model, transcoders, tokens, hm.layer, hm.head, hm.moves[0][0], hm.moves[0][1],
                               str_tokens=str_tokens, state=st) for hm in top_heads[:explain]]
     return EdgeHeads(source, target, edge, heads, residual, top_heads, expl)

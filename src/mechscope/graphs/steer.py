@@ -36,8 +36,10 @@ def parse_feature_node(node_id: str, nodes: dict[str, dict]) -> tuple[int, int, 
         raise InputError(f"node {node_id!r} is not in this graph; click a node of the graph to get its id.")
     if n["feature_type"] != "cross layer transcoder":
         raise InputError(f"node {node_id!r} is a {n['feature_type']} node; only transcoder features can be steered.")
-    layer, latent, pos = (int(x) for x in node_id.split("_"))
-    return layer, latent, pos, float(n["activation"])
+    from mechscope.graphs.edge_heads import json_node
+
+    j = json_node(n)
+    return j["layer"], j["feature"], j["pos"], j["activation"]
 
 
 def _interventions(model, transcoders, steered: list[tuple[int, int, int, float]], scale: float) -> list[Add]:
