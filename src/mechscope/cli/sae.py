@@ -75,7 +75,12 @@ def train_cmd(
     stream: bool = typer.Option(False, "--stream", help="stream activations through a shuffle buffer instead of harvesting them to disk"),
     memory_budget_gib: float | None = typer.Option(None, "--memory-budget-gib", help="refuse a plan that needs more memory than this (GiB)"),
 ) -> None:
-    """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass)."""
+    """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass).
+
+    Under torchrun (``torchrun --nproc-per-node=N -m mechscope sae train ...``) the harvest's shards are split
+    over the ranks and training is data parallel with the same global batch (--batch-tokens), equal to one
+    process to rounding; rank 0 writes and prints. A run resumes (--resume) at any world size.
+    """
     import mechscope
     from mechscope.core.errors import InputError
     from mechscope.dictionaries import ARCHITECTURES, DictionaryConfig
@@ -111,7 +116,11 @@ def train_cmd(
         note(f"training on {tcfg.n_tokens_trained:,} tokens, not the {tokens:,} asked: {tcfg.n_steps:,} whole steps "
              f"of --batch-tokens {batch_tokens:,} (a part-step is not trained). Pass a multiple of --batch-tokens to "
              "train on exactly that many.")
-    set_threads(threads)
+    from mechscope.scale.dist import init_distributed, self_test, shutdown
+
+    info = init_distributed(device="cpu")
+    self_test(info, ["barrier", "broadcast", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
+    set_threads(rank_threads(threads, info), announce=info.is_main)
     m = mechscope.load(model, dtype=dtype)
     specs = []
     for h, w, kk in itertools.product(hook, width, ks):
@@ -119,16 +128,22 @@ def train_cmd(
         cfg = config(h, w, kk, site_width(m, h), site_width(m, h_out), m.cfg.name)
         name = f"{arch}_{_site_tag(h)}" + (f"_to_{_site_tag(h_out)}" if h_out != h else "") + f"_w{w}" + (f"_k{kk}" if kk else "")
         specs.append(DictionarySpec(name, cfg, lr=lr, l1_coefficient=l1, l0_coefficient=l0))
-    results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume, stream=stream)
-    out.print(Text(f"trained {len(results)} dictionar{'y' if len(results) == 1 else 'ies'} in {out_dir.resolve()}",
-                   style="bold green"), soft_wrap=True)
+    par = info if info.backend else None
+    results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume, stream=stream, dist=par,
+                              progress=info.is_main)
+    if info.is_main:
+        out.print(Text(f"trained {len(results)} dictionar{'y' if len(results) == 1 else 'ies'} in "
+                       f"{out_dir.resolve()}", style="bold green"), soft_wrap=True)
     if eval_tokens:
         rows = {}
         for name, d in results.items():
-            e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=eval_tokens)
-            _write_eval(out_dir / name, e, corpus_cfg)
+            e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=eval_tokens, progress=info.is_main, dist=par)
+            if info.is_main:
+                _write_eval(out_dir / name, e, corpus_cfg)
             rows[name] = e.summary()
-        print_table(_eval_table(rows))
+        if info.is_main:
+            print_table(_eval_table(rows))
+    shutdown()
 
 
 @sae_app.command("eval")

@@ -250,13 +250,15 @@ class ShardedActivations:
             out[k] = buf.to(dtype) if dtype is not None and k in self.d_in else buf
         return out
 
-    def training_batches(self, batch_tokens: int, seed: int, start_step: int) -> Iterator[dict[str, Tensor]]:
-        """The trainer's entry point (shared with ``ActivationStream``): :meth:`batches` with these settings."""
-        return self.batches(batch_tokens, seed=seed, start_step=start_step)
+    def training_batches(self, batch_tokens: int, seed: int, start_step: int,
+                         part: slice | None = None) -> Iterator[dict[str, Tensor]]:
+        """The trainer's entry point (shared with ``ActivationStream``): :meth:`batches` with these settings;
+        ``part`` keeps only those rows of each batch (a data-parallel rank's), and reads only them."""
+        return self.batches(batch_tokens, seed=seed, start_step=start_step, part=part)
 
     def batches(self, batch_tokens: int, *, seed: int = 0, start_step: int = 0, hooks: Sequence[str] | None = None,
                 dtype: torch.dtype = torch.float32, drop_last: bool = True,
-                include_index: bool = False) -> Iterator[dict[str, Tensor]]:
+                include_index: bool = False, part: slice | None = None) -> Iterator[dict[str, Tensor]]:
         """Endless shuffled batches ``{hook: [batch_tokens, d_in]}``, epoch after epoch.
 
         Epoch e is a fresh permutation of all rows from a torch.Generator seeded by (seed, e); batch i
@@ -272,6 +274,8 @@ class ShardedActivations:
             dtype: output dtype of the activations (default float32).
             drop_last: drop each epoch's last partial batch (default), else yield it short.
             include_index: add ``__context__``, ``__pos__``, ``__token__`` [batch_tokens] to each batch.
+            part: only these rows of each batch (in the batch's file order), e.g. a data-parallel rank's
+                ``slice(B*r//W, B*(r+1)//W)``; the rows outside it are not read.
 
         Raises:
             InputError: bad arguments; fewer rows than one batch with drop_last.
@@ -289,14 +293,14 @@ class ShardedActivations:
         per_epoch = N // batch_tokens if drop_last else -(-N // batch_tokens)
         if per_epoch == 0:
             raise InputError(f"{N} rows make no batch of {batch_tokens}; lower batch_tokens or pass drop_last=False.")
-        return self._iterate(batch_tokens, seed, start_step, keys, dtype, per_epoch)
+        return self._iterate(batch_tokens, seed, start_step, keys, dtype, per_epoch, part or slice(None))
 
-    def _iterate(self, B, seed, start_step, keys, dtype, per_epoch) -> Iterator[dict[str, Tensor]]:
+    def _iterate(self, B, seed, start_step, keys, dtype, per_epoch, part) -> Iterator[dict[str, Tensor]]:
         epoch, k = divmod(start_step, per_epoch)
         while True:
             g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
             perm = torch.randperm(self.n_tokens, generator=g)
             for i in range(k, per_epoch):
                 # rows of a batch come in file order (sorted: faster reads); which rows is random
-                yield self.gather(perm[i * B:(i + 1) * B].sort().values, keys, dtype)
+                yield self.gather(perm[i * B:(i + 1) * B].sort().values[part], keys, dtype)
             epoch, k = epoch + 1, 0

@@ -85,12 +85,25 @@ def topk_activation(pre: Float[Tensor, "*rows d_sae"], k: int) -> Float[Tensor, 
     return torch.zeros_like(pre).scatter(-1, idx, values.relu())
 
 
+def keep_largest(flat: Float[Tensor, "n"], n_keep: int) -> Tensor:
+    """Boolean mask of the ``n_keep`` largest entries of ``flat``, a tie at the last kept value going to the
+    lowest indices (so the choice is reproducible, and equal to the data-parallel selection's)."""
+    if n_keep >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool)
+    t = flat.topk(n_keep).values[-1]
+    mask = flat > t
+    need = n_keep - int(mask.sum())
+    if need:
+        mask[(flat == t).nonzero().squeeze(1)[:need]] = True
+    return mask
+
+
 def batchtopk_activation(pre: Float[Tensor, "rows d_sae"], k: int) -> Float[Tensor, "rows d_sae"]:
-    """Keep the ``k * rows`` largest ReLU'd pre-activations over the whole batch (Bussmann et al. 2024)."""
+    """Keep the ``k * rows`` largest ReLU'd pre-activations over the whole batch (Bussmann et al. 2024); a tie
+    at the threshold goes to the lowest flat index (rows first)."""
     flat = pre.relu().flatten()
-    n = min(k * pre.shape[0], flat.numel())
-    values, idx = flat.topk(n, sorted=False)
-    return torch.zeros_like(flat).scatter(-1, idx, values).view_as(pre)
+    keep = keep_largest(flat.detach(), k * pre.shape[0])
+    return (flat * keep.to(flat.dtype)).view_as(pre)
 
 
 class Encoded(NamedTuple):

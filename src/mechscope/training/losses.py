@@ -69,11 +69,12 @@ def _decode_sparse(d: SparseDictionary, idx: Tensor, vals: Tensor) -> Tensor:
 
 
 def topk_aux_loss(d: SparseDictionary, pre: Float[Tensor, "B d_sae"], residual: Float[Tensor, "B d_out"],
-                  dead: Bool[Tensor, "d_sae"], k_aux: int | None = None) -> Tensor:
+                  dead: Bool[Tensor, "d_sae"], k_aux: int | None = None, batch_rows: int | None = None) -> Tensor:
     """AuxK: dead latents reconstruct the residual of the live ones (Gao et al. 2024, appendix A.2).
 
     Returns ``min(n_dead / k_aux, 1) * mean_t ||e_hat_t - e_t||^2`` (0 when no latent is dead). Only the
     dead columns are searched and decoded, so the cost follows the number of dead latents, not d_sae.
+    ``batch_rows``: divide the sum over these rows by the global batch's rows instead (data parallel).
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -83,24 +84,35 @@ def topk_aux_loss(d: SparseDictionary, pre: Float[Tensor, "B d_sae"], residual: 
     dead_idx = dead.nonzero().squeeze(1)
     top = pre[:, dead_idx].topk(min(k_aux, n_dead), dim=-1, sorted=False)
     e_hat = _decode_sparse(d, dead_idx[top.indices], top.values)
-    return scale * (e_hat - residual).pow(2).sum(-1).mean()
+    per_row = (e_hat - residual).pow(2).sum(-1)
+    return scale * (per_row.mean() if batch_rows is None else per_row.sum() / batch_rows)
 
 
 def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tensor, "B d_out"] | None = None, *,
                  l1_coefficient: float = 0.0, l0_coefficient: float = 0.0, aux_coefficient: float = 1 / 32,
-                 dead: Tensor | None = None, k_aux: int | None = None) -> LossOutput:
+                 dead: Tensor | None = None, k_aux: int | None = None, batch_rows: int | None = None,
+                 dist=None) -> LossOutput:
     """The training loss of one batch for the dictionary's architecture (see the module docstring).
 
     Args:
         x: input activations (already normalised if the trainer normalises).
         y: target activations; None means ``x`` (an SAE).
         dead: boolean mask of dead latents [d_sae] for AuxK; None or all-False disables it.
+        batch_rows: rows of the global batch when ``x`` is one rank's part of it (data parallel): every term
+            is then this part's sum over rows divided by ``batch_rows``, so the ranks' terms (and gradients)
+            add up to the whole batch's. None: ``x.shape[0]``.
+        dist: the :class:`~mechscope.scale.dist.DistInfo` of a data-parallel job; BatchTopK then keeps the
+            ``k * batch_rows`` largest activations of the whole batch over all ranks (an all-gather).
 
     Returns:
         LossOutput with terms ``mse`` and, by architecture, ``l1``, ``l0`` or ``aux``.
     """
     y = x if y is None else y
     arch = d.cfg.architecture
+    rows = x.shape[0] if batch_rows is None else batch_rows
+
+    def mean(v: Tensor) -> Tensor:  # per-row values -> their sum / the global batch's rows
+        return v.sum() / rows if batch_rows is not None else v.mean()
     dense_acts = top_idx = top_vals = None
     if arch == "topk":  # sparse path: b_dec folded into the encoder bias, decode by gathering k rows
         d._check(x, d.cfg.d_in, "the input")
@@ -115,17 +127,24 @@ def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tenso
         top_idx, top_vals = idx, vals
     else:
         pre = d.encode_pre(x)
-        dense_acts = d.activate(pre)
+        if arch == "batchtopk" and dist is not None and dist.world_size > 1 and d.training \
+                and not d.batchtopk_use_threshold:
+            from mechscope.training.parallel import global_batchtopk_mask
+
+            mask = global_batchtopk_mask(pre, d.cfg.k * rows, dist)
+            dense_acts = pre.relu() * mask.to(pre.dtype)
+        else:
+            dense_acts = d.activate(pre)
         recons = d.decode(dense_acts, x)
     acc = torch.promote_types(recons.dtype, torch.float32)  # fp32 under bf16 autocast; fp64 stays fp64
-    mse = (recons.to(acc) - y.to(acc)).pow(2).sum(-1).mean()
+    mse = mean((recons.to(acc) - y.to(acc)).pow(2).sum(-1))
     terms = {"mse": mse}
     if arch == "relu":
-        terms["l1"] = l1_coefficient * (dense_acts * d.decoder_norms()).sum(-1).mean()
+        terms["l1"] = l1_coefficient * mean((dense_acts * d.decoder_norms()).sum(-1))
     elif arch == "jumprelu":
         steps = StepFunction.apply(pre, d.threshold, d.cfg.jumprelu_bandwidth)
-        terms["l0"] = l0_coefficient * steps.sum(-1).mean()
+        terms["l0"] = l0_coefficient * mean(steps.sum(-1))
     elif dead is not None and aux_coefficient:
         residual = (y.to(acc) - recons.to(acc)).detach()
-        terms["aux"] = aux_coefficient * topk_aux_loss(d, pre, residual, dead, k_aux)
+        terms["aux"] = aux_coefficient * topk_aux_loss(d, pre, residual, dead, k_aux, batch_rows)
     return LossOutput(sum(terms.values()), terms, recons, pre, dense_acts, top_idx, top_vals)

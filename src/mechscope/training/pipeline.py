@@ -92,7 +92,7 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
                     corpus: CorpusConfig = CorpusConfig(), activation_dtype: str = "bfloat16",
                     forward_batch_contexts: int = 8, resume: bool = False, progress: bool = True,
                     harvest_dir: str | Path | None = None, stream: bool = False,
-                    buffer_tokens: int = 2**18) -> dict[str, SparseDictionary]:
+                    buffer_tokens: int = 2**18, dist=None) -> dict[str, SparseDictionary]:
     """Harvest the hooks the dictionaries need over the train split, then train them all in one pass.
 
     If the train split has fewer tokens than ``cfg.n_tokens``, training runs several epochs over it
@@ -103,18 +103,26 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
         stream: read activations from the model while training, through a shuffle buffer of
             ``buffer_tokens`` rows, instead of harvesting them to disk first (no disk needed; a resume
             replays the stream up to the checkpoint, costing forward passes).
+        dist: the :class:`~mechscope.scale.dist.DistInfo` of a torchrun job: the harvest splits its shards over
+            the ranks (:func:`~mechscope.data.harvest`), training is data parallel (each rank reads its rows of
+            every batch; :class:`~mechscope.training.Trainer`), rank 0 writes. Streaming is refused (every rank
+            would run the model on every token): harvest.
 
     Raises:
         InputError: bad hooks, a corpus that cannot be loaded (says which and why), bad configs.
         MemoryBudgetError: a harvest plan over ``cfg.memory_budget_bytes``.
     """
+    parallel = dist is not None and dist.world_size > 1
+    if parallel and stream:
+        raise InputError("--stream under torchrun would run the model on every token on every rank; drop --stream "
+                         "(the harvest is split over the ranks) or run one process.")
     hooks = sorted({h for s in specs for h in (s.dictionary.hook_in, s.dictionary.hook_out)})
     model.resolve(hooks)
     from mechscope.dictionaries.splice import Splice
 
     for s in specs:
         Splice(SparseDictionary(s.dictionary)).check_model(model)
-    packed, n_ctx = contexts_for(model, corpus, "train", cfg.n_tokens)
+    packed, n_ctx = contexts_for(model, corpus, "train", cfg.n_tokens, cache=not parallel or dist.rank == 0)
     import torch
 
     if stream:
@@ -129,7 +137,7 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
         folder = Path(harvest_dir) if harvest_dir else activations_dir(model, hooks, packed, n_ctx, activation_dtype)
         store = harvest(model, hooks, packed.tokens[:n_ctx], folder, dtype=getattr(torch, activation_dtype),
                         forward_batch_contexts=forward_batch_contexts, memory_budget_bytes=cfg.memory_budget_bytes,
-                        progress=progress)
+                        progress=progress and (not parallel or dist.is_main), dist=dist if parallel else None)
         unique = store.n_tokens
     if unique < cfg.n_tokens_trained:
         log.info("the train split of %s holds %s tokens; training on %s makes %.1f passes over it (add text with "
@@ -137,16 +145,17 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
                  cfg.n_tokens_trained / unique)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(jsonable({"model": model.cfg.name, "model_dtype": model.cfg.dtype, "hooks": hooks,
-                                "corpus": corpus, "unique_tokens": unique, "train_tokens": cfg.n_tokens,
-                                "train_tokens_used": cfg.n_tokens_trained,
-                                "activations": str(folder) if folder else "streamed",
-                                "tokens_fingerprint": packed.fingerprint}),
-                      out / "data.json")
+    if not parallel or dist.is_main:
+        write_json_atomic(jsonable({"model": model.cfg.name, "model_dtype": model.cfg.dtype, "hooks": hooks,
+                                    "corpus": corpus, "unique_tokens": unique, "train_tokens": cfg.n_tokens,
+                                    "train_tokens_used": cfg.n_tokens_trained,
+                                    "activations": str(folder) if folder else "streamed",
+                                    "tokens_fingerprint": packed.fingerprint}),
+                          out / "data.json")
     specs = [s if s.dictionary.model_name else
              DictionarySpec(**{**{f: getattr(s, f) for f in s.__dataclass_fields__},
                                "dictionary": s.dictionary.replace(model_name=model.cfg.name)}) for s in specs]
-    return Trainer(specs, cfg, out, progress=progress).fit(store, resume=resume)
+    return Trainer(specs, cfg, out, progress=progress, dist=dist if parallel else None).fit(store, resume=resume)
 
 
 def evaluate_on_corpus(model, dictionary: SparseDictionary, *, corpus: CorpusConfig = CorpusConfig(),

@@ -12,6 +12,12 @@ A run folder holds:
 
 Resume (``resume=True``) reloads the newest checkpoint and continues from its step with the same
 batches, so the resumed metrics equal an uninterrupted run's (with the same number of threads).
+
+Data parallel (``dist=``, under torchrun): every rank trains on its rows of each global batch and the
+gradients are all-reduced (:mod:`mechscope.training.parallel`), so the parameters, Adam state and dead-latent
+counters stay replicated and equal a one-process run with the same ``batch_tokens`` to rounding. Rank 0 alone
+writes checkpoints, metrics and the results; a checkpoint records the global step (the data cursor is
+``step * batch_tokens``), not the world size, so a run resumes at any world size.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from mechscope.dictionaries.io import save_dictionary, state_tensors
 from mechscope.dictionaries.model import SparseDictionary
 from mechscope.training.config import DictionarySpec, TrainConfig
 from mechscope.training.losses import compute_loss
+from mechscope.training.parallel import (all_reduce_, all_reduce_gradients, global_fired, is_parallel,
+                                         local_rows)
 
 
 class TrainingDivergedError(MechscopeError, FloatingPointError):
@@ -55,12 +63,21 @@ class _Member:
     threshold_ema: float | None = None  # batchtopk
 
 
-def _batches(source, cfg: TrainConfig, start_step: int) -> Iterator[dict[str, Tensor]]:
+def _batches(source, cfg: TrainConfig, start_step: int, dist=None) -> Iterator[dict[str, Tensor]]:
     """Batches of ``cfg.batch_tokens`` rows from step ``start_step`` on (batch t is a pure function of t).
 
     ``source`` is a ``ShardedActivations`` or an ``ActivationStream`` (both have ``training_batches``), or a
-    callable ``start_step -> iterable of batches``.
+    callable ``start_step -> iterable of batches``. Data parallel: this rank's rows of each batch
+    (:func:`~mechscope.training.parallel.local_rows`); harvested shards read only those rows, the other sources
+    make the whole batch on every rank and keep the rank's part (harvest first for large runs).
     """
+    if is_parallel(dist):
+        part = local_rows(cfg.batch_tokens, dist)
+        from mechscope.data.shards import ShardedActivations
+
+        if isinstance(source, ShardedActivations):
+            return iter(source.training_batches(cfg.batch_tokens, cfg.seed, start_step, part=part))
+        return ({k: v[part] for k, v in b.items()} for b in _batches(source, cfg, start_step))
     if hasattr(source, "training_batches"):
         return iter(source.training_batches(cfg.batch_tokens, cfg.seed, start_step))
     if callable(source):
@@ -92,6 +109,8 @@ class Trainer:
         cfg: the shared schedule.
         out_dir: the run folder.
         on_step: optional ``fn(step)`` called after each step (progress hooks, fault injection in tests).
+        dist: the :class:`~mechscope.scale.dist.DistInfo` of a data-parallel job (None: one process); see the
+            module docstring.
 
     Raises:
         InputError: duplicate names, a spec whose hooks the source lacks, a memory plan over budget,
@@ -100,7 +119,7 @@ class Trainer:
     """
 
     def __init__(self, specs: Sequence[DictionarySpec], cfg: TrainConfig, out_dir: str | Path, *,
-                 on_step: Callable[[int], None] | None = None, progress: bool = True):
+                 on_step: Callable[[int], None] | None = None, progress: bool = True, dist=None):
         specs = list(specs)
         if not specs:
             raise InputError("no dictionaries to train; pass at least one DictionarySpec.")
@@ -109,6 +128,8 @@ class Trainer:
             raise InputError(f"dictionary names must be unique, got {names}.")
         self.specs, self.cfg, self.out = specs, cfg, Path(out_dir)
         self.on_step, self.progress = on_step, progress
+        self.dist = dist if is_parallel(dist) else None
+        self.is_main = self.dist is None or self.dist.is_main
         plan = plan_training_memory(specs, cfg)
         total = sum(plan.values())
         if cfg.memory_budget_bytes is not None and total > cfg.memory_budget_bytes:
@@ -132,7 +153,7 @@ class Trainer:
 
     def _estimate_scales(self, source, members: list[_Member]) -> None:
         """Normalisation scales (mean norm -> sqrt(d)) and b_dec's initial value from the first batches."""
-        it = _batches(source, self.cfg, 0)
+        it = _batches(source, self.cfg, 0, self.dist)
         sums: dict[str, Tensor] = {}
         norms: dict[str, float] = {}
         n = n_batches = 0
@@ -146,10 +167,21 @@ class Trainer:
             for hook, x in b.items():
                 if hook.startswith("__"):
                     continue
-                x = x.float()
-                sums[hook] = sums.get(hook, 0) + x.sum(0)
-                norms[hook] = norms.get(hook, 0.0) + float(x.norm(dim=-1).sum())
+                x = x.float()  # sums in float64: the same to the last bit whatever the split over ranks
+                sums[hook] = sums.get(hook, 0) + x.double().sum(0)
+                norms[hook] = norms.get(hook, 0.0) + float(x.norm(dim=-1).double().sum())
             n += next(iter(v for k, v in b.items() if not k.startswith("__"))).shape[0]
+        if self.dist is not None:  # every rank saw its rows: the sums over the batches' whole rows, in float64
+            hooks = sorted(norms)
+            flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64)]
+                             + [torch.tensor([norms[h]], dtype=torch.float64) for h in hooks]
+                             + [sums[h].double() for h in hooks])
+            all_reduce_(self.dist, "the normalisation estimate's all-reduce", flat)
+            n, off = int(flat[0]), 1 + len(hooks)
+            for i, h in enumerate(hooks):
+                norms[h] = float(flat[1 + i])
+                sums[h] = flat[off:off + sums[h].numel()].clone()
+                off += sums[h].numel()
         if n == 0:
             raise InputError("the activation source yielded no batch; is it empty?")
         for m in members:
@@ -243,17 +275,25 @@ class Trainer:
         for g in m.optimizer.param_groups:
             g["lr"] = lr
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else contextlib.nullcontext()
+        par = self.dist
+        rows = cfg.batch_tokens if par is not None else x.shape[0]  # the global batch's rows
         with ctx:
             out = compute_loss(d, x, y, l1_coefficient=l1, l0_coefficient=spec.l0_coefficient,
-                               aux_coefficient=spec.aux_coefficient, dead=dead, k_aux=spec.k_aux)
-        if not torch.isfinite(out.total):
+                               aux_coefficient=spec.aux_coefficient, dead=dead, k_aux=spec.k_aux,
+                               batch_rows=rows if par is not None else None, dist=par)
+        total = out.total.detach()
+        if par is not None:  # every rank must see a divergence, or the others wait on its collective
+            total = all_reduce_(par, f"{spec.name}: the loss all-reduce", total.double().reshape(1))[0]
+        if not torch.isfinite(total):
             raise TrainingDivergedError(
-                f"dictionary {spec.name!r}: the loss is {float(out.total)} at step {step} (terms "
+                f"dictionary {spec.name!r}: the loss is {float(total)} at step {step} (terms "
                 f"{ {k: float(v) for k, v in out.terms.items()} }). Lower its lr, use dtype='float32', or check the "
                 f"activations; the last checkpoint ({self.latest_checkpoint()}) is intact."
             )
         m.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
+        if par is not None:
+            all_reduce_gradients(list(d.parameters()), par, spec.name)
         unit_decoder = c.architecture != "relu"
         if unit_decoder:
             d.remove_parallel_decoder_grad()
@@ -265,21 +305,45 @@ class Trainer:
                 d.normalize_decoder()
             if c.architecture == "jumprelu":
                 d.threshold.clamp_(min=1e-6)
-            m.tokens_since_fired += x.shape[0]
-            m.tokens_since_fired[out.fired()] = 0
+            m.tokens_since_fired += rows
+            m.tokens_since_fired[global_fired(out.fired(), par, spec.name)] = 0
             if c.architecture == "batchtopk":  # threshold for inference: EMA of the smallest kept activation
                 acts = out.acts.detach()
                 pos = acts[acts > 0]
-                if pos.numel():
-                    mn = float(pos.min())
+                mn = float(pos.min()) if pos.numel() else math.inf
+                if par is not None:
+                    mn = float(all_reduce_(par, f"{spec.name}: the threshold all-reduce",
+                                           torch.tensor([mn], dtype=torch.float64), torch.distributed.ReduceOp.MIN)[0])
+                if math.isfinite(mn):
                     m.threshold_ema = mn if m.threshold_ema is None else 0.99 * m.threshold_ema + 0.01 * mn
                     d.threshold.fill_(m.threshold_ema)
-            var = (y - y.mean(0)).pow(2).sum()
-            fvu = float((out.recons.float() - y).pow(2).sum() / var) if var > 0 else float("nan")
-            l0 = out.l0()
-        row = {k: float(v.detach()) for k, v in out.terms.items()}
-        row.update(loss=float(out.total.detach()), fvu=fvu, l0=l0, dead_fraction=float(dead.float().mean()), lr=lr)
+            if par is None:
+                var = (y - y.mean(0)).pow(2).sum()
+                fvu = float((out.recons.float() - y).pow(2).sum() / var) if var > 0 else float("nan")
+                l0 = out.l0()
+                row = {k: float(v.detach()) for k, v in out.terms.items()}
+                row["loss"] = float(out.total.detach())
+            else:
+                row, fvu, l0 = self._global_metrics(out, y, rows, spec.name)
+        row.update(fvu=fvu, l0=l0, dead_fraction=float(dead.float().mean()), lr=lr)
         return row
+
+    def _global_metrics(self, out, y: Tensor, rows: int, name: str) -> tuple[dict[str, float], float, float]:
+        """The loss terms, FVU (around the global batch's mean) and L0 of the whole batch, from every rank's part."""
+        par = self.dist
+        mean = all_reduce_(par, f"{name}: the metrics' mean all-reduce", y.double().sum(0)) / rows
+        keys = list(out.terms)  # the same order on every rank
+        act = out.acts.detach() > 0 if out.dense_acts is not None else out.top_vals.detach() > 0
+        vec = torch.stack([out.terms[k].detach().double() for k in keys] + [
+            out.total.detach().double(),
+            (y.double() - mean).pow(2).sum(),
+            (out.recons.double() - y.double()).pow(2).sum(),
+            act.sum().double() / rows])
+        all_reduce_(par, f"{name}: the metrics' all-reduce", vec)
+        row = {k: float(v) for k, v in zip(keys, vec)}
+        row["loss"] = float(vec[len(keys)])
+        var, sse, l0 = (float(v) for v in vec[len(keys) + 1:])
+        return row, (sse / var if var > 0 else float("nan")), l0
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, source, *, resume: bool = False) -> dict[str, SparseDictionary]:
@@ -292,7 +356,8 @@ class Trainer:
             resume: continue from the newest checkpoint in ``out_dir`` (an error if there is none).
 
         Returns:
-            name -> trained dictionary (eval mode, normalisation folded in, as saved).
+            name -> trained dictionary (eval mode, normalisation folded in, as saved; on every rank of a
+            data-parallel job, rank 0 alone saving).
 
         Raises:
             InputError: see the class; also a source that runs out before ``n_tokens``.
@@ -309,23 +374,29 @@ class Trainer:
                 raise InputError(f"resume=True but {self.ckpt_dir} has no checkpoint; nothing would be resumed. "
                                  "Start without resume (and set checkpoint_every_steps to make checkpoints).")
             start = self._load_checkpoint(latest, members)
-            self._truncate_metrics(metrics_path, start)
+        elif latest is not None or metrics_path.exists():
+            raise InputError(f"{self.out} already holds a training run; pass resume=True (CLI: --resume) to "
+                             "continue it, or choose a new folder.")
+        self._agree(start if resume else 0)  # every rank has checked the folder before rank 0 writes to it
+        if resume:
+            if self.is_main:
+                self._truncate_metrics(metrics_path, start)
         else:
-            if latest is not None or metrics_path.exists():
-                raise InputError(f"{self.out} already holds a training run; pass resume=True (CLI: --resume) to "
-                                 "continue it, or choose a new folder.")
             self._estimate_scales(source, members)
             start = 0
-        write_json_atomic(self._run_record(), self.out / "run.json")
-        wandb_run = self._wandb()
+        if self.is_main:
+            write_json_atomic(self._run_record(), self.out / "run.json")
+        wandb_run = self._wandb() if self.is_main else None
         t0 = time.perf_counter()
-        it = _batches(source, cfg, start)
+        it = _batches(source, cfg, start, self.dist)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.n_steps, initial=start, unit="step", desc="training", disable=not self.progress)
+        bar = tqdm(total=cfg.n_steps, initial=start, unit="step", desc="training",
+                   disable=not (self.progress and self.is_main))
         step = start
+        log_file = open(metrics_path, "a", encoding="utf-8") if self.is_main else contextlib.nullcontext()
         try:
-            with open(metrics_path, "a", encoding="utf-8") as log:
+            with log_file as log:
                 while step < cfg.n_steps:
                     try:
                         batch = next(it)
@@ -337,7 +408,7 @@ class Trainer:
                     self._check_batch(batch, step)
                     rows = [self._step(m, batch, step) for m in members]
                     step += 1
-                    if step % cfg.log_every_steps == 0 or step == cfg.n_steps:
+                    if self.is_main and (step % cfg.log_every_steps == 0 or step == cfg.n_steps):
                         for m, r in zip(members, rows):
                             line = {"step": step, "tokens": step * cfg.batch_tokens, "name": m.spec.name, **r}
                             log.write(json.dumps(line) + "\n")
@@ -347,7 +418,8 @@ class Trainer:
                         r = rows[0]
                         bar.set_postfix(fvu=f"{r['fvu']:.3f}", l0=f"{r['l0']:.1f}", dead=f"{r['dead_fraction']:.2f}")
                     bar.update(1)
-                    if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < cfg.n_steps:
+                    if (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < cfg.n_steps
+                            and self.is_main):
                         self._save_checkpoint(members, step)
                     if self.on_step is not None:
                         self.on_step(step)
@@ -356,7 +428,7 @@ class Trainer:
             if wandb_run is not None:
                 wandb_run.finish()
         elapsed = time.perf_counter() - t0
-        if start < step:
+        if start < step and self.is_main:
             self._save_checkpoint(members, step)  # the final state, before folding (a later resume is a no-op)
         results = {}
         for m in members:
@@ -368,8 +440,11 @@ class Trainer:
             meta = dict(d.cfg.metadata, training_tokens=cfg.n_steps * cfg.batch_tokens, seed=cfg.seed,
                         train_seconds=round(elapsed, 1), resumed_from_step=start or None)
             d.cfg = d.cfg.replace(metadata=meta)
-            save_dictionary(d, self.out / m.spec.name)
+            if self.is_main:
+                save_dictionary(d, self.out / m.spec.name)
             results[m.spec.name] = d
+        if not self.is_main:
+            return results
         try:
             from mechscope.training.curves import write_training_curves
 
@@ -377,6 +452,19 @@ class Trainer:
         except ImportError:  # pragma: no cover - plotly is a dependency
             pass
         return results
+
+    def _agree(self, start: int) -> None:
+        """Every rank starts from the same step (they read the same checkpoint), or all stop with the numbers."""
+        if self.dist is None:
+            return
+        from mechscope.scale.dist import guarded
+
+        got = torch.empty(self.dist.world_size, dtype=torch.int64)
+        guarded(self.dist, "the training start-up all-gather", torch.distributed.all_gather_single, got,
+                torch.tensor([start], dtype=torch.int64))
+        if len(set(got.tolist())) > 1:
+            raise InputError(f"the ranks would resume from different steps {got.tolist()} (rank r's is entry r): "
+                             f"they do not see the same {self.ckpt_dir}. Put out_dir on storage every node shares.")
 
     @staticmethod
     def _check_batch(batch: dict[str, Tensor], step: int) -> None:
