@@ -59,14 +59,14 @@ def _cfg(steps: int = 24, **kw):
                        norm_estimation_batches=3, **kw)
 
 
-def _train(out: str, dist=None, *, resume: bool = False, die_at: int | None = None, **kw):
+def _train(out: str, dist=None, *, resume: bool = False, die_at: int | None = None, tp: int = 1, **kw):
     from mechscope.training import Trainer
 
     def on_step(step: int):
         if step == die_at:
             os._exit(0)  # no teardown: the peer finds the rank gone at its next collective
 
-    t = Trainer(_specs(), _cfg(**kw), out, progress=False, dist=dist, on_step=on_step)
+    t = Trainer(_specs(), _cfg(**kw), out, progress=False, dist=dist, on_step=on_step, tp=tp)
     return t.fit(_source, resume=resume)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import json
 from pathlib import Path
 
@@ -74,12 +75,15 @@ def train_cmd(
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="log to Weights & Biases (if installed)"),
     stream: bool = typer.Option(False, "--stream", help="stream activations through a shuffle buffer instead of harvesting them to disk"),
     memory_budget_gib: float | None = typer.Option(None, "--memory-budget-gib", help="refuse a plan that needs more memory than this (GiB)"),
+    tp: int = typer.Option(1, "--tp", min=1, help="under torchrun: latent shards per dictionary (world = dp x tp)"),
 ) -> None:
     """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass).
 
     Under torchrun (``torchrun --nproc-per-node=N -m mechscope sae train ...``) the harvest's shards are split
     over the ranks and training is data parallel with the same global batch (--batch-tokens), equal to one
-    process to rounding; rank 0 writes and prints. A run resumes (--resume) at any world size.
+    process to rounding; rank 0 writes and prints. ``--tp T`` also splits each dictionary's latents over T ranks
+    (every --width must be a multiple of T; the world size a multiple of T). A run resumes (--resume) at any
+    world size and any --tp.
     """
     import mechscope
     from mechscope.core.errors import InputError
@@ -112,6 +116,12 @@ def train_cmd(
                               split_lines=split_lines)
     check_corpora(corpus)
     check_out_dir(out_dir)
+    from mechscope.training.parallel import check_tp
+    from mechscope.training.tensor_parallel import shard_bounds
+
+    check_tp(int(os.environ.get("WORLD_SIZE", "1") or 1), tp)  # before any model is loaded
+    for w in width:
+        shard_bounds(w, 0, tp)
     if tcfg.n_tokens_trained != tokens:
         note(f"training on {tcfg.n_tokens_trained:,} tokens, not the {tokens:,} asked: {tcfg.n_steps:,} whole steps "
              f"of --batch-tokens {batch_tokens:,} (a part-step is not trained). Pass a multiple of --batch-tokens to "
@@ -130,7 +140,7 @@ def train_cmd(
         specs.append(DictionarySpec(name, cfg, lr=lr, l1_coefficient=l1, l0_coefficient=l0))
     par = info if info.backend else None
     results = train_on_corpus(m, specs, tcfg, out_dir, corpus=corpus_cfg, resume=resume, stream=stream, dist=par,
-                              progress=info.is_main)
+                              progress=info.is_main, tp=tp)
     if info.is_main:
         out.print(Text(f"trained {len(results)} dictionar{'y' if len(results) == 1 else 'ies'} in "
                        f"{out_dir.resolve()}", style="bold green"), soft_wrap=True)

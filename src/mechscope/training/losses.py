@@ -101,7 +101,7 @@ def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tenso
         batch_rows: rows of the global batch when ``x`` is one rank's part of it (data parallel): every term
             is then this part's sum over rows divided by ``batch_rows``, so the ranks' terms (and gradients)
             add up to the whole batch's. None: ``x.shape[0]``.
-        dist: the :class:`~mechscope.scale.dist.DistInfo` of a data-parallel job; BatchTopK then keeps the
+        dist: the DistInfo (or :class:`~mechscope.training.parallel.Layout`) of a data-parallel job; BatchTopK keeps the
             ``k * batch_rows`` largest activations of the whole batch over all ranks (an all-gather).
 
     Returns:
@@ -127,10 +127,9 @@ def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tenso
         top_idx, top_vals = idx, vals
     else:
         pre = d.encode_pre(x)
-        if arch == "batchtopk" and dist is not None and dist.world_size > 1 and d.training \
-                and not d.batchtopk_use_threshold:
-            from mechscope.training.parallel import global_batchtopk_mask
+        from mechscope.training.parallel import global_batchtopk_mask, is_parallel
 
+        if arch == "batchtopk" and is_parallel(dist) and d.training and not d.batchtopk_use_threshold:
             mask = global_batchtopk_mask(pre, d.cfg.k * rows, dist)
             dense_acts = pre.relu() * mask.to(pre.dtype)
         else:

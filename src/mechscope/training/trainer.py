@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,15 +34,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mechscope.core.errors import CorruptFileError, InputError, MechscopeError
-from mechscope.core.io import (load_safetensors, save_safetensors_atomic, write_folder_atomic, write_json_atomic,
+from mechscope.core.errors import InputError, MechscopeError
+from mechscope.core.io import (write_json_atomic,
                                write_text_atomic)
-from mechscope.dictionaries.io import save_dictionary, state_tensors
+from mechscope.dictionaries.io import save_dictionary
 from mechscope.dictionaries.model import SparseDictionary
 from mechscope.training.config import DictionarySpec, TrainConfig
 from mechscope.training.losses import compute_loss
-from mechscope.training.parallel import (all_reduce_, all_reduce_gradients, global_fired, is_parallel,
-                                         local_rows)
+from mechscope.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from mechscope.training.parallel import all_reduce_gradients, is_parallel, local_rows, make_layout
+from mechscope.training.tensor_parallel import (clip_grad_norm_sharded, compute_loss_sharded, gather_dictionary,
+                                                shard_dictionary)
 
 
 class TrainingDivergedError(MechscopeError, FloatingPointError):
@@ -109,17 +110,20 @@ class Trainer:
         cfg: the shared schedule.
         out_dir: the run folder.
         on_step: optional ``fn(step)`` called after each step (progress hooks, fault injection in tests).
-        dist: the :class:`~mechscope.scale.dist.DistInfo` of a data-parallel job (None: one process); see the
+        dist: the :class:`~mechscope.scale.dist.DistInfo` of a torchrun job (None: one process); see the
             module docstring.
+        tp: latent shards per dictionary (tensor parallel, :mod:`~mechscope.training.tensor_parallel`); the
+            world size is ``dp × tp`` replicas × shards. Every ``d_sae`` must be divisible by ``tp``.
 
     Raises:
-        InputError: duplicate names, a spec whose hooks the source lacks, a memory plan over budget,
+        InputError: duplicate names, a ``tp`` that does not divide the world size or a ``d_sae``, a spec whose
+            hooks the source lacks, a memory plan over budget,
             an existing run in ``out_dir`` without ``resume=True``, ``resume=True`` with nothing to resume,
             or a resume whose configuration differs.
     """
 
     def __init__(self, specs: Sequence[DictionarySpec], cfg: TrainConfig, out_dir: str | Path, *,
-                 on_step: Callable[[int], None] | None = None, progress: bool = True, dist=None):
+                 on_step: Callable[[int], None] | None = None, progress: bool = True, dist=None, tp: int = 1):
         specs = list(specs)
         if not specs:
             raise InputError("no dictionaries to train; pass at least one DictionarySpec.")
@@ -128,8 +132,13 @@ class Trainer:
             raise InputError(f"dictionary names must be unique, got {names}.")
         self.specs, self.cfg, self.out = specs, cfg, Path(out_dir)
         self.on_step, self.progress = on_step, progress
-        self.dist = dist if is_parallel(dist) else None
-        self.is_main = self.dist is None or self.dist.is_main
+        self.layout = make_layout(dist if is_parallel(dist) else None, tp)
+        self.is_main = self.layout is None or self.layout.is_main
+        if tp > 1:
+            from mechscope.training.tensor_parallel import shard_bounds
+
+            for s in specs:
+                shard_bounds(s.dictionary.d_sae, 0, tp)
         plan = plan_training_memory(specs, cfg)
         total = sum(plan.values())
         if cfg.memory_budget_bytes is not None and total > cfg.memory_budget_bytes:
@@ -148,12 +157,14 @@ class Trainer:
         d = SparseDictionary(spec.dictionary).initialize(
             self.cfg.seed, decoder_norm=spec.decoder_init_norm, jumprelu_init_threshold=spec.jumprelu_init_threshold)
         d.train()
+        if self.layout is not None and self.layout.tp_size > 1:  # the unsharded initialisation, sliced
+            d = shard_dictionary(d, self.layout)
         opt = torch.optim.Adam(d.parameters(), lr=spec.learning_rate, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
-        return _Member(spec, d, opt, torch.zeros(spec.dictionary.d_sae, dtype=torch.long))
+        return _Member(spec, d, opt, torch.zeros(d.cfg.d_sae, dtype=torch.long))
 
     def _estimate_scales(self, source, members: list[_Member]) -> None:
         """Normalisation scales (mean norm -> sqrt(d)) and b_dec's initial value from the first batches."""
-        it = _batches(source, self.cfg, 0, self.dist)
+        it = _batches(source, self.cfg, 0, self.layout)
         sums: dict[str, Tensor] = {}
         norms: dict[str, float] = {}
         n = n_batches = 0
@@ -171,12 +182,12 @@ class Trainer:
                 sums[hook] = sums.get(hook, 0) + x.double().sum(0)
                 norms[hook] = norms.get(hook, 0.0) + float(x.norm(dim=-1).double().sum())
             n += next(iter(v for k, v in b.items() if not k.startswith("__"))).shape[0]
-        if self.dist is not None:  # every rank saw its rows: the sums over the batches' whole rows, in float64
+        if self.layout is not None:  # each replica saw its rows: the sums over the batches' whole rows, in float64
             hooks = sorted(norms)
             flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64)]
                              + [torch.tensor([norms[h]], dtype=torch.float64) for h in hooks]
                              + [sums[h].double() for h in hooks])
-            all_reduce_(self.dist, "the normalisation estimate's all-reduce", flat)
+            self.layout.over_dp("the normalisation estimate's all-reduce", flat)
             n, off = int(flat[0]), 1 + len(hooks)
             for i, h in enumerate(hooks):
                 norms[h] = float(flat[1 + i])
@@ -203,62 +214,18 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
 
-    def _save_checkpoint(self, members: list[_Member], step: int) -> Path:
-        folder = self.ckpt_dir / f"step_{step:08d}"
-
-        def write(tmp: Path):
-            state = {"step": step, "tokens": step * self.cfg.batch_tokens, "run": self._run_record(), "members": {}}
-            for m in members:
-                tensors = {f"dict.{k}": v for k, v in state_tensors(m.dictionary).items()}
-                opt_state = m.optimizer.state_dict()
-                for idx, st in opt_state["state"].items():
-                    for k, v in st.items():
-                        tensors[f"adam.{idx}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
-                tensors["tokens_since_fired"] = m.tokens_since_fired
-                save_safetensors_atomic(tensors, tmp / f"{m.spec.name}.safetensors")
-                state["members"][m.spec.name] = {"scale_in": m.scale_in, "scale_out": m.scale_out,
-                                                 "threshold_ema": m.threshold_ema}
-            write_json_atomic(state, tmp / "state.json")
-
-        write_folder_atomic(folder, write)
-        old = sorted(self.ckpt_dir.glob("step_*[0-9]"))[:-self.cfg.keep_checkpoints]
-        for o in old:
-            shutil.rmtree(o, ignore_errors=True)
-        return folder
+    def _save_checkpoint(self, members: list[_Member], step: int) -> Path | None:
+        state = {"step": step, "tokens": step * self.cfg.batch_tokens, "run": self._run_record(),
+                 "members": {m.spec.name: {"scale_in": m.scale_in, "scale_out": m.scale_out,
+                                           "threshold_ema": m.threshold_ema} for m in members}}
+        return save_checkpoint(self.ckpt_dir, members, step, state, self.layout, self.cfg.keep_checkpoints)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder, or None."""
-        done = [p for p in sorted(self.ckpt_dir.glob("step_*[0-9]")) if (p / "state.json").is_file()]
-        return done[-1] if done else None
+        return latest_checkpoint(self.ckpt_dir)
 
     def _load_checkpoint(self, folder: Path, members: list[_Member]) -> int:
-        try:
-            state = json.loads((folder / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CorruptFileError(f"checkpoint {folder} has an unreadable state.json ({e}); delete that folder "
-                                   "to resume from the one before.") from e
-        if state["run"] != json.loads(json.dumps(self._run_record())):
-            raise InputError(
-                f"the checkpoint in {folder} was made with another configuration; resume with the same dictionaries "
-                "and TrainConfig (checkpointing and logging options may differ), or use a new out_dir."
-            )
-        for m in members:
-            t = load_safetensors(folder / f"{m.spec.name}.safetensors", what="checkpoint")
-            with torch.no_grad():
-                for k, v in state_tensors(m.dictionary).items():
-                    getattr(m.dictionary, k).copy_(t[f"dict.{k}"])
-            opt_state = m.optimizer.state_dict()
-            new_state = {}
-            for key, v in t.items():
-                if key.startswith("adam."):
-                    _, idx, k = key.split(".", 2)
-                    new_state.setdefault(int(idx), {})[k] = v
-            opt_state["state"] = new_state
-            m.optimizer.load_state_dict(opt_state)
-            m.tokens_since_fired = t["tokens_since_fired"].clone()
-            ms = state["members"][m.spec.name]
-            m.scale_in, m.scale_out, m.threshold_ema = ms["scale_in"], ms["scale_out"], ms["threshold_ema"]
-        return int(state["step"])
+        return int(load_checkpoint(folder, members, self._run_record(), self.layout)["step"])
 
     # -- one step ----------------------------------------------------------------------------
     def _step(self, m: _Member, batch: dict[str, Tensor], step: int) -> dict[str, float]:
@@ -275,15 +242,19 @@ class Trainer:
         for g in m.optimizer.param_groups:
             g["lr"] = lr
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else contextlib.nullcontext()
-        par = self.dist
+        par = self.layout
         rows = cfg.batch_tokens if par is not None else x.shape[0]  # the global batch's rows
+        sharded = par is not None and par.tp_size > 1
         with ctx:
-            out = compute_loss(d, x, y, l1_coefficient=l1, l0_coefficient=spec.l0_coefficient,
-                               aux_coefficient=spec.aux_coefficient, dead=dead, k_aux=spec.k_aux,
-                               batch_rows=rows if par is not None else None, dist=par)
+            kw = dict(l1_coefficient=l1, l0_coefficient=spec.l0_coefficient, aux_coefficient=spec.aux_coefficient,
+                      dead=dead, k_aux=spec.k_aux)
+            if sharded:
+                out = compute_loss_sharded(d, x, y, par, k=c.k, batch_rows=rows, **kw)
+            else:
+                out = compute_loss(d, x, y, batch_rows=rows if par is not None else None, dist=par, **kw)
         total = out.total.detach()
         if par is not None:  # every rank must see a divergence, or the others wait on its collective
-            total = all_reduce_(par, f"{spec.name}: the loss all-reduce", total.double().reshape(1))[0]
+            total = par.over_all(f"{spec.name}: the loss all-reduce", total.double().reshape(1))[0]
         if not torch.isfinite(total):
             raise TrainingDivergedError(
                 f"dictionary {spec.name!r}: the loss is {float(total)} at step {step} (terms "
@@ -292,13 +263,16 @@ class Trainer:
             )
         m.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
-        if par is not None:
-            all_reduce_gradients(list(d.parameters()), par, spec.name)
+        if par is not None and par.dp_size > 1:
+            all_reduce_gradients(list(d.parameters()), par, spec.name, par.dp_group)
         unit_decoder = c.architecture != "relu"
         if unit_decoder:
             d.remove_parallel_decoder_grad()
         if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip_norm)
+            if sharded:
+                clip_grad_norm_sharded(d, cfg.grad_clip_norm, par)
+            else:
+                torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip_norm)
         m.optimizer.step()
         with torch.no_grad():
             if unit_decoder:
@@ -306,14 +280,18 @@ class Trainer:
             if c.architecture == "jumprelu":
                 d.threshold.clamp_(min=1e-6)
             m.tokens_since_fired += rows
-            m.tokens_since_fired[global_fired(out.fired(), par, spec.name)] = 0
+            fired = out.fired()
+            if par is not None:  # fired on any replica's rows
+                fired = par.over_dp(f"{spec.name}: the fired-latents all-reduce", fired.to(torch.uint8),
+                                    torch.distributed.ReduceOp.MAX).bool()
+            m.tokens_since_fired[fired] = 0
             if c.architecture == "batchtopk":  # threshold for inference: EMA of the smallest kept activation
                 acts = out.acts.detach()
                 pos = acts[acts > 0]
                 mn = float(pos.min()) if pos.numel() else math.inf
                 if par is not None:
-                    mn = float(all_reduce_(par, f"{spec.name}: the threshold all-reduce",
-                                           torch.tensor([mn], dtype=torch.float64), torch.distributed.ReduceOp.MIN)[0])
+                    mn = float(par.over_all(f"{spec.name}: the threshold all-reduce",
+                                            torch.tensor([mn], dtype=torch.float64), torch.distributed.ReduceOp.MIN)[0])
                 if math.isfinite(mn):
                     m.threshold_ema = mn if m.threshold_ema is None else 0.99 * m.threshold_ema + 0.01 * mn
                     d.threshold.fill_(m.threshold_ema)
@@ -330,20 +308,20 @@ class Trainer:
 
     def _global_metrics(self, out, y: Tensor, rows: int, name: str) -> tuple[dict[str, float], float, float]:
         """The loss terms, FVU (around the global batch's mean) and L0 of the whole batch, from every rank's part."""
-        par = self.dist
-        mean = all_reduce_(par, f"{name}: the metrics' mean all-reduce", y.double().sum(0)) / rows
+        par = self.layout  # terms and reconstructions are whole on each shard: summed over replicas only
+        mean = par.over_dp(f"{name}: the metrics' mean all-reduce", y.double().sum(0)) / rows
         keys = list(out.terms)  # the same order on every rank
         act = out.acts.detach() > 0 if out.dense_acts is not None else out.top_vals.detach() > 0
         vec = torch.stack([out.terms[k].detach().double() for k in keys] + [
             out.total.detach().double(),
             (y.double() - mean).pow(2).sum(),
-            (out.recons.double() - y.double()).pow(2).sum(),
-            act.sum().double() / rows])
-        all_reduce_(par, f"{name}: the metrics' all-reduce", vec)
+            (out.recons.double() - y.double()).pow(2).sum()])
+        par.over_dp(f"{name}: the metrics' all-reduce", vec)
+        l0 = par.over_all(f"{name}: the L0 all-reduce", act.sum().double().reshape(1)) / rows
         row = {k: float(v) for k, v in zip(keys, vec)}
         row["loss"] = float(vec[len(keys)])
-        var, sse, l0 = (float(v) for v in vec[len(keys) + 1:])
-        return row, (sse / var if var > 0 else float("nan")), l0
+        var, sse = (float(v) for v in vec[len(keys) + 1:])
+        return row, (sse / var if var > 0 else float("nan")), float(l0)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, source, *, resume: bool = False) -> dict[str, SparseDictionary]:
@@ -388,7 +366,7 @@ class Trainer:
             write_json_atomic(self._run_record(), self.out / "run.json")
         wandb_run = self._wandb() if self.is_main else None
         t0 = time.perf_counter()
-        it = _batches(source, cfg, start, self.dist)
+        it = _batches(source, cfg, start, self.layout)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.n_steps, initial=start, unit="step", desc="training",
@@ -418,8 +396,7 @@ class Trainer:
                         r = rows[0]
                         bar.set_postfix(fvu=f"{r['fvu']:.3f}", l0=f"{r['l0']:.1f}", dead=f"{r['dead_fraction']:.2f}")
                     bar.update(1)
-                    if (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < cfg.n_steps
-                            and self.is_main):
+                    if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < cfg.n_steps:
                         self._save_checkpoint(members, step)
                     if self.on_step is not None:
                         self.on_step(step)
@@ -428,11 +405,13 @@ class Trainer:
             if wandb_run is not None:
                 wandb_run.finish()
         elapsed = time.perf_counter() - t0
-        if start < step and self.is_main:
+        if start < step:
             self._save_checkpoint(members, step)  # the final state, before folding (a later resume is a no-op)
         results = {}
         for m in members:
             d = m.dictionary
+            if self.layout is not None and self.layout.tp_size > 1:  # the whole dictionary, from every shard
+                d = gather_dictionary(d, m.spec.dictionary, self.layout)
             d.eval()
             d.fold_scaling(m.scale_in, m.scale_out)
             if d.cfg.architecture == "batchtopk":
@@ -455,12 +434,12 @@ class Trainer:
 
     def _agree(self, start: int) -> None:
         """Every rank starts from the same step (they read the same checkpoint), or all stop with the numbers."""
-        if self.dist is None:
+        if self.layout is None:
             return
         from mechscope.scale.dist import guarded
 
-        got = torch.empty(self.dist.world_size, dtype=torch.int64)
-        guarded(self.dist, "the training start-up all-gather", torch.distributed.all_gather_single, got,
+        got = torch.empty(self.layout.info.world_size, dtype=torch.int64)
+        guarded(self.layout.info, "the training start-up all-gather", torch.distributed.all_gather_single, got,
                 torch.tensor([start], dtype=torch.int64))
         if len(set(got.tolist())) > 1:
             raise InputError(f"the ranks would resume from different steps {got.tolist()} (rank r's is entry r): "
