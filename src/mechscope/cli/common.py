@@ -214,11 +214,54 @@ def load_probe(folder: Path, model=None):
     return Probe.load(folder, model=model)
 
 
-def load_model(model: str, dtype: str):
-    """``mechscope.load(model, dtype=dtype)``."""
+#: Options that split a model across devices (accelerate), for commands that load one model.
+DeviceMapOpt = typer.Option(None, "--device-map",
+                            help="split the model across devices: auto (or balanced, sequential) or one device; "
+                                 "hooks fire where each block runs")
+MaxMemoryOpt = typer.Option(None, "--max-memory",
+                            help="with --device-map: most each device may hold, e.g. 0=20GiB,cpu=60GiB; the rest "
+                                 "goes to disk")
+OffloadFolderOpt = typer.Option(None, "--offload-folder",
+                                help="with --device-map: folder for offloaded weights (needed for .bin/GGUF "
+                                     "checkpoints; safetensors are read in place)")
+
+
+def parse_max_memory(text: str | None, option: str = "--max-memory") -> dict | None:
+    """``0=20GiB,cpu=60GiB`` as ``{0: "20GiB", "cpu": "60GiB"}`` (None for None); devices and sizes are checked
+    by :func:`mechscope.load`.
+
+    Raises:
+        InputError: a part that is not ``device=size``, or a device named twice.
+    """
+    if text is None:
+        return None
+    budget: dict = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        dev, eq, size = part.partition("=")
+        dev, size = dev.strip(), size.strip()
+        if not eq or not dev or not size:
+            raise InputError(f"{option} takes device=size pairs like 0=20GiB,cpu=60GiB; {part!r} is not one.")
+        key = int(dev) if dev.isdigit() else dev
+        if key in budget:
+            raise InputError(f"{option} names {dev} twice; give each device one size.")
+        budget[key] = int(size) if size.isdigit() else size
+    if not budget:
+        raise InputError(f"{option} is empty; pass device=size pairs like 0=20GiB,cpu=60GiB.")
+    return budget
+
+
+def load_model(model: str, dtype: str, device_map: str | None = None, max_memory: str | None = None,
+               offload_folder: Path | None = None):
+    """``mechscope.load(model, dtype=dtype)``, split across devices when ``device_map`` (--device-map) is given;
+    ``max_memory`` is the --max-memory text."""
     import mechscope
 
-    return mechscope.load(model, dtype=dtype)
+    if device_map is None and max_memory is None and offload_folder is None:
+        return mechscope.load(model, dtype=dtype)
+    return mechscope.load(model, dtype=dtype, device_map=device_map, max_memory=parse_max_memory(max_memory),
+                          offload_folder=offload_folder)
 
 
 def open_database(path: Path):

@@ -11,8 +11,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli.common import (check_model_dtype, check_out_dir, clean_errors, err, load_dictionaries, note,
-                                  open_database, out, print_table, set_threads)
+from mechscope.cli.common import (DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, check_model_dtype, check_out_dir,
+                                  clean_errors, err, load_dictionaries, load_model, note, open_database, out,
+                                  print_table, set_threads)
 
 app = typer.Typer(
     add_completion=False,
@@ -45,12 +46,19 @@ def version() -> None:
 
 @app.command()
 @clean_errors
-def hooks(model: str = ModelOpt, dtype: str = DtypeOpt) -> None:
-    """Print every hook point of a model: name, axes and shape."""
-    import mechscope
-
+def hooks(model: str = ModelOpt, dtype: str = DtypeOpt, device_map: str | None = DeviceMapOpt,
+          max_memory: str | None = MaxMemoryOpt, offload_folder: Path | None = OffloadFolderOpt) -> None:
+    """Print every hook point of a model: name, axes and shape (and, with --device-map, what runs where)."""
     check_model_dtype(dtype)
-    m = mechscope.load(model, dtype=dtype)
+    m = load_model(model, dtype, device_map, max_memory, offload_folder)
+    if device_map is not None:
+        where = Table(title=f"{m.cfg.name}: placement (module -> device; disk -> cpu: stored on disk, run on cpu)",
+                      title_justify="left")
+        for col in ("module", "device"):
+            where.add_column(col, no_wrap=True)
+        for name, dev in m.placement().items():
+            where.add_row(Text(name or "(whole model)"), Text(dev))
+        print_table(where)
     table = Table(title=f"{m.cfg.name}: {len(m.hook_names())} hook points", title_justify="left")
     for col in ("name", "axes", "shape"):
         table.add_column(col, no_wrap=True)
@@ -68,9 +76,11 @@ def lens(
     position: int = typer.Option(-1, "--position", help="position to read (default: last)"),
     model: str = ModelOpt,
     dtype: str = DtypeOpt,
+    device_map: str | None = DeviceMapOpt,
+    max_memory: str | None = MaxMemoryOpt,
+    offload_folder: Path | None = OffloadFolderOpt,
 ) -> None:
     """Print a logit lens of TEXT: the top tokens that each layer's residual stream predicts."""
-    import mechscope
     from mechscope.analysis import logit_lens
     from mechscope.core.errors import InputError
 
@@ -82,7 +92,7 @@ def lens(
     if target == "":
         raise InputError("--target is empty; pass the token to track, e.g. --target ' Paris' (mind the space).")
     check_model_dtype(dtype)
-    m = mechscope.load(model, dtype=dtype)
+    m = load_model(model, dtype, device_map, max_memory, offload_folder)
     r = logit_lens(m, text, position=position, target=target, k=k)
     table = Table(title=f"logit lens of {text!r} at position {position} ({m.cfg.name})", title_justify="left")
     table.add_column("layer", no_wrap=True)

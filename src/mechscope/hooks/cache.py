@@ -63,7 +63,8 @@ class ActivationCache(Mapping[str, Tensor]):
 
         Raises:
             HookNameError: if nothing cached matches.
-            InputError: if the matches have different shapes.
+            InputError: if the matches have different shapes, or lie on different devices (a model split with
+                ``device_map`` keeps each value on its module's device unless ``run(cache_device=...)`` says where).
         """
         names = [n for n in self._values if fnmatch.fnmatch(n, pattern)]
         if not names:
@@ -71,4 +72,9 @@ class ActivationCache(Mapping[str, Tensor]):
         shapes = {tuple(self._values[n].shape) for n in names}
         if len(shapes) > 1:
             raise InputError(f"cannot stack {pattern!r}: shapes differ {sorted(shapes)}.")
+        devices = list(dict.fromkeys(str(self._values[n].device) for n in names))
+        if len(devices) > 1:
+            raise InputError(f"cannot stack {pattern!r}: the values lie on {', '.join(devices)} (a model split over "
+                             "devices caches each value where its layer runs). Gather them with "
+                             "run(..., cache_device='cpu') (or one GPU), or move them first.")
         return torch.stack([self._values[n] for n in names])

@@ -20,6 +20,7 @@ from mechscope.core.names import SITES, expand, parse, resolve
 from mechscope.hooks.cache import ActivationCache
 from mechscope.hooks.runtime import SiteSpec, StopForward, install_attention_wrapper, session
 from mechscope.models.adapters import Adapter, adapter_for
+from mechscope.models.placement import check_device, input_device, materialized, placement
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ class RunResult(NamedTuple):
 
 
 def _weight_in_out(module: nn.Module, conv1d: bool) -> Tensor:
-    """Weight as [d_in, d_out] (right-multiplication), from nn.Linear's [out, in] or Conv1D's [in, out]."""
-    return module.weight if conv1d else module.weight.T
+    """Weight as [d_in, d_out] (right-multiplication), from nn.Linear's [out, in] or Conv1D's [in, out]; an
+    offloaded weight (device_map) is read in onto its module's execution device."""
+    w = materialized(module, "weight")
+    return w if conv1d else w.T
 
 
 class HookedModel:
@@ -93,7 +96,7 @@ class HookedModel:
             n_heads=n_heads,
             n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
             d_head=d_head,
-            d_mlp=_weight_in_out(mlp_in, self.adapter.conv1d).shape[1],
+            d_mlp=mlp_in.weight.shape[1 if self.adapter.conv1d else 0],
             d_vocab=self.module(self.adapter.unembed).weight.shape[0],
             n_ctx=getattr(c, "max_position_embeddings", None) or 10**9,
             attn_implementation=impl,
@@ -112,7 +115,13 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where token ids go and logits come back (for a split model, accelerate's main device)."""
+        return input_device(self.hf)
+
+    def placement(self) -> dict[str, str]:
+        """What runs where: module name -> device, ``"disk -> cpu"`` for a module stored on disk and run on cpu
+        (read in at each forward), ``{"": device}`` for a model that was not split (see ``load(device_map=)``)."""
+        return placement(self.hf)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,16 +129,16 @@ class HookedModel:
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """Unembedding matrix [d_model, d_vocab] (a transposed view of lm_head.weight)."""
-        return self.module(self.adapter.unembed).weight.T
+        """Unembedding matrix [d_model, d_vocab] (a transposed view of lm_head.weight; read in when offloaded)."""
+        return materialized(self.module(self.adapter.unembed), "weight").T
 
     @property
     def b_U(self) -> Tensor | None:
-        return getattr(self.module(self.adapter.unembed), "bias", None)
+        return materialized(self.module(self.adapter.unembed), "bias")
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.module(self.adapter.embed).weight
+        return materialized(self.module(self.adapter.embed), "weight")
 
     def W_O(self, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
         """Per-head output projection of a layer, [n_heads, d_head, d_model]."""
@@ -138,7 +147,7 @@ class HookedModel:
 
     def b_O(self, layer: int) -> Tensor | None:
         """Output-projection bias [d_model], or None."""
-        return getattr(self.layer_module(layer, self.adapter.o_proj), "bias", None)
+        return materialized(self.layer_module(layer, self.adapter.o_proj), "bias")
 
     # -- names -----------------------------------------------------------------------------
     def hook_names(self) -> dict[str, str]:
@@ -274,6 +283,8 @@ class HookedModel:
             functions: raw hook functions ``name -> fn(value) -> Tensor | None`` (None keeps the value).
             saes: dictionaries to splice in (see :meth:`run`).
         """
+        if cache_device is not None:
+            check_device(cache_device, "cache_device")
         c = ActivationCache(positions=cache_positions)
         specs = self._specs(cache, interventions, grad=False, hooks=functions, saes=saes)
         with session(self, specs, c, cache_positions=cache_positions, cache_dtype=cache_dtype,
@@ -310,7 +321,11 @@ class HookedModel:
                 ``hook_sae_input|acts_pre|recons|error|output``) can be cached, patched and ablated in
                 the same call.
             cache_positions: keep only these positions of cached values (pos axis; query pos for patterns).
-            cache_dtype / cache_device: where and how cached values are stored.
+            cache_dtype / cache_device: how and where cached values (and their gradients) are stored. The
+                default keeps each value where it was produced: on the model's device, or, for a model split
+                with ``device_map``, on the execution device of the module it came from (so a cache of a model
+                split over two GPUs spans both; ``cache_device="cpu"`` gathers it in host memory, which is also
+                what frees the GPUs for the next batch).
             stop_at_layer: run blocks 0..L-1 only (no logits); cache what those blocks produce.
             backward: ``metric(logits) -> scalar``; the metric is back-propagated and the gradient of
                 every cached site is stored in ``cache.grads`` (value in ``cache.metric``).
@@ -327,6 +342,8 @@ class HookedModel:
             HookDidNotFireError: a requested site did not run.
         """
         tokens = self._tokens(inputs, prepend_bos)
+        if cache_device is not None:
+            check_device(cache_device, "cache_device")
         if stop_at_layer is not None and not 0 <= stop_at_layer <= self.cfg.n_layers:
             raise InputError(f"stop_at_layer must be in 0..{self.cfg.n_layers}, got {stop_at_layer}.")
         if stop_at_layer is not None and backward is not None:

@@ -19,6 +19,7 @@ import torch
 
 from mechscope.core.errors import ModelLoadError
 from mechscope.models.hooked import HookedModel
+from mechscope.models.placement import check_device_map_modules, check_placement, load_kwargs, placement_error
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,15 +90,17 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_folder(path: Path, dtype, device, gguf_file: str | None = None):
+def _from_folder(path: Path, dtype, device, gguf_file: str | None = None, placed: dict | None = None):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         if gguf_file is None:
             AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, gguf_file=gguf_file, **(placed or {}))
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # SafetensorError: truncated file
+        if placed and (pe := placement_error(e, str(path / gguf_file if gguf_file else path))) is not None:
+            raise pe from e
         raise ModelLoadError(
             f"could not load a model from {path / gguf_file if gguf_file else path}: {e}. "
             "Check that the folder holds config.json and complete *.safetensors files (re-download them if a "
@@ -107,7 +110,12 @@ def _from_folder(path: Path, dtype, device, gguf_file: str | None = None):
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     except Exception:
         tok = None
-    return model.to(device), tok
+    return _placed(model, device, placed), tok
+
+
+def _placed(model, device, placed):
+    """The model on ``device``; left where accelerate put it when it was loaded with a device_map."""
+    return model if placed else model.to(device)
 
 
 #: Built-in model aliases -> what each is (the default first).
@@ -137,7 +145,7 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _from_hub(name: str, dtype, device):
+def _from_hub(name: str, dtype, device, placed: dict | None = None):
     """A hub id from the local HuggingFace cache, else from the hub: one quick probe first, so that a name the
     hub does not have, or a hub that cannot be reached, fails in seconds instead of after transformers' retries."""
     from huggingface_hub import constants
@@ -150,11 +158,12 @@ def _from_hub(name: str, dtype, device):
         raise _unknown_model(name, f"{not_here}; so close to a built-in alias that it is taken for a typo, and the "
                                    "hub was not tried")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True, **(placed or {}))
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        return model.to(device), tok
-    except Exception:  # not cached (OSError) or a partial cache: transformers raises many types
-        pass
+        return _placed(model, device, placed), tok
+    except Exception as e:  # not cached (OSError) or a partial cache: transformers raises many types
+        if placed and (pe := placement_error(e, name)) is not None:
+            raise pe from e
     tried = f"{not_here}, and not in the local HuggingFace cache ({constants.HF_HUB_CACHE})"
     if hub_offline():
         raise _unknown_model(name, f"{tried}; the hub was not contacted because HF_HUB_OFFLINE is set")
@@ -173,13 +182,15 @@ def _from_hub(name: str, dtype, device):
         raise _unknown_model(name, f"{tried}, and the hub ({constants.ENDPOINT}) could not be reached "
                                    f"({type(e).__name__}: {_first_line(e)}; set HF_HUB_OFFLINE=1 to skip it)") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **(placed or {}))
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+        if placed and (pe := placement_error(e, name)) is not None:
+            raise pe from e
         raise ModelLoadError(f"{name!r} is on the hub but could not be downloaded or read ({type(e).__name__}: "
                              f"{_first_line(e)}). Check the network and disk space and try again, or download it "
                              f"with `hf download {name}` and pass the folder.") from e
-    return model.to(device), tok
+    return _placed(model, device, placed), tok
 
 
 def _first_line(e: BaseException) -> str:
@@ -193,7 +204,9 @@ def _looks_like_path(name: str) -> bool:
             or (os.sep != "/" and os.sep in name))
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", device: str = "cpu") -> HookedModel:
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", device: str | None = None,
+         device_map: str | dict | None = None, max_memory: dict | None = None,
+         offload_folder: str | os.PathLike | None = None) -> HookedModel:
     """Load a causal LM and wrap it as a :class:`HookedModel`.
 
     Args:
@@ -201,7 +214,15 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float
             (config.json + safetensors), a ``.gguf`` file, or a HuggingFace hub id (from the local
             cache, or the network where there is one).
         dtype: "float32" (default), "bfloat16" or "float16" (do not use float16 on CPU: it is slow).
-        device: torch device string.
+        device: torch device string for the whole model (default "cpu"); not with ``device_map``.
+        device_map: split the model across devices with accelerate (a model larger than one device):
+            ``"auto"`` (or "balanced", "balanced_low_0", "sequential"), one device for everything, or a dict
+            module name -> device (``"disk"`` to offload). Hooks then fire on the device each module runs on;
+            :meth:`HookedModel.placement` says which. Un-hooked logits equal the unsplit model's exactly.
+        max_memory: with ``device_map``, the most each device may hold, e.g. ``{0: "20GiB", "cpu": "60GiB"}``
+            (bytes or size strings; GPU indices as ints or digit strings); what does not fit goes to disk.
+        offload_folder: with ``device_map``, where offloaded weights are written when they cannot be read from
+            the checkpoint in place (a ``.bin`` or GGUF checkpoint; safetensors are read where they are).
 
     Returns:
         HookedModel whose un-hooked logits equal the transformers forward exactly. Parameters are set
@@ -212,31 +233,39 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float
             built-in aliases). A name the local cache lacks fails at once when HF_HUB_OFFLINE is set, and after
             one probe of at most ``HUB_PROBE_TIMEOUT_S`` when the hub cannot be reached.
         UnsupportedArchitectureError: a family without an adapter (lists the supported ones).
+        InputError: ``device`` with ``device_map``, ``max_memory``/``offload_folder`` without it, a device this
+            machine lacks, a dict ``device_map`` naming modules the model lacks (each says the fix).
+        ModelLoadError: offload that needs ``offload_folder`` (a non-safetensors checkpoint), or a placement
+            accelerate refuses.
     """
     dt = _dtype(dtype)
+    check_placement(device, device_map, max_memory, offload_folder)
+    placed = load_kwargs(device_map, max_memory, offload_folder)
+    device = device or "cpu"
     path = Path(os.path.expanduser(str(name_or_path)))
     if str(name_or_path) == DEFAULT_MODEL:
         folder = cache_dir() / "models" / DEFAULT_MODEL
         if not (folder / "mechscope.json").is_file():
             _convert_gguf(smollm2_gguf(), folder)
-        model, tok = _from_folder(folder, dt, device)
+        model, tok = _from_folder(folder, dt, device, placed=placed)
         name = "SmolLM2-135M-Instruct"
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass its folder (config.json + *.safetensors) instead.")
-        model, tok = _from_folder(path.parent, dt, device, gguf_file=path.name)
+        model, tok = _from_folder(path.parent, dt, device, gguf_file=path.name, placed=placed)
         name = path.stem
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json; point at a transformers model folder (save_pretrained output).")
-        model, tok = _from_folder(path, dt, device)
+        model, tok = _from_folder(path, dt, device, placed=placed)
         name = path.name
     elif _looks_like_path(str(name_or_path)):
         raise _unknown_model(str(name_or_path), f"not a built-in alias, and there is no such file or folder "
                                                 f"({path.resolve()})")
     else:
-        model, tok = _from_hub(str(name_or_path), dt, device)
+        model, tok = _from_hub(str(name_or_path), dt, device, placed)
         name = str(name_or_path)
+    check_device_map_modules(model, device_map)
     for p in model.parameters():
         p.requires_grad_(False)
     return HookedModel(model, tok, name=name)
