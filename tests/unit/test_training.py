@@ -245,3 +245,18 @@ def test_wandb_logging_when_a_project_is_set(tmp_path, monkeypatch):
     assert [s for s, _ in calls["log"]] == [2, 4] and "s/fvu" in calls["log"][0][1]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert calls["log"][1][1]["s/fvu"] == lines[1]["fvu"]
+
+
+def test_training_device_is_checked_and_cuda_matches_cpu(tmp_path):
+    """``device=`` trains where asked and writes CPU files; without CUDA, asking for it is refused up front."""
+    feats = ground_truth()
+    cfg = TrainConfig(n_tokens=512 * 20, batch_tokens=512, log_every_steps=10)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available here; use device='cpu'"):
+            Trainer([spec()], cfg, tmp_path / "gpu", device="cuda")
+        out = Trainer([spec()], cfg, tmp_path / "cpu", progress=False, device="cpu").fit(synthetic_source(feats))
+        assert out["s"].W_dec.device.type == "cpu"
+        return
+    a = Trainer([spec()], cfg, tmp_path / "cpu", progress=False, device="cpu").fit(synthetic_source(feats))["s"]
+    b = Trainer([spec()], cfg, tmp_path / "gpu", progress=False, device="cuda").fit(synthetic_source(feats))["s"]
+    assert b.W_dec.device.type == "cpu" and (a.W_dec - b.W_dec).abs().max() < 1e-4

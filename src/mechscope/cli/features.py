@@ -44,6 +44,8 @@ def build_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted build from <out>.partial/"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)"),
+    device: str = typer.Option("cpu", "--device", help="where the model and dictionary run: cpu or cuda (torchrun: "
+                                                       "cuda:LOCAL_RANK per rank)"),
 ) -> None:
     """Compute top and quantile examples, density, histograms, logit effects and co-activation of every
     latent of a dictionary (or every neuron of --neurons) in one pass, and write a DuckDB feature database.
@@ -82,12 +84,15 @@ def build_cmd(
         encode_dtype = "bfloat16" if dtype in ("bfloat16", "bf16") else "float32"
     from mechscope.scale.dist import init_distributed, self_test, shutdown
 
-    info = init_distributed(device="cpu")  # under torchrun: each rank folds the batches of its global indices
+    # under torchrun each rank folds the batches of its global indices; the statistics live on the CPU, so the
+    # ranks merge them over gloo whatever device the model runs on
+    info = init_distributed("gloo", device=device)
     self_test(info, ["barrier", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
     threads = rank_threads(threads, info)
     set_threads(threads, announce=info.is_main)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=str(info.device))
     if d is not None:
+        d = d.to(info.device)
         source = FeatureSource(m, dictionary=d, dictionary_path=str(Path(dictionary).resolve()),
                                encode_dtype=encode_dtype)
     else:

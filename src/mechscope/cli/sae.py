@@ -76,6 +76,8 @@ def train_cmd(
     stream: bool = typer.Option(False, "--stream", help="stream activations through a shuffle buffer instead of harvesting them to disk"),
     memory_budget_gib: float | None = typer.Option(None, "--memory-budget-gib", help="refuse a plan that needs more memory than this (GiB)"),
     tp: int = typer.Option(1, "--tp", min=1, help="under torchrun: latent shards per dictionary (world = dp x tp)"),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available); torchrun: "
+                                                             "cuda:LOCAL_RANK per rank"),
 ) -> None:
     """Harvest activations from real text and train dictionaries (every --hook x --width x --k from one pass).
 
@@ -128,10 +130,10 @@ def train_cmd(
              "train on exactly that many.")
     from mechscope.scale.dist import init_distributed, self_test, shutdown
 
-    info = init_distributed(device="cpu")
+    info = init_distributed(device=device)
     self_test(info, ["barrier", "broadcast", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
     set_threads(rank_threads(threads, info), announce=info.is_main)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=str(info.device))
     specs = []
     for h, w, kk in itertools.product(hook, width, ks):
         h_out = hook_out or h

@@ -42,7 +42,7 @@ def member_tensors(m) -> dict[str, Tensor]:
         for k, v in st.items():
             tensors[f"adam.{idx}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
     tensors["tokens_since_fired"] = m.tokens_since_fired
-    return tensors
+    return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
 def _axis(key: str, param_names: list[str]) -> int | None:
@@ -165,7 +165,7 @@ def load_checkpoint(folder: Path, members, run_record: dict, layout) -> dict:
                 new_state.setdefault(int(idx), {})[k] = mine(key)
         opt_state["state"] = new_state
         m.optimizer.load_state_dict(opt_state)
-        m.tokens_since_fired = mine("tokens_since_fired").clone()
+        m.tokens_since_fired = mine("tokens_since_fired").to(m.dictionary.W_enc.device, copy=True)
         ms = state["members"][m.spec.name]
         m.scale_in, m.scale_out, m.threshold_ema = ms["scale_in"], ms["scale_out"], ms["threshold_ema"]
     return state

@@ -92,7 +92,8 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
                     corpus: CorpusConfig = CorpusConfig(), activation_dtype: str = "bfloat16",
                     forward_batch_contexts: int = 8, resume: bool = False, progress: bool = True,
                     harvest_dir: str | Path | None = None, stream: bool = False,
-                    buffer_tokens: int = 2**18, dist=None, tp: int = 1) -> dict[str, SparseDictionary]:
+                    buffer_tokens: int = 2**18, dist=None, tp: int = 1,
+                    device: str | None = None) -> dict[str, SparseDictionary]:
     """Harvest the hooks the dictionaries need over the train split, then train them all in one pass.
 
     If the train split has fewer tokens than ``cfg.n_tokens``, training runs several epochs over it
@@ -108,6 +109,7 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
             every batch; :class:`~mechscope.training.Trainer`), rank 0 writes. Streaming is refused (every rank
             would run the model on every token): harvest.
         tp: latent shards per dictionary (the world size must be a multiple; see the Trainer).
+        device: where the dictionaries train (default: the model's device).
 
     Raises:
         InputError: bad hooks, a corpus that cannot be loaded (says which and why), bad configs.
@@ -156,7 +158,8 @@ def train_on_corpus(model, specs: Sequence[DictionarySpec], cfg: TrainConfig, ou
     specs = [s if s.dictionary.model_name else
              DictionarySpec(**{**{f: getattr(s, f) for f in s.__dataclass_fields__},
                                "dictionary": s.dictionary.replace(model_name=model.cfg.name)}) for s in specs]
-    return Trainer(specs, cfg, out, progress=progress, dist=dist if parallel else None, tp=tp).fit(store, resume=resume)
+    return Trainer(specs, cfg, out, progress=progress, dist=dist if parallel else None, tp=tp,
+                   device=device or model.device).fit(store, resume=resume)
 
 
 def evaluate_on_corpus(model, dictionary: SparseDictionary, *, corpus: CorpusConfig = CorpusConfig(),

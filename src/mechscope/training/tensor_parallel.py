@@ -239,8 +239,8 @@ def _aux_sharded(d: SparseDictionary, pre: Tensor, residual: Tensor, dead: Tenso
 def clip_grad_norm_sharded(d: SparseDictionary, max_norm: float, layout: Layout) -> float:
     """``clip_grad_norm_`` over the whole dictionary: the shards' squared norms summed over the tp group, the
     replicated parameters' counted once. Returns the total norm before clipping."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64, device=d.W_enc.device)
+    replicated = torch.zeros((), dtype=torch.float64, device=d.W_enc.device)
     for name, p in d.named_parameters():
         if p.grad is not None:
             sq = p.grad.double().pow(2).sum()

@@ -114,6 +114,9 @@ class Trainer:
             module docstring.
         tp: latent shards per dictionary (tensor parallel, :mod:`~mechscope.training.tensor_parallel`); the
             world size is ``dp × tp`` replicas × shards. Every ``d_sae`` must be divisible by ``tp``.
+        device: where the dictionaries train ("cpu", "cuda", "cuda:N"); default: the job's device (torchrun:
+            ``cuda:LOCAL_RANK`` with nccl), else cpu. Batches are moved there; saved files are always read
+            and written on the CPU.
 
     Raises:
         InputError: duplicate names, a ``tp`` that does not divide the world size or a ``d_sae``, a spec whose
@@ -123,7 +126,8 @@ class Trainer:
     """
 
     def __init__(self, specs: Sequence[DictionarySpec], cfg: TrainConfig, out_dir: str | Path, *,
-                 on_step: Callable[[int], None] | None = None, progress: bool = True, dist=None, tp: int = 1):
+                 on_step: Callable[[int], None] | None = None, progress: bool = True, dist=None, tp: int = 1,
+                 device: str | torch.device | None = None):
         specs = list(specs)
         if not specs:
             raise InputError("no dictionaries to train; pass at least one DictionarySpec.")
@@ -134,6 +138,10 @@ class Trainer:
         self.on_step, self.progress = on_step, progress
         self.layout = make_layout(dist if is_parallel(dist) else None, tp)
         self.is_main = self.layout is None or self.layout.is_main
+        self.device = torch.device(device) if device is not None else (
+            self.layout.info.device if self.layout is not None else torch.device("cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {str(self.device)!r} asked but CUDA is not available here; use device='cpu'.")
         if tp > 1:
             from mechscope.training.tensor_parallel import shard_bounds
 
@@ -154,13 +162,13 @@ class Trainer:
         return {"train": self.cfg.to_dict(), "dictionaries": [s.to_dict() for s in self.specs]}
 
     def _new_member(self, spec: DictionarySpec) -> _Member:
-        d = SparseDictionary(spec.dictionary).initialize(
+        d = SparseDictionary(spec.dictionary, device=self.device).initialize(
             self.cfg.seed, decoder_norm=spec.decoder_init_norm, jumprelu_init_threshold=spec.jumprelu_init_threshold)
         d.train()
         if self.layout is not None and self.layout.tp_size > 1:  # the unsharded initialisation, sliced
             d = shard_dictionary(d, self.layout)
         opt = torch.optim.Adam(d.parameters(), lr=spec.learning_rate, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
-        return _Member(spec, d, opt, torch.zeros(d.cfg.d_sae, dtype=torch.long))
+        return _Member(spec, d, opt, torch.zeros(d.cfg.d_sae, dtype=torch.long, device=self.device))
 
     def _estimate_scales(self, source, members: list[_Member]) -> None:
         """Normalisation scales (mean norm -> sqrt(d)) and b_dec's initial value from the first batches."""
@@ -178,14 +186,14 @@ class Trainer:
             for hook, x in b.items():
                 if hook.startswith("__"):
                     continue
-                x = x.float()  # sums in float64: the same to the last bit whatever the split over ranks
+                x = x.to(self.device).float()  # sums in float64: the same to the last bit whatever the split
                 sums[hook] = sums.get(hook, 0) + x.double().sum(0)
                 norms[hook] = norms.get(hook, 0.0) + float(x.norm(dim=-1).double().sum())
             n += next(iter(v for k, v in b.items() if not k.startswith("__"))).shape[0]
         if self.layout is not None:  # each replica saw its rows: the sums over the batches' whole rows, in float64
             hooks = sorted(norms)
-            flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64)]
-                             + [torch.tensor([norms[h]], dtype=torch.float64) for h in hooks]
+            flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=self.device)]
+                             + [torch.tensor([norms[h]], dtype=torch.float64, device=self.device) for h in hooks]
                              + [sums[h].double() for h in hooks])
             self.layout.over_dp("the normalisation estimate's all-reduce", flat)
             n, off = int(flat[0]), 1 + len(hooks)
@@ -231,8 +239,8 @@ class Trainer:
     def _step(self, m: _Member, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         spec, d, cfg = m.spec, m.dictionary, self.cfg
         c = spec.dictionary
-        x = batch[c.hook_in].float() * m.scale_in
-        y = x if c.is_sae else batch[c.hook_out].float() * m.scale_out
+        x = batch[c.hook_in].to(self.device, non_blocking=True).float() * m.scale_in
+        y = x if c.is_sae else batch[c.hook_out].to(self.device, non_blocking=True).float() * m.scale_out
         dead = m.tokens_since_fired >= cfg.dead_tokens
         l1 = spec.l1_coefficient
         if c.architecture == "relu":
@@ -241,7 +249,8 @@ class Trainer:
         lr = spec.learning_rate * cfg.lr_factor(step)
         for g in m.optimizer.param_groups:
             g["lr"] = lr
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else contextlib.nullcontext()
+        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+               else contextlib.nullcontext())
         par = self.layout
         rows = cfg.batch_tokens if par is not None else x.shape[0]  # the global batch's rows
         sharded = par is not None and par.tp_size > 1
@@ -291,7 +300,8 @@ class Trainer:
                 mn = float(pos.min()) if pos.numel() else math.inf
                 if par is not None:
                     mn = float(par.over_all(f"{spec.name}: the threshold all-reduce",
-                                            torch.tensor([mn], dtype=torch.float64), torch.distributed.ReduceOp.MIN)[0])
+                                            torch.tensor([mn], dtype=torch.float64, device=self.device),
+                                            torch.distributed.ReduceOp.MIN)[0])
                 if math.isfinite(mn):
                     m.threshold_ema = mn if m.threshold_ema is None else 0.99 * m.threshold_ema + 0.01 * mn
                     d.threshold.fill_(m.threshold_ema)
@@ -412,6 +422,7 @@ class Trainer:
             d = m.dictionary
             if self.layout is not None and self.layout.tp_size > 1:  # the whole dictionary, from every shard
                 d = gather_dictionary(d, m.spec.dictionary, self.layout)
+            d = d.cpu()  # results and files on the CPU, whatever the training device
             d.eval()
             d.fold_scaling(m.scale_in, m.scale_out)
             if d.cfg.architecture == "batchtopk":
@@ -438,9 +449,9 @@ class Trainer:
             return
         from mechscope.scale.dist import guarded
 
-        got = torch.empty(self.layout.info.world_size, dtype=torch.int64)
+        got = torch.empty(self.layout.info.world_size, dtype=torch.int64, device=self.device)
         guarded(self.layout.info, "the training start-up all-gather", torch.distributed.all_gather_single, got,
-                torch.tensor([start], dtype=torch.int64))
+                torch.tensor([start], dtype=torch.int64, device=self.device))
         if len(set(got.tolist())) > 1:
             raise InputError(f"the ranks would resume from different steps {got.tolist()} (rank r's is entry r): "
                              f"they do not see the same {self.ckpt_dir}. Put out_dir on storage every node shares.")
