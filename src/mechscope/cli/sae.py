@@ -131,7 +131,7 @@ def train_cmd(
     from mechscope.scale.dist import init_distributed, self_test, shutdown
 
     info = init_distributed(device=device)
-    self_test(info, ["barrier", "broadcast", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
+    self_test(info, ["barrier", "broadcast", "all_reduce_sum", "all_reduce_max", "all_reduce_min", "all_gather_single"])
     set_threads(rank_threads(threads, info), announce=info.is_main)
     m = mechscope.load(model, dtype=dtype, device=str(info.device))
     specs = []

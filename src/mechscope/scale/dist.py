@@ -33,7 +33,7 @@ import torch.distributed as dist
 from mechscope.core.errors import MechscopeError
 
 DEFAULT_TIMEOUT_S = 60.0
-COLLECTIVES = ("barrier", "broadcast", "all_reduce_sum", "all_reduce_max", "all_gather_single",
+COLLECTIVES = ("barrier", "broadcast", "all_reduce_sum", "all_reduce_max", "all_reduce_min", "all_gather_single",
                "reduce_scatter_single", "all_to_all_single")  # no *_object collectives: they pickle
 
 
@@ -181,12 +181,12 @@ def self_test(info: DistInfo, collectives: Sequence[str] = COLLECTIVES) -> list[
             t = torch.full((3,), float(r + 7), device=dev)
             run(name, dist.broadcast, t, 0)
             _check(name, bool((t == 7).all()), t.tolist(), [7.0] * 3)
-        elif name in ("all_reduce_sum", "all_reduce_max"):
+        elif name in ("all_reduce_sum", "all_reduce_max", "all_reduce_min"):
             t = torch.arange(4, dtype=torch.float32, device=dev) + r
-            op = dist.ReduceOp.SUM if name.endswith("sum") else dist.ReduceOp.MAX
+            op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[name[-3:]]
             run(name, dist.all_reduce, t, op)
             base = torch.arange(4, dtype=torch.float32, device=dev)
-            want = base * W + W * (W - 1) / 2 if name.endswith("sum") else base + (W - 1)
+            want = {"sum": base * W + W * (W - 1) / 2, "max": base + (W - 1), "min": base}[name[-3:]]
             _check(name, torch.equal(t, want), t.tolist(), want.tolist())
         elif name == "all_gather_single":
             out = torch.empty(W * 2, device=dev)
