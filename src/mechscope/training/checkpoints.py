@@ -94,6 +94,8 @@ def save_checkpoint(root: Path, members, step: int, state: dict, layout, keep: i
         shutil.rmtree(staging, ignore_errors=True)
     for old in sorted(root.glob("step_*[0-9]"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.shards"):  # staging left by a save that a failure interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     return folder
 
 
