@@ -11,8 +11,9 @@ Placement of each site (all on the model's own forward path, nothing recomputed 
   pattern are requested. The pattern is only materialised when ``hook_attn_scores`` or
   ``hook_pattern`` is asked for; when it is only cached, the output still comes from the original
   kernel, so logits stay bit-identical;
-- derived sites: ``hook_resid_mid`` = resid_pre + attn_out (an edit is written back through the
-  attention branch), ``hook_result`` = z_h @ W_O[h] per head (an edit replaces the projection output
+- derived sites: ``hook_resid_mid`` = resid_pre + attn_out (when only cached, the second norm's input,
+  which is that sum as the model computed it; an edit is written back through the attention branch),
+  ``hook_result`` = z_h @ W_O[h] per head (an edit replaces the projection output
   with the sum over heads plus b_O). When only cached with ``backward=``, their gradient is routed
   through them with the forward values left bit-identical (:func:`_through`).
 
@@ -23,6 +24,7 @@ Every handle is removed when the context exits, also when the forward raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import weakref
 from collections import defaultdict
@@ -36,6 +38,7 @@ from mechscope.core.errors import HookDidNotFireError, InputError
 from mechscope.core.names import axes as site_axes
 from mechscope.core.names import parse
 from mechscope.hooks.cache import ActivationCache
+from mechscope.hooks.derived import head_results, masked_scores
 
 # attention module -> [(session, layer), ...] of the active sessions, outermost first (they nest)
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, list[tuple[_Session, int]]]" = weakref.WeakKeyDictionary()
@@ -106,12 +109,26 @@ def _through(actual: Tensor, derived: Tensor) -> Tensor:
     return actual.detach() + (derived - derived.detach())
 
 
+@functools.lru_cache(maxsize=4096)
+def _pos_dim(name: str) -> int | None:
+    """Index of the ``pos`` axis of the value at a hook name, or None (names are parsed once, not per value)."""
+    names = site_axes(name)
+    return names.index("pos") if "pos" in names else None
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
 def _replace_first(out, new):
     return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+@functools.cache
+def _attn_names(layer: int) -> tuple[tuple[tuple[str, str], ...], str, str]:
+    """The attention-function sites of one layer: ((q|k|v, name), ...), scores name, pattern name."""
+    pre = f"blocks.{layer}.attn."
+    return tuple((nm, f"{pre}hook_{nm}") for nm in ("q", "k", "v")), pre + "hook_attn_scores", pre + "hook_pattern"
 
 
 def _attention(entries, orig, module, query, key, value, attention_mask, **kwargs):
@@ -122,44 +139,33 @@ def _attention(entries, orig, module, query, key, value, attention_mask, **kwarg
     """
     # transformers layout [batch, heads, pos, d_head]; canonical [batch, pos, heads, d_head]
     qkv = {"q": query, "k": key, "v": value}
+    wanted = []
     for session, layer in entries:
-        for nm in ("q", "k", "v"):
-            name = f"blocks.{layer}.attn.hook_{nm}"
-            if name in session.specs:
+        qkv_names, scores_name, pattern_name = _attn_names(layer)
+        specs = session.specs
+        for nm, name in qkv_names:
+            if name in specs:
                 qkv[nm] = session.site(name, qkv[nm].transpose(1, 2)).transpose(1, 2)
+        if scores_name in specs or pattern_name in specs:
+            wanted.append((session, scores_name, pattern_name))
     query, key, value = qkv["q"], qkv["k"], qkv["v"]
-    wanted = [(session, f"blocks.{layer}.attn.") for session, layer in entries
-              if {f"blocks.{layer}.attn.hook_attn_scores", f"blocks.{layer}.attn.hook_pattern"} & session.specs.keys()]
     if not wanted:
         return orig(module, query, key, value, attention_mask, **kwargs)
     groups = query.shape[1] // key.shape[1]
-    k_rep = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    # in-place steps below act on fresh tensors no autograd node saved (same values, fewer allocations)
-    scores = torch.matmul(query, k_rep.transpose(2, 3)).mul_(scaling)
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        scores = scores.masked_fill_(~allowed, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill_(~attention_mask[..., :kv_len], float("-inf"))
-    else:
-        mask = attention_mask[..., :kv_len]
-        scores = (scores + mask).masked_fill_(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    scores, empty_rows = masked_scores(query, key, attention_mask, scaling, kwargs.get("softcap"))
     before = scores
-    for session, pre in wanted:
-        scores = session.site(pre + "hook_attn_scores", scores)
+    for session, scores_name, _ in wanted:
+        scores = session.site(scores_name, scores)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    # fully masked rows (padding) -> 0; in place unless autograd saved the softmax output
-    pattern = torch.nan_to_num(pattern) if pattern.requires_grad else pattern.nan_to_num_()
+    if empty_rows or scores is not before:
+        # fully masked rows (padding) -> 0; in place unless autograd saved the softmax output
+        pattern = torch.nan_to_num(pattern) if pattern.requires_grad else pattern.nan_to_num_()
     before_p = pattern
-    for session, pre in wanted:
-        pattern = session.site(pre + "hook_pattern", pattern)
+    for session, _, pattern_name in wanted:
+        pattern = session.site(pattern_name, pattern)
 
     def mix():  # pattern @ values, [batch, pos, n_heads, d_head] like the attention functions return
         v_rep = value.repeat_interleave(groups, dim=1) if groups > 1 else value
@@ -175,7 +181,7 @@ def _attention(entries, orig, module, query, key, value, attention_mask, **kwarg
     if scores is before and pattern is before_p:
         # only cached: the output comes from the model's own kernel, bit-identical
         out = orig(module, query, key, value, attention_mask, **kwargs)
-        if any(s.wants_grad(pre + "hook_attn_scores") or s.wants_grad(pre + "hook_pattern") for s, pre in wanted):
+        if any(s.wants_grad(sn) or s.wants_grad(pn) for s, sn, pn in wanted):
             out = (_through(out[0], mix()), *out[1:])
         return out
     return mix(), pattern
@@ -236,13 +242,22 @@ class _Session:
         return value
 
     def _stored(self, name: str, t: Tensor) -> Tensor:
-        """What the cache keeps of a value or its gradient: cache_positions along pos, then dtype/device."""
-        names = site_axes(name)
-        if self.cache_positions is not None and "pos" in names:
-            idx = [slice(None)] * t.dim()
-            idx[names.index("pos")] = self.cache_positions
-            t = t[tuple(idx)]
-        return t.detach().to(dtype=self.cache_dtype or t.dtype, device=self.cache_device or t.device)
+        """What the cache keeps of a value or its gradient: cache_positions along pos, then dtype/device.
+
+        Without cache_positions / cache_dtype / cache_device this is ``t.detach()``: a reference to the
+        model's own tensor, not a copy (transformers does not modify these tensors in place afterwards; the
+        parity tests compare every cached site with an independent recomputation after the forward).
+        """
+        if self.cache_positions is not None:
+            dim = _pos_dim(name)
+            if dim is not None:
+                idx = [slice(None)] * t.dim()
+                idx[dim] = self.cache_positions
+                t = t[tuple(idx)]
+        t = t.detach()
+        if self.cache_dtype is None and self.cache_device is None:
+            return t
+        return t.to(dtype=self.cache_dtype or t.dtype, device=self.cache_device or t.device)
 
     # -- installing module hooks -------------------------------------------------------------
     def install(self):
@@ -324,7 +339,12 @@ class _Session:
                 entry = (self, layer)
                 _ACTIVE.setdefault(attn, []).append(entry)
                 self.handles.append(_AttnHandle(attn, entry))
-            need_pre = "blocks.{L}.hook_resid_pre" in want or "blocks.{L}.hook_resid_mid" in want
+            mid = self.specs.get(L + "hook_resid_mid")
+            # a resid_mid that is only cached is the second norm's input (the model's own sum, no extra add);
+            # one that is edited, hooked or differentiated is computed as resid_pre + attn_out and written back
+            # through the attention branch, so the residual and the MLP both see the edit
+            mid_computed = mid is not None and bool(mid.interventions or mid.hooks or mid.grad)
+            need_pre = "blocks.{L}.hook_resid_pre" in want or mid_computed
             if need_pre:
                 def pre_hook(mod, args, kwargs, layer=layer, L=L):
                     if args:
@@ -350,9 +370,7 @@ class _Session:
                 add_pre(m.layer_module(layer, a.o_proj), z_hook)
             if "blocks.{L}.attn.hook_result" in want:
                 def result_hook(mod, args, out, L=L, layer=layer):
-                    z = to_heads(args[0])
-                    W_O = m.W_O(layer)  # [n_heads, d_head, d_model]
-                    res = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype))
+                    res = head_results(args[0], m.W_O(layer), heads, d_head)
                     nres = self.site(L + "attn.hook_result", res)
                     if nres is res and not self.wants_grad(L + "attn.hook_result"):
                         return None
@@ -361,11 +379,11 @@ class _Session:
                     new = new + b.to(new.dtype) if b is not None else new
                     return _through(out, new) if nres is res else new
                 add_fwd(m.layer_module(layer, a.o_proj), result_hook)
-            if "blocks.{L}.hook_attn_out" in want or "blocks.{L}.hook_resid_mid" in want:
-                def branch_hook(mod, args, out, L=L, layer=layer):
+            if "blocks.{L}.hook_attn_out" in want or mid_computed:
+                def branch_hook(mod, args, out, L=L, layer=layer, mid_computed=mid_computed):
                     t = _first(out)
                     nt = self.site(L + "hook_attn_out", t)
-                    if L + "hook_resid_mid" in self.specs:
+                    if mid_computed:
                         mid = self.resid_pre[layer] + nt
                         nmid = self.site(L + "hook_resid_mid", mid)
                         if nmid is not mid:
@@ -374,6 +392,10 @@ class _Session:
                             nt = _through(nt, mid - self.resid_pre[layer])
                     return None if nt is t else _replace_first(out, nt)
                 add_fwd(m.layer_module(layer, a.attn_branch), branch_hook)
+            if mid is not None and not mid_computed:
+                def mid_hook(mod, args, kwargs, L=L):
+                    self.site(L + "hook_resid_mid", args[0] if args else next(iter(kwargs.values())))
+                add_pre(m.layer_module(layer, a.ln2), mid_hook)
             if "blocks.{L}.ln2.hook_normalized" in want:
                 add_fwd(m.layer_module(layer, a.ln2), out_hook(L + "ln2.hook_normalized"))
             if "blocks.{L}.mlp.hook_pre" in want:
