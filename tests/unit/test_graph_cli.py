@@ -150,3 +150,14 @@ def test_graph_heads_splits_an_edge_over_heads(trained, tiny_model_dir, tmp_path
     assert "is not in this graph" in r.stderr
     r = invoke("graph", "heads", tmp_path / "g", e["source"], code=2)
     assert "usage: mechscope graph heads" in r.stderr
+
+
+def test_a_device_this_machine_lacks_is_one_red_line(tmp_path):
+    """--device is checked before anything loads (a GPU index past the machine's, or no device at all)."""
+    for args in (["graph", "w5", "--transcoders", tmp_path, "--out", tmp_path / "g"], ["graph", "validate", tmp_path],
+                 ["transcoders", "train", "--out", tmp_path / "tc"], ["transcoders", "eval", tmp_path],
+                 ["transcoders", "features", tmp_path]):
+        for device, says in (("cuda:99", "'cuda:99' is not on this machine"), ("gpu", "'gpu' is not a device")):
+            r = invoke(*args, "--device", device, code=2)
+            lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+            assert len(lines) == 1 and f"--device: {says}" in lines[0], (args, r.stderr)

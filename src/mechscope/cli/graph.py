@@ -3,7 +3,8 @@
 ``transcoders train`` trains a transcoder for every layer from one streaming pass and evaluates them;
 ``graph "PROMPT" --transcoders DIR --out DIR`` computes, prunes and scores the prompt's attribution graph and
 writes the graph folder and its Neuronpedia JSON; ``graph validate DIR`` perturbs sampled features and compares.
-Options and paths are checked before the model loads.
+Options and paths are checked before the model loads. ``--device`` (default cpu) says where the model and the
+transcoders run; what is written is the same wherever they ran (to float rounding).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ transcoders_app = typer.Typer(no_args_is_help=True, help="A transcoder for every
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="built-in alias, local folder, .gguf file or hub id")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the idle cores)")
+DeviceOpt = typer.Option("cpu", "--device", help="where the model and the transcoders run: cpu, cuda or cuda:N")
+
+
+def _check_device(device: str) -> None:
+    """Raises InputError for a --device this machine lacks (before anything is loaded)."""
+    from mechscope.models.placement import check_device
+
+    check_device(device, "--device")
 
 
 @transcoders_app.callback()
@@ -61,6 +70,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = ThreadsOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """Train a TopK transcoder (MLP input -> MLP output) for every layer from one streaming pass over real text."""
     import mechscope
@@ -74,8 +84,9 @@ def train_cmd(
         raise InputError(f"--tokens {tokens:,} is less than one step of --batch-tokens {batch_tokens:,}.")
     check_corpora(corpus)
     check_out_dir(out_dir)
+    _check_device(device)
     set_threads(threads)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=device)
     ts = train_transcoders(m, out_dir, d_sae=width, k=k, skip=skip, n_tokens=tokens, batch_tokens=batch_tokens,
                            lr=lr, corpus=CorpusConfig(tuple(corpus), context_len=context_len, seed=seed), seed=seed,
                            buffer_tokens=buffer_tokens,
@@ -93,6 +104,7 @@ def eval_cmd(
     model: str = ModelOpt,
     dtype: str = typer.Option("bfloat16", "--dtype", help="model dtype"),
     threads: int | None = ThreadsOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """Evaluate a transcoder set on held-out text (per layer, and all layers spliced in at once)."""
     import mechscope
@@ -101,9 +113,10 @@ def eval_cmd(
     from mechscope.graphs.train import evaluate_transcoders
 
     check_model_dtype(dtype)
-    ts = load_transcoders(folder)
+    _check_device(device)
+    ts = load_transcoders(folder, device=device)
     set_threads(threads)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=device)
     ts.check_model(m)
     e = evaluate_transcoders(m, ts, n_tokens=tokens)
     write_json_atomic(jsonable(e), folder / "eval.json")
@@ -128,6 +141,8 @@ def features_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted build (finished layers are kept)"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = ThreadsOpt,
+    device: str = typer.Option("cpu", "--device", help="where the model and the transcoders run: cpu or cuda "
+                                                        "(torchrun: cuda:LOCAL_RANK per rank)"),
 ) -> None:
     """A feature database for every transcoder of the set (folder/features/L00.duckdb ...), from one pass over real
     text: what the graph viewer shows for a clicked feature."""
@@ -141,6 +156,7 @@ def features_cmd(
     from mechscope.graphs.features import build_set_features
 
     check_model_dtype(dtype)
+    _check_device(device)
     check_choice(split, ("train", "eval"), "--split")
     check_corpora(corpus)
     ts = load_transcoders(folder)
@@ -152,12 +168,15 @@ def features_cmd(
         chosen = expand_latents(ranges, ts.n_layers, f"the set in {folder}", "--layers")
     from mechscope.scale.dist import init_distributed, self_test, shutdown
 
-    info = init_distributed(device="cpu")  # under torchrun: the batches split over ranks, rank 0 writes
+    # under torchrun the batches split over ranks and rank 0 writes; the statistics live on the CPU, so the ranks
+    # merge them over gloo whatever device the model runs on
+    info = init_distributed("gloo", device=device)
     self_test(info, ["barrier", "all_reduce_sum", "all_reduce_max", "all_gather_single"])
     threads = rank_threads(threads, info)
     set_threads(threads, announce=info.is_main)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=str(info.device))
     ts.check_model(m)
+    ts.to(info.device)
     if m.tokenizer is None:
         raise InputError(f"{model} has no tokenizer; feature statistics need one to read the corpus.")
     packed = corpus_tokens(list(corpus), m.tokenizer, context_len, split, max_tokens=tokens, seed=seed,
@@ -209,6 +228,7 @@ def graph_cmd(
     model: str = ModelOpt,
     dtype: str = typer.Option("float32", "--dtype", help="model dtype (float32 for exact edges)"),
     threads: int | None = ThreadsOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """Attribution graph of PROMPT (mechscope graph "The capital of France is" -t DIR -o DIR), or
     validate a graph folder by interventions (mechscope graph validate DIR), or split an edge over the attention
@@ -217,6 +237,7 @@ def graph_cmd(
     from mechscope.graphs import AttributionGraph, attribute, load_transcoders, prune, save_neuronpedia, validate
 
     check_model_dtype(dtype)
+    _check_device(device)
     for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             raise InputError(f"{name} must lie in [0, 1], got {v}.")
@@ -227,9 +248,9 @@ def graph_cmd(
         tdir = transcoders or (Path(g.transcoders) if g.transcoders else None)
         if tdir is None:
             raise InputError("the graph does not record its transcoders; pass --transcoders DIR.")
-        ts = load_transcoders(tdir)
+        ts = load_transcoders(tdir, device=device)
         set_threads(threads)
-        m = mechscope.load(model, dtype=dtype)
+        m = mechscope.load(model, dtype=dtype, device=device)
         v = validate(m, ts, g, n_features=n_features)
         from mechscope.core.io import jsonable, write_json_atomic
         from mechscope.graphs import steer_supernode, suggest_supernodes
@@ -246,16 +267,16 @@ def graph_cmd(
         out.print(v.summary(), soft_wrap=True)
         return
     if args[0] == "heads":
-        _heads(args, transcoders, model, dtype, threads)
+        _heads(args, transcoders, model, dtype, threads, device)
         return
     if len(args) != 1:
         raise InputError(f'pass the prompt as one argument in quotes: mechscope graph "{" ".join(args)}" ...')
     if transcoders is None or out_dir is None:
         raise InputError("a graph needs --transcoders DIR (train with `mechscope transcoders train`) and --out DIR.")
     check_out_dir(out_dir)
-    ts = load_transcoders(transcoders)
+    ts = load_transcoders(transcoders, device=device)
     set_threads(threads)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=device)
     ts.check_model(m)
     g = attribute(m, ts, args[0], targets=target or None, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
     pr = prune(g, node_threshold, edge_threshold)
@@ -277,7 +298,8 @@ def graph_cmd(
               soft_wrap=True)
 
 
-def _heads(args: list[str], transcoders: Path | None, model: str, dtype: str, threads: int | None) -> None:
+def _heads(args: list[str], transcoders: Path | None, model: str, dtype: str, threads: int | None,
+           device: str) -> None:
     """``mechscope graph heads DIR SOURCE TARGET``: the heads that carry the edge, and why the top one attended."""
     import mechscope
     from mechscope.graphs import load_transcoders
@@ -293,9 +315,9 @@ def _heads(args: list[str], transcoders: Path | None, model: str, dtype: str, th
     tdir = transcoders or (Path(recorded) if recorded else None)
     if tdir is None:
         raise InputError("the graph does not record its transcoders; pass --transcoders DIR.")
-    ts = load_transcoders(tdir)
+    ts = load_transcoders(tdir, device=device)
     set_threads(threads)
-    m = mechscope.load(model, dtype=dtype)
+    m = mechscope.load(model, dtype=dtype, device=device)
     ts.check_model(m)
     r = json_edge_heads(m, ts, d, args[2], args[3])
     toks = d["metadata"].get("prompt_tokens") or []

@@ -43,7 +43,7 @@ def task_graphs(model, transcoders, task, *, n: int | None = None, progress: boo
     for i in tqdm(range(min(count, task.clean_tokens.shape[0])), desc="task graphs", disable=not progress):
         tok = task.clean_tokens[i]
         if bos is not None and int(tok[0]) != bos:
-            tok = torch.cat([torch.tensor([bos]), tok])
+            tok = torch.cat([torch.tensor([bos], dtype=tok.dtype, device=tok.device), tok])
         out.append(attribute(model, transcoders, tok, targets=[int(task.answer[i]), int(task.wrong[i])],
                              progress=False, **attribute_kwargs))
     return out

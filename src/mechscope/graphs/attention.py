@@ -78,7 +78,8 @@ def residual_components(model, transcoders, state: ReplacementState, attn_out: T
         feat_sum = torch.zeros_like(state.embed[pos])
         for r in mask.nonzero().flatten().tolist():
             f = int(idx[r, 2])
-            v = float(state.features.values[r]) * transcoders[L].W_dec[f].detach().to(state.embed.dtype)
+            row = transcoders[L].W_dec[f].detach().to(state.embed.device, state.embed.dtype)
+            v = float(state.features.values[r]) * row
             names.append(f"L{L} #{f}@{pos}")
             vecs.append(v)
             feat_sum = feat_sum + v

@@ -11,6 +11,10 @@ one backward: the forward runs once on that many copies of the prompt and its gr
 Rows are computed for the target logits first, then for features in order of their influence on the logits
 (re-ranked from the rows so far every ``update_interval`` batches), up to ``max_feature_nodes``.
 
+Devices: the forward, the backward passes and the edge products run where the model runs (the transcoders must
+sit there too: :meth:`~mechscope.graphs.TranscoderSet.check_device`); each batch of rows comes back to the CPU,
+where the rows, the ranking by influence and the graph are kept.
+
 Shape key: B rows per backward, P positions, D d_model, L layers, n active features, C columns.
 """
 
@@ -50,7 +54,7 @@ def prompt_tokens(model, prompt: str | Tensor) -> Tensor:
 
 def logit_targets(model, logits: Tensor, targets=None, *, max_n_logits: int = 10,
                   desired_logit_prob: float = 0.95) -> tuple[Tensor, Tensor]:
-    """(token ids, probabilities) of the target logits at the last position.
+    """(token ids, probabilities) of the target logits at the last position, both on the CPU.
 
     Default: the most likely tokens until their cumulative probability reaches ``desired_logit_prob``, at
     most ``max_n_logits``. ``targets``: token ids or strings (each must be one token) chosen by the user.
@@ -66,7 +70,8 @@ def logit_targets(model, logits: Tensor, targets=None, *, max_n_logits: int = 10
         if not 0.0 < desired_logit_prob <= 1.0:
             raise InputError(f"desired_logit_prob must lie in (0, 1], got {desired_logit_prob}.")
         top_p, top_i = probs.topk(max_n_logits)
-        n = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, dtype=torch.float64))) + 1
+        cum = top_p.cumsum(0)
+        n = int(torch.searchsorted(cum, torch.tensor(desired_logit_prob, dtype=cum.dtype, device=cum.device))) + 1
         n = min(n, max_n_logits)
         return top_i[:n].cpu(), top_p[:n].float().cpu()
     ids = []
@@ -93,23 +98,25 @@ def logit_targets(model, logits: Tensor, targets=None, *, max_n_logits: int = 10
 class _LayerFeatures:
     """One layer's active features grouped by position, padded to the most any position has: ``pos [U]``,
     ``rows [U, K]`` (columns of the graph; -1 pads), the activations ``[U, K]`` (0 pads) and the decoder rows
-    ``[U, K, D]`` when cached. A row's edges from this layer are then one batched matmul over the positions."""
+    ``[U, K, D]`` when cached. A row's edges from this layer are then one batched matmul over the positions.
+    Everything lives on the features' (the model's) device."""
 
     def __init__(self, features, layer: int, W_dec: Tensor, cache_decoders: bool):
         rows, fpos, fid = features.layer(layer)
         self.n = len(rows)
         if not self.n:
             return
+        dev = fpos.device
         self.pos, counts = torch.unique_consecutive(fpos, return_counts=True)
         K = int(counts.max())
         start = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(self.n) - torch.repeat_interleave(start, counts)
-        which = torch.repeat_interleave(torch.arange(len(self.pos)), counts)
-        self.rows = torch.full((len(self.pos), K), -1, dtype=torch.long)
+        slot = torch.arange(self.n, device=dev) - torch.repeat_interleave(start, counts)
+        which = torch.repeat_interleave(torch.arange(len(self.pos), device=dev), counts)
+        self.rows = torch.full((len(self.pos), K), -1, dtype=torch.long, device=dev)
         self.rows[which, slot] = rows
-        self.fid = torch.zeros(len(self.pos), K, dtype=torch.long)
+        self.fid = torch.zeros(len(self.pos), K, dtype=torch.long, device=dev)
         self.fid[which, slot] = fid
-        self.vals = torch.zeros(len(self.pos), K, dtype=features.values.dtype)
+        self.vals = torch.zeros(len(self.pos), K, dtype=features.values.dtype, device=dev)
         self.vals[which, slot] = features.values[rows]
         self.valid = self.rows >= 0
         self.W_dec = W_dec
@@ -143,22 +150,22 @@ class _Rows:
         self.run = None
 
     def compute(self, where: list[int | None], pos: Tensor, vectors: Tensor) -> Tensor:
-        """Rows ``[b, C]`` for targets reading layer ``where[i]``'s MLP input (None: the final norm's output) at
-        ``pos[i]`` along ``vectors[i]`` ``[b, D]``."""
+        """Rows ``[b, C]`` float32 on the CPU for targets reading layer ``where[i]``'s MLP input (None: the final
+        norm's output) at ``pos[i]`` along ``vectors[i]`` ``[b, D]`` (``pos`` and ``vectors`` on any device)."""
         st, run, b = self.state, self.run, len(where)
         L, P = st.n_layers, st.n_pos
         outs, grads = [], []
         for layer in sorted({w for w in where if w is not None}) + ([None] if None in where else []):
             t = run.final if layer is None else run.mlp_in[layer]
             g = torch.zeros_like(t)
-            rows = [i for i, w in enumerate(where) if w == layer]
-            g[rows, pos[rows]] = vectors[rows].to(g.dtype)
+            rows = torch.tensor([i for i, w in enumerate(where) if w == layer], dtype=torch.long, device=g.device)
+            g[rows, pos.to(g.device)[rows]] = vectors.to(g.device)[rows].to(g.dtype)
             outs.append(t)
             grads.append(g)
         inputs = [run.embed] + run.mlp_leaf
         got = torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
         g_emb = got[0] if got[0] is not None else torch.zeros_like(run.embed)
-        out = torch.zeros(self.B, self.n_cols, dtype=torch.float32)
+        out = torch.zeros(self.B, self.n_cols, dtype=torch.float32, device=g_emb.device)
         e0 = self.n_feat
         for layer in range(L):
             g = got[1 + layer]
@@ -170,7 +177,7 @@ class _Rows:
             err = torch.einsum("bpd,pd->bp", g, st.errors[layer].to(g.dtype))
             out[:, e0 + layer * P: e0 + (layer + 1) * P] = err.float()
         out[:, e0 + L * P:] = torch.einsum("bpd,pd->bp", g_emb, st.embed.to(g_emb.dtype)).float()
-        return out[:b]
+        return out[:b].cpu()
 
 
 class _SparseRows:
@@ -215,7 +222,8 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
 
     Args:
         model: a :class:`~mechscope.HookedModel`.
-        transcoders: one transcoder per layer of ``model`` (:func:`~mechscope.graphs.load_transcoders`).
+        transcoders: one transcoder per layer of ``model`` (:func:`~mechscope.graphs.load_transcoders`), on the
+            model's device (the graph is computed there).
         prompt: text (BOS put in front, as the training contexts had) or token ids ``[P]`` (used as given).
         targets: target logits (token ids or one-token strings); None: the most likely tokens until
             ``desired_logit_prob``, at most ``max_n_logits``.
@@ -231,12 +239,12 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         ranking_entries: entries per row kept by the ranking pass of a long prompt.
 
     Returns:
-        :class:`AttributionGraph` (unpruned; see :func:`~mechscope.graphs.prune.prune`). ``info`` records the
-        rows per backward, the passes and the seconds taken.
+        :class:`AttributionGraph` (unpruned; see :func:`~mechscope.graphs.prune.prune`), its tensors on the CPU.
+        ``info`` records the rows per backward, the passes, the seconds taken and the device.
 
     Raises:
         InputError: an empty prompt, one longer than the context, targets not in the vocabulary, transcoders of
-            another model or with a missing layer, bad limits.
+            another model, with a missing layer or on another device, bad limits.
     """
     if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
         raise InputError(f"max_feature_nodes must be None or an int >= 0, got {max_feature_nodes!r}.")
@@ -251,6 +259,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
     logit_ids, logit_p = logit_targets(model, st.logits[-1:], targets, max_n_logits=max_n_logits,
                                        desired_logit_prob=desired_logit_prob)
     n_feat, L, P = len(st.features), st.n_layers, st.n_pos
+    index = st.features.index.cpu()  # (layer, pos, feature) of each active feature, for the CPU bookkeeping
     n_logit = len(logit_ids)
     n_keep = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
     n_cols = n_feat + L * P + P
@@ -258,7 +267,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
     demeaned = (W_U[:, logit_ids.to(W_U.device)] - W_U.mean(1, keepdim=True)).T  # [n_logit, D]
 
     def enc(idx: Tensor) -> Tensor:  # the encoder columns of some active features, [k, D]
-        lf = st.features.index[idx][:, [0, 2]].tolist()
+        lf = index[idx][:, [0, 2]].tolist()
         return torch.stack([transcoders[la].W_enc[:, f].detach() for la, f in lf])
 
     B, dense = _plan(model, st, n_logit + n_keep, batch_size, int(memory_budget_gb * 2**30))
@@ -308,7 +317,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
             for c in range(0, len(pending), B):
                 idx = pending[c:c + B]
                 k = len(idx)
-                put(done, engine.compute(st.features.index[idx, 0].tolist(), st.features.index[idx, 1], enc(idx)))
+                put(done, engine.compute(index[idx, 0].tolist(), index[idx, 1], enc(idx)))
                 row_node[done:done + k] = idx
                 visited[idx] = True
                 done += k
@@ -324,8 +333,7 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
             E = torch.zeros(len(selected) + n_logit, len(cols), dtype=torch.float32)
             for c in range(0, len(selected), B):
                 idx = selected[c:c + B]
-                E[c:c + len(idx)] = engine.compute(st.features.index[idx, 0].tolist(), st.features.index[idx, 1],
-                                                   enc(idx))[:, cols]
+                E[c:c + len(idx)] = engine.compute(index[idx, 0].tolist(), index[idx, 1], enc(idx))[:, cols]
                 if bar:
                     bar.update(len(idx))
             for i in range(0, n_logit, B):
@@ -339,14 +347,15 @@ def attribute(model, transcoders: TranscoderSet, prompt: str | Tensor, *, target
         if bar:
             bar.close()
     tok = model.tokenizer
-    strs = [tok.decode([int(i)]) for i in tokens] if tok is not None else [str(int(i)) for i in tokens]
-    lstrs = [tok.decode([int(i)]) for i in logit_ids] if tok is not None else [str(int(i)) for i in logit_ids]
+    ids, lids = tokens.tolist(), logit_ids.tolist()
+    strs = [tok.decode([i]) for i in ids] if tok is not None else [str(i) for i in ids]
+    lstrs = [tok.decode([i]) for i in lids] if tok is not None else [str(i) for i in lids]
     return AttributionGraph(
         prompt=prompt if isinstance(prompt, str) else "", tokens=tokens.cpu(), str_tokens=strs,
-        active_features=st.features.index.cpu(), activations=st.features.values.float().cpu(), selected=selected,
+        active_features=index, activations=st.features.values.float().cpu(), selected=selected,
         edges=E, logit_tokens=logit_ids, logit_probs=logit_p, logit_strs=lstrs, n_layers=L,
         model_name=model.cfg.name, transcoders=transcoders.source or "",
         info={"max_feature_nodes": max_feature_nodes, "n_active_features": n_feat, "batch_size": B,
               "passes": 2 if two_pass else 1, "first_zeroed": st.first_zeroed,
-              "seconds": round(time.perf_counter() - t0, 3),
+              "seconds": round(time.perf_counter() - t0, 3), "device": str(st.mlp_out.device),
               "model_dtype": str(st.mlp_out.dtype).replace("torch.", "")})

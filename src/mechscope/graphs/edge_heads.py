@@ -106,7 +106,8 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
             the caller keeps it (the web app does, per graph): saves two real forwards per call.
 
     Returns:
-        :class:`EdgeHeads`; ``edge`` equals the graph's adjacency entry (to float rounding).
+        :class:`EdgeHeads` (tensors on the CPU, computed where the model runs); ``edge`` equals the graph's adjacency
+        entry (to float rounding).
 
     Raises:
         InputError: a node of the wrong kind, out of range, or a pair with no edge between them; attention the
@@ -164,7 +165,7 @@ def edge_heads(model, transcoders: TranscoderSet, tokens: Tensor, source: dict, 
         if g is None:
             continue
         gz = g[0].double()  # [P, H, dh]: gradients are the same for both copies (the model is linear)
-        heads[i] = (gz * (z[i][1] - z[i][0]).detach().double()).sum((0, 2))  # C[l, h] = sum_q <dT/dz, dz>
+        heads[i] = (gz * (z[i][1] - z[i][0]).detach().double()).sum((0, 2)).cpu()  # C[l, h] = sum_q <dT/dz, dz>
         grads[i] = gz
     residual = edge - heads.sum(1)
     order = heads.flatten().abs().argsort(descending=True)[:top]

@@ -14,6 +14,8 @@ tokens, zero logit columns), built on demand for small graphs. The block is what
 few GB: the square matrix of 7,500 features and 1,024 tokens would be 6 GB, the block 1.2 GB.
 
 Saved as a folder: ``graph.safetensors`` (tensors) beside ``graph.json`` (prompt, tokens, targets, settings).
+:func:`~mechscope.graphs.attribute` returns the tensors on the CPU wherever the model ran; pruning and the scores
+follow the tensors' device (``graph.edges.cuda()`` etc. prunes a large graph on a GPU).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class AttributionGraph:
     @property
     def adjacency(self) -> Tensor:
         """The square ``[N, N]`` target x source matrix (zero rows for errors and tokens, zero logit columns)."""
-        A = torch.zeros(self.n_nodes, self.n_nodes, dtype=self.edges.dtype)
+        A = torch.zeros(self.n_nodes, self.n_nodes, dtype=self.edges.dtype, device=self.edges.device)
         A[:self.n_features, :self.n_sources] = self.edges[:self.n_features]
         A[self.logit_start:, :self.n_sources] = self.edges[self.n_features:]
         return A
@@ -177,13 +179,13 @@ class AttributionGraph:
 
     def logit_weights(self) -> Tensor:
         """``[N]`` zeros except the target logits' probabilities (the weights of influence)."""
-        w = torch.zeros(self.n_nodes, dtype=torch.float32)
+        w = torch.zeros(self.n_nodes, dtype=torch.float32, device=self.logit_probs.device)
         w[self.logit_start:] = self.logit_probs.float()
         return w
 
     def row_weights(self) -> Tensor:
         """``[n_features + n_logits]``: :meth:`logit_weights` on the rows of :attr:`edges`."""
-        w = torch.zeros(self.n_features + self.n_logits, dtype=torch.float32)
+        w = torch.zeros(self.n_features + self.n_logits, dtype=torch.float32, device=self.logit_probs.device)
         w[self.n_features:] = self.logit_probs.float()
         return w
 

@@ -76,19 +76,19 @@ def cumulative_threshold(scores: Tensor, fraction: float, bins: int = 4096) -> f
     lo, hi = float(pos.min()), float(pos.max())
     if lo == hi or len(pos) <= bins:
         ordered = pos.sort(descending=True).values
-        k = int(torch.searchsorted(ordered.cumsum(0), torch.tensor(target, dtype=torch.float64)))
+        k = int(torch.searchsorted(ordered.cumsum(0), torch.tensor(target, dtype=torch.float64, device=s.device)))
         return float(ordered[min(k, len(ordered) - 1)])
     logs = pos.log()
     edges_lo, edges_hi = float(logs.min()), float(logs.max())
     b = ((logs - edges_lo) / (edges_hi - edges_lo) * (bins - 1)).long().clamp_(0, bins - 1)
-    mass = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, pos)
+    mass = torch.zeros(bins, dtype=torch.float64, device=s.device).index_add_(0, b, pos)
     above = mass.flip(0).cumsum(0).flip(0)  # mass of bin j and every higher bin
     target = min(target, float(above[0]))  # fraction 1: summation order must not put the total out of reach
     # the highest bin j whose cumulative mass (from the top) reaches the target
     j = int((above >= target).nonzero().max())
     higher = float(above[j + 1]) if j + 1 < bins else 0.0
     inside = pos[b == j].sort(descending=True).values
-    k = int(torch.searchsorted(higher + inside.cumsum(0), torch.tensor(target, dtype=torch.float64)))
+    k = int(torch.searchsorted(higher + inside.cumsum(0), torch.tensor(target, dtype=torch.float64, device=s.device)))
     return float(inside[min(k, len(inside) - 1)])
 
 
@@ -97,7 +97,7 @@ def node_influence(graph, edges: Tensor | None = None) -> Tensor:
     graph's), by :func:`block_influence`; logits get 0 (add :meth:`logit_weights` for their own weight)."""
     R = graph.edges if edges is None else edges
     src = block_influence(normalize_rows(R.float()), graph.row_weights(), graph.n_features)
-    return torch.cat([src, torch.zeros(graph.n_logits)])
+    return torch.cat([src, torch.zeros(graph.n_logits, dtype=src.dtype, device=src.device)])
 
 
 def block_influence(Rn: Tensor, row_weights: Tensor, n_features: int, max_iter: int = 1000) -> Tensor:
@@ -111,7 +111,7 @@ def block_influence(Rn: Tensor, row_weights: Tensor, n_features: int, max_iter: 
     cur = row_weights @ Rn
     total = cur.clone()
     for _ in range(max_iter):
-        nxt = torch.cat([cur[:n_features], torch.zeros(n_logits, dtype=cur.dtype)])
+        nxt = torch.cat([cur[:n_features], torch.zeros(n_logits, dtype=cur.dtype, device=cur.device)])
         if not bool(nxt.any()):
             return total
         cur = nxt @ Rn
@@ -148,7 +148,9 @@ def prune(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> P
             raise InputError(f"{name} must lie in [0, 1], got {v}.")
     R = graph.edges.float()
     nf, keep_from, ns = graph.n_features, graph.token_start, graph.n_sources
-    rows = torch.cat([torch.arange(nf), torch.arange(graph.logit_start, graph.n_nodes)])  # node id of each row
+    dev = R.device
+    # node id of each row
+    rows = torch.cat([torch.arange(nf, device=dev), torch.arange(graph.logit_start, graph.n_nodes, device=dev)])
     node_infl = node_influence(graph)  # without the logits' own weight, as circuit-tracer thresholds it
     node_mask = node_infl >= cumulative_threshold(node_infl, node_threshold)
     node_mask[keep_from:] = True  # tokens and logits always
@@ -156,7 +158,7 @@ def prune(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> P
     Rn = normalize_rows(pruned)
     rw = graph.row_weights()
     src_infl = block_influence(Rn, rw, nf)
-    row_infl = torch.cat([src_infl[:nf], torch.zeros(graph.n_logits)]) + rw
+    row_infl = torch.cat([src_infl[:nf], torch.zeros(graph.n_logits, device=dev)]) + rw
     edge_scores = Rn * row_infl[:, None]
     edge_mask = edge_scores >= cumulative_threshold(edge_scores, edge_threshold)
     edge_mask &= edge_scores > 0

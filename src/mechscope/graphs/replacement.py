@@ -16,6 +16,9 @@ Both passes run on the real `transformers` model:
   writes the constant ``reconstruction - skip + error`` plus its skip connection on the current input, plus a
   leaf tensor (gradients at the MLP outputs) and optional deltas (interventions on features).
 
+Both run where the model runs (the transcoders must sit on the same device): the state's tensors stay on that
+device, except ``tokens``, which is kept on the CPU.
+
 Shape key: B batch copies, P positions, D d_model, L layers, H heads, S d_sae.
 """
 
@@ -37,8 +40,8 @@ class ActiveFeatures:
     """The non-zero transcoder features of one prompt, in (layer, position, feature) order.
 
     Attributes:
-        index: int64 ``[n, 3]`` rows ``(layer, pos, feature)``.
-        values: ``[n]`` activations (the transcoder's units, model dtype).
+        index: int64 ``[n, 3]`` rows ``(layer, pos, feature)``, on the model's device.
+        values: ``[n]`` activations (the transcoder's units, model dtype), on the model's device.
     """
 
     index: Tensor
@@ -57,8 +60,10 @@ class ActiveFeatures:
 class ReplacementState:
     """What the local replacement model freezes for one prompt.
 
+    Every tensor but ``tokens`` is on the model's device.
+
     Attributes:
-        tokens: int64 ``[P]``.
+        tokens: int64 ``[P]``, on the CPU.
         logits: ``[P, d_vocab]`` the real model's logits.
         features: the active features.
         mlp_in: ``[L, P, D]`` each MLP's real input (the transcoder's input, ``ln2.hook_normalized``).
@@ -129,9 +134,11 @@ def replacement_state(model, transcoders: TranscoderSet, tokens: Tensor, *,
             so the transcoders do not model it. circuit-tracer zeroes position 0's features and errors the same way.
 
     Raises:
-        InputError: transcoders of another model or with a layer missing, a family not supported.
+        InputError: transcoders of another model or with a layer missing, or not on the model's device; a family
+            not supported.
     """
     transcoders.check_model(model)
+    transcoders.check_device(model)
     check_supported(model)
     tokens = tokens.reshape(-1).to(model.device)
     n = model.cfg.n_layers
@@ -219,8 +226,9 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
 
     Args:
         deltas: layer -> ``[B, P, D]`` added to that layer's MLP output (an intervention on features: a
-            feature's activation change times its decoder row).
-        embed_delta: ``[B, P, D]`` added to the token embeddings (after the leaf: gradients are unchanged).
+            feature's activation change times its decoder row); moved to the model's device and dtype.
+        embed_delta: ``[B, P, D]`` added to the token embeddings (after the leaf: gradients are unchanged); moved
+            likewise.
         functions: more hook functions (``{hook name: fn}``, as ``model.hooks``), e.g. to keep ``attn.hook_z``;
             not ``hook_pattern`` (the frozen patterns are set there).
         live_features: recompute every transcoder on this run's MLP input instead of holding its features: each
@@ -275,12 +283,12 @@ def frozen_forward(model, transcoders: TranscoderSet, state: ReplacementState, b
             elif t.W_skip is not None:
                 y = y + (run.mlp_in[L].to(t.W_skip.dtype) @ t.W_skip).to(dt)
             if deltas and L in deltas:
-                y = y + deltas[L].to(dt)
+                y = y + deltas[L].to(device=y.device, dtype=dt)
             return y
         return forward
 
     def hook_embed(mod, args, out):
-        return run.embed if embed_delta is None else run.embed + embed_delta.to(run.embed.dtype)
+        return run.embed if embed_delta is None else run.embed + embed_delta.to(run.embed.device, run.embed.dtype)
 
     patterns = {f"blocks.{L}.attn.hook_pattern": (lambda p, L=L: state.patterns[L].to(p.dtype).expand_as(p))
                 for L in range(n)} if freeze_attention else {}

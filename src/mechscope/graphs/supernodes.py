@@ -82,8 +82,8 @@ def suggest_supernodes(graph: AttributionGraph, pruned: Pruned, *, threshold: fl
     S = (prof @ prof.T).double()  # cosine similarities (profiles are unit vectors)
     clusters = [[i] for i in range(n)]
     sums = S.clone()  # sum of pairwise similarities between clusters i and j
-    size = torch.ones(n, dtype=torch.float64)
-    alive = torch.ones(n, dtype=torch.bool)
+    size = torch.ones(n, dtype=torch.float64, device=S.device)
+    alive = torch.ones(n, dtype=torch.bool, device=S.device)
     while True:
         avg = sums / (size[:, None] * size[None, :])
         avg.fill_diagonal_(-float("inf"))
@@ -103,7 +103,7 @@ def suggest_supernodes(graph: AttributionGraph, pruned: Pruned, *, threshold: fl
     for c in clusters:
         if len(c) < min_size:
             continue
-        idx = torch.tensor(c)
+        idx = torch.tensor(c, device=S.device)
         sub = S[idx][:, idx]
         sim = float((sub.sum() - sub.diagonal().sum()) / (len(c) * (len(c) - 1)))
         nodes = sorted(int(kept[i]) for i in c)
@@ -144,7 +144,8 @@ def _group_deltas(model, transcoders, graph: AttributionGraph, nodes: list[int],
     for i in nodes:
         n = graph.node(i)
         d = deltas.setdefault(n["layer"], torch.zeros(1, P, D, dtype=model.dtype, device=model.device))
-        d[0, n["pos"]] += alpha * n["activation"] * transcoders[n["layer"]].W_dec[n["feature"]].detach().to(d.dtype)
+        row = transcoders[n["layer"]].W_dec[n["feature"]].detach()
+        d[0, n["pos"]] += alpha * n["activation"] * row.to(d.device, d.dtype)
     return deltas
 
 
@@ -173,7 +174,7 @@ def steer_supernode(model, transcoders, graph: AttributionGraph, pruned: Pruned,
             raise InputError(f"node {i} is a {graph.node_kind(i)} node; a supernode groups features.")
     base = _top_logit(model, graph)  # once for the group and every random group
     effect = _top_logit(model, graph, _group_deltas(model, transcoders, graph, nodes, alpha)) - base
-    delta = torch.zeros(graph.n_features, 1, dtype=torch.float64)
+    delta = torch.zeros(graph.n_features, 1, dtype=torch.float64, device=graph.edges.device)
     for i in nodes:
         delta[i, 0] = alpha * float(graph.activations[graph.selected[i]])
     predicted = float(_path_sums(graph, delta)[0, 0])

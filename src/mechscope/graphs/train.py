@@ -51,8 +51,11 @@ def evaluate_set(model, ts: TranscoderSet, contexts: torch.Tensor, *, batch_cont
     """CE loss recovered with every layer's transcoder spliced in at once (no error terms).
 
     Args:
-        contexts: held-out token ids ``[n, context_len]``.
+        contexts: held-out token ids ``[n, context_len]`` (any device; the set must be on the model's).
         skip_positions: leading positions neither spliced nor counted (1: BOS).
+
+    Raises:
+        InputError: a set of another model, or on another device than the model.
     """
     from tqdm.auto import tqdm
 
@@ -60,6 +63,7 @@ def evaluate_set(model, ts: TranscoderSet, contexts: torch.Tensor, *, batch_cont
     from mechscope.hooks.interventions import Ablate
 
     ts.check_model(model)
+    ts.check_device(model)
     pos = slice(skip_positions, None)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     n = 0
@@ -81,7 +85,7 @@ def train_transcoders(model, out_dir: str | Path, *, d_sae: int = 4608, k: int =
                       n_tokens: int = 1_048_576, batch_tokens: int = 2048, lr: float | None = 8e-4,
                       compute_dtype: str = "bfloat16", context_len: int = 128, corpus=None, seed: int = 0,
                       buffer_tokens: int = 16_384, checkpoint_every: int = 100, resume: bool = False,
-                      eval_tokens: int = 4096, progress: bool = True) -> TranscoderSet:
+                      eval_tokens: int = 4096, progress: bool = True, device: str | None = None) -> TranscoderSet:
     """Train a TopK transcoder (MLP input -> MLP output) for every layer from one streaming pass, write the
     manifest, and evaluate them.
 
@@ -92,6 +96,8 @@ def train_transcoders(model, out_dir: str | Path, *, d_sae: int = 4608, k: int =
         corpus: a :class:`~mechscope.training.pipeline.CorpusConfig` (default: the built-in corpora).
         buffer_tokens: rows in the shuffle buffer (memory: rows x 2 x layers x d_model x 2 bytes in bf16).
         eval_tokens: held-out tokens per evaluation (0: none).
+        device: where the transcoders train (default: the model's device); the returned set is on the model's
+            device, ready for graphs.
 
     Returns:
         the trained set (also on disk in ``out_dir``).
@@ -111,11 +117,11 @@ def train_transcoders(model, out_dir: str | Path, *, d_sae: int = 4608, k: int =
                        checkpoint_every_steps=checkpoint_every)
     out = Path(out_dir)
     train_on_corpus(model, specs, tcfg, out, corpus=corpus, stream=True, buffer_tokens=buffer_tokens,
-                    resume=resume, progress=progress)
+                    resume=resume, progress=progress, device=device)
     meta = {"tokens": tcfg.n_tokens_trained, "d_sae": d_sae, "k": k, "skip": skip, "corpus": list(corpus.sources),
             "context_len": corpus.context_len, "seed": seed}
     write_manifest(out, model.cfg.name, {L: layer_folder(L) for L in range(len(cfgs))}, metadata=meta)
-    ts = load_transcoders(out)
+    ts = load_transcoders(out, device=model.device)
     if eval_tokens:
         evaluation = jsonable(evaluate_transcoders(model, ts, corpus=corpus, n_tokens=eval_tokens, progress=progress))
         write_json_atomic(evaluation, out / "eval.json")
@@ -131,6 +137,7 @@ def evaluate_transcoders(model, ts: TranscoderSet, *, corpus=None, n_tokens: int
     ``{"layers": [{layer, fvu, fvu_without_outliers, l0, dead_fraction, ce_loss_recovered, ...}], "set": {...}}``."""
     from mechscope.training.pipeline import CorpusConfig, contexts_for, evaluate_on_corpus
 
+    ts.check_device(model)
     corpus = corpus or CorpusConfig()
     layers = []
     for L in range(ts.n_layers):

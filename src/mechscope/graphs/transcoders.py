@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mechscope.core.errors import CorruptFileError, InputError
 from mechscope.core.io import write_folder_atomic, write_json_atomic
 from mechscope.dictionaries.config import DictionaryConfig
@@ -101,6 +103,26 @@ class TranscoderSet:
         for t in self.transcoders:
             check_fits(model, t)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the transcoders' weights are (layer 0's; :meth:`check_device` checks every layer)."""
+        return self.transcoders[0].W_enc.device
+
+    def check_device(self, model) -> None:
+        """Check that every transcoder sits where ``model`` runs (its input device): the graph code mixes their
+        tensors with the model's activations and never moves weights itself.
+
+        Raises:
+            InputError: a transcoder on another device, naming both and the fix.
+        """
+        want = torch.device(model.device)
+        for L, t in enumerate(self.transcoders):
+            have = t.W_enc.device
+            if have != want:
+                raise InputError(f"transcoder {L} is on {have} but {model.cfg.name} runs on {want}; put the set where "
+                                 f"the model is: ts.to({str(want)!r}) or load_transcoders(folder, "
+                                 f"device={str(want)!r}) (on the command line, --device).")
+
     def to(self, *args, **kwargs) -> "TranscoderSet":
         for t in self.transcoders:
             t.to(*args, **kwargs)
@@ -171,7 +193,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def load_transcoders(folder: str | Path, *, device=None) -> TranscoderSet:
-    """Load a transcoder set in one call.
+    """Load a transcoder set in one call, onto ``device`` (default: the CPU; give the model's device, e.g.
+    ``"cuda"``, to run graphs there).
 
     Raises:
         InputError: not a set (no manifest), a layer missing from the manifest or from disk, or a dictionary

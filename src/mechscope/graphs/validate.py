@@ -148,7 +148,7 @@ def _path_sums(graph: AttributionGraph, delta: Tensor) -> Tensor:
     F = graph.n_features
     A_ff = graph.edges[:F, :F].double()
     a = graph.activations[graph.selected].double()[:, None].clamp_min(1e-30)
-    d = delta.double()
+    d = delta.to(A_ff.device).double()
     u = d / a
     for _ in range(graph.n_layers + 1):  # a path crosses at most n_layers feature layers
         u = (d + A_ff @ u) / a
@@ -166,9 +166,12 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
             how far the real model stays linear); ``mode`` is then recorded as ``"step"``.
         batch: perturbations per forward.
 
+    The forwards run where the model runs (the transcoders must be there too); the measured effects come back to
+    the CPU, where they are compared with the graph's edges.
+
     Raises:
         InputError: a graph of another model or prompt length, no feature nodes, a bad mode, a zero or
-            non-finite step.
+            non-finite step, transcoders on another device than the model.
     """
     if mode not in ("double", "zero"):
         raise InputError(f"mode must be 'double' or 'zero', got {mode!r}.")
@@ -177,7 +180,8 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     if graph.n_features == 0:
         raise InputError("the graph has no feature nodes to perturb.")
     st = replacement_state(model, transcoders, graph.tokens, zero_first=bool(graph.info.get("first_zeroed", True)))
-    if len(st.features) != len(graph.active_features) or not torch.equal(st.features.index, graph.active_features):
+    if len(st.features) != len(graph.active_features) or not torch.equal(st.features.index.cpu(),
+                                                                          graph.active_features.cpu()):
         raise InputError("the transcoders' active features on this prompt differ from the graph's: it was made with "
                          "other transcoders (or another model dtype).")
     g = torch.Generator().manual_seed(seed)
@@ -190,7 +194,7 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
     P, D = graph.n_pos, model.cfg.d_model
     dt = st.mlp_out.dtype
     logit_ids = graph.logit_tokens.to(model.device)
-    E = graph.edges.double()
+    E = graph.edges.double().cpu()
     F = graph.n_features
     meas_f, pred_f, meas_l, pred_l, real_l = [], [], [], [], []
     with frozen_forward(model, transcoders, st, 1, grad=False, logits_to_keep=1) as r0:
@@ -211,7 +215,8 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
 
     def demeaned_change(x, x0):
         return ((x - x.mean(-1, keepdim=True)) - (x0 - x0.mean())[None])[:, logit_ids]
-    feat = graph.active_features[graph.selected]  # [F, 3]
+    feat = graph.active_features[graph.selected].cpu()  # [F, 3]
+    feat_at = feat.to(pre0.device)  # to index the pre-activations where they are
     for c in range(0, len(pick), batch):
         nodes = pick[c:c + batch].tolist()
         k = len(nodes)
@@ -224,24 +229,24 @@ def validate(model, transcoders: TranscoderSet, graph: AttributionGraph, *, n_fe
         with frozen_forward(model, transcoders, st, k, deltas=deltas, grad=False, logits_to_keep=1) as r:
             pre = torch.stack([feature_preactivations(transcoders, r, L) for L in range(st.n_layers)], 1)  # [k,L,P,S]
             lg = r.logits[:, -1].double()
-        d_pre = (pre - pre0[None]).double()[:, feat[:, 0], feat[:, 1], feat[:, 2]]  # [k, F]
-        meas_f.append(d_pre)
+        d_pre = (pre - pre0[None]).double()[:, feat_at[:, 0], feat_at[:, 1], feat_at[:, 2]]  # [k, F]
+        meas_f.append(d_pre.cpu())  # measured where the model runs, compared on the CPU with the graph's edges
         pred_f.append(sign * E[:F, nodes].T)
         dlog = (lg - lg.mean(-1, keepdim=True)) - (lg0 - lg0.mean())[None]
-        meas_l.append(dlog[:, logit_ids])
+        meas_l.append(dlog[:, logit_ids].cpu())
         pred_l.append(sign * E[F:, nodes].T)
         with torch.no_grad():
             res = model.run(graph.tokens[None].expand(k, P).to(model.device),
                             interventions=[Add(f"blocks.{L}.hook_mlp_out", direction=d) for L, d in deltas.items()])
         rl = res.logits[:, -1].double()
-        real_l.append(demeaned_change(rl, real0))
+        real_l.append(demeaned_change(rl, real0).cpu())
         for name, kw in variants.items():
-            var_l[name].append(demeaned_change(variant_logits(kw, k, deltas), base[name]))
-        rep_l.append(demeaned_change(unfrozen_replacement_logits(model, transcoders, st, deltas, k), rep0))
+            var_l[name].append(demeaned_change(variant_logits(kw, k, deltas), base[name]).cpu())
+        rep_l.append(demeaned_change(unfrozen_replacement_logits(model, transcoders, st, deltas, k), rep0).cpu())
     pred_direct = torch.cat(pred_l)
     delta = torch.zeros(graph.n_features, len(pick), dtype=torch.float64)
-    delta[pick, torch.arange(len(pick))] = sign * graph.activations[graph.selected[pick]].double()
-    paths = _path_sums(graph, delta).T  # [k, T]
+    delta[pick, torch.arange(len(pick))] = sign * graph.activations[graph.selected[pick]].double().cpu()
+    paths = _path_sums(graph, delta).T.cpu()  # [k, T]
     real = torch.cat(real_l)
     gap = ((real[:, 0] - paths[:, 0]).abs() / paths[:, 0].abs().clamp_min(1e-12)).median()
     return Validation(n_perturbed=len(pick), mode=mode, frozen_features=_agree(torch.cat(meas_f), torch.cat(pred_f)),
