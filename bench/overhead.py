@@ -5,7 +5,8 @@ Rows (all in one process, repetitions interleaved A, B, C, A, B, C, ...; the med
   plain HF forward         ``m.hf(tokens)`` under no_grad: the baseline every ratio divides by
   run(), no hooks          ``m.run(tokens)``                                      target <= 1.03x
   cache resid_post         ``m.run(tokens, cache="blocks.*.hook_resid_post")``   target <= 1.10x
-  cache every hook         ``m.run(tokens, cache="*")``
+  cache every hook         ``m.run(tokens, cache="*")`` (``hook_result``, only cached, is computed when first read)
+  cache every hook, read   the same, then every value read once (``hook_result`` computed): the whole cost
   cache nnsight's set      ``m.run`` caching every site except attn_scores and hook_result (what nnsight saves)
   plain HF forward, eager  an untouched copy in eager attention, the peers' baseline (they need eager for patterns)
   TL bridge, no hooks      ``bridge(tokens)`` (TransformerLens forces eager attention)
@@ -193,11 +194,17 @@ def main() -> None:
     def plain(x):
         return m.hf(x, use_cache=False).logits
 
+    def read_all(cache):  # every value read once: hook_result, computed on first read, included
+        for name in cache:
+            cache[name]
+        return cache
+
     rows: dict[str, Callable[[torch.Tensor], object]] = {
         "plain HF forward": plain,
         "run(), no hooks": lambda x: m.run(x).logits,
         "cache resid_post": lambda x: m.run(x, cache="blocks.*.hook_resid_post").cache,
         "cache every hook": lambda x: m.run(x, cache="*").cache,
+        "cache every hook, read": lambda x: read_all(m.run(x, cache="*").cache),
         "cache nnsight's set": lambda x: m.run(x, cache=nnsight_set).cache,
     }
     if not args.no_peers:

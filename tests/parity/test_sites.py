@@ -212,3 +212,29 @@ def test_batch_of_one_and_fresh_model(family):
     m = mechscope.HookedModel(hf)
     toks = random_tokens(batch=1, pos=SEQ_LEN, seed=2)
     assert torch.equal(m.run(toks[0]).logits, ref(toks).logits)  # a 1-D input is one row
+
+
+def test_hook_result_read_later_equals_the_eager_value():
+    """``hook_result`` cached alone is computed when first read: bitwise the value an eager run gives (forced
+    by a no-op hook function), also with cache_positions and cache_dtype, and unchanged by a later weight edit."""
+    import torch
+
+    from mechscope.hooks.cache import _Deferred
+    from tests.conftest import tiny_hooked
+
+    m = tiny_hooked("llama")
+    toks = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    name = "blocks.1.attn.hook_result"
+    for kw in ({}, {"cache_positions": [2, -1]}, {"cache_dtype": torch.float64}):
+        lazy = m.run(toks, cache=[name, "blocks.1.attn.hook_z"], **kw).cache
+        assert isinstance(lazy._values[name], _Deferred)  # nothing computed yet
+        eager = m.run(toks, cache=[name], functions={name: lambda v: None}, **kw).cache
+        assert not isinstance(eager._values[name], _Deferred)
+        with torch.no_grad():
+            m.hf.model.layers[1].self_attn.o_proj.weight.mul_(2.0)  # an edit after the run...
+        try:
+            assert torch.equal(lazy[name], eager[name])  # ...does not reach the value read afterwards
+        finally:
+            with torch.no_grad():
+                m.hf.model.layers[1].self_attn.o_proj.weight.div_(2.0)
+        assert torch.equal(lazy.stack("blocks.*.attn.hook_result"), eager[name][None])

@@ -12,11 +12,22 @@ from torch import Tensor
 from mechscope.core.errors import HookNameError, InputError
 
 
+class _Deferred:
+    """A cached value computed on first read (``hook_result`` when only cached: see ``_Session.defer_result``)."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute):
+        self.compute = compute
+
+
 class ActivationCache(Mapping[str, Tensor]):
     """A read-only mapping hook name -> tensor, in forward order, plus gradients when requested.
 
     Tensors have the axes listed in :data:`mechscope.core.names.SITES`, sliced along ``pos`` when the
-    run asked for ``cache_positions`` (then :attr:`positions` records the selector).
+    run asked for ``cache_positions`` (then :attr:`positions` records the selector). A value no edit or hook
+    function needed during the forward may be computed when first read (``hook_result``: per-head outputs,
+    n_heads times the memory of the attention output); reading it gives the same tensor either way.
     """
 
     def __init__(self, positions=None):
@@ -27,9 +38,18 @@ class ActivationCache(Mapping[str, Tensor]):
     def _set(self, name: str, value: Tensor) -> None:
         self._values[name] = value
 
+    def _defer(self, name: str, compute) -> None:
+        self._values[name] = _Deferred(compute)
+
+    def _get(self, name: str) -> Tensor:
+        v = self._values[name]
+        if isinstance(v, _Deferred):
+            v = self._values[name] = v.compute()
+        return v
+
     def __getitem__(self, name: str) -> Tensor:
         try:
-            return self._values[name]
+            return self._get(name)
         except KeyError:
             close = difflib.get_close_matches(name, list(self._values), n=3, cutoff=0.5)
             raise HookNameError(
@@ -69,12 +89,13 @@ class ActivationCache(Mapping[str, Tensor]):
         names = [n for n in self._values if fnmatch.fnmatch(n, pattern)]
         if not names:
             raise HookNameError(f"no cached name matches {pattern!r}; cached: {list(self._values)[:8]}...")
-        shapes = {tuple(self._values[n].shape) for n in names}
+        values = [self._get(n) for n in names]
+        shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
             raise InputError(f"cannot stack {pattern!r}: shapes differ {sorted(shapes)}.")
-        devices = list(dict.fromkeys(str(self._values[n].device) for n in names))
+        devices = list(dict.fromkeys(str(v.device) for v in values))
         if len(devices) > 1:
             raise InputError(f"cannot stack {pattern!r}: the values lie on {', '.join(devices)} (a model split over "
                              "devices caches each value where its layer runs). Gather them with "
                              "run(..., cache_device='cpu') (or one GPU), or move them first.")
-        return torch.stack([self._values[n] for n in names])
+        return torch.stack(values)

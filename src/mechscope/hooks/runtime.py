@@ -116,6 +116,25 @@ def _pos_dim(name: str) -> int | None:
     return names.index("pos") if "pos" in names else None
 
 
+def _store(name: str, t: Tensor, positions, dtype, device) -> Tensor:
+    """What the cache keeps of a value or its gradient: ``positions`` along pos, then ``dtype``/``device``.
+
+    Without positions / dtype / device this is ``t.detach()``: a reference to the model's own tensor, not a copy
+    (transformers does not modify these tensors in place afterwards; the parity tests compare every cached site
+    with an independent recomputation after the forward).
+    """
+    if positions is not None:
+        dim = _pos_dim(name)
+        if dim is not None:
+            idx = [slice(None)] * t.dim()
+            idx[dim] = positions
+            t = t[tuple(idx)]
+    t = t.detach()
+    if dtype is None and device is None:
+        return t
+    return t.to(dtype=dtype or t.dtype, device=device or t.device)
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -242,22 +261,29 @@ class _Session:
         return value
 
     def _stored(self, name: str, t: Tensor) -> Tensor:
-        """What the cache keeps of a value or its gradient: cache_positions along pos, then dtype/device.
+        """What the cache keeps of a value or its gradient (see :func:`_store`)."""
+        return _store(name, t, self.cache_positions, self.cache_dtype, self.cache_device)
 
-        Without cache_positions / cache_dtype / cache_device this is ``t.detach()``: a reference to the
-        model's own tensor, not a copy (transformers does not modify these tensors in place afterwards; the
-        parity tests compare every cached site with an independent recomputation after the forward).
+    def defer_result(self, name: str, z_flat: Tensor, W_O: Tensor, n_heads: int, d_head: int) -> bool:
+        """Cache ``hook_result`` to be computed when first read, if it is only cached (no edit, hook function or
+        gradient asks for it during the forward). Returns True when deferred.
+
+        The per-head outputs cost as much arithmetic as the output projection and n_heads times its memory;
+        deferred, a run that caches every hook pays for them only if they are read. What is kept: the
+        projection's input (a reference to the model's tensor) and a copy of ``W_O`` taken now (so a later
+        weight edit does not change the value); the read computes exactly what the eager path does.
         """
-        if self.cache_positions is not None:
-            dim = _pos_dim(name)
-            if dim is not None:
-                idx = [slice(None)] * t.dim()
-                idx[dim] = self.cache_positions
-                t = t[tuple(idx)]
-        t = t.detach()
-        if self.cache_dtype is None and self.cache_device is None:
-            return t
-        return t.to(dtype=self.cache_dtype or t.dtype, device=self.cache_device or t.device)
+        spec = self.specs[name]
+        if not spec.cache or self.cache is None or spec.interventions or spec.hooks or spec.grad:
+            return False
+        self.fired[name] += 1
+        if name in self.cache:
+            raise InputError(f"{name} fired twice while caching (several forward passes in one hooks() context, "
+                             "e.g. generate()). Cache one forward at a time with run().")
+        z, W = z_flat.detach(), W_O.detach().clone()
+        where = (self.cache_positions, self.cache_dtype, self.cache_device)
+        self.cache._defer(name, lambda: _store(name, head_results(z, W, n_heads, d_head), *where))
+        return True
 
     # -- installing module hooks -------------------------------------------------------------
     def install(self):
@@ -370,6 +396,8 @@ class _Session:
                 add_pre(m.layer_module(layer, a.o_proj), z_hook)
             if "blocks.{L}.attn.hook_result" in want:
                 def result_hook(mod, args, out, L=L, layer=layer):
+                    if self.defer_result(L + "attn.hook_result", args[0], m.W_O(layer), heads, d_head):
+                        return None
                     res = head_results(args[0], m.W_O(layer), heads, d_head)
                     nres = self.site(L + "attn.hook_result", res)
                     if nres is res and not self.wants_grad(L + "attn.hook_result"):
