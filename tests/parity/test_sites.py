@@ -216,7 +216,8 @@ def test_batch_of_one_and_fresh_model(family):
 
 def test_hook_result_read_later_equals_the_eager_value():
     """``hook_result`` cached alone is computed when first read: bitwise the value an eager run gives (forced
-    by a no-op hook function), also with cache_positions and cache_dtype, and unchanged by a later weight edit."""
+    by a no-op hook function), also with cache_positions and cache_dtype, and unchanged by a later weight edit.
+    The same for the attention scores and pattern (computed from the forward's q and k when read)."""
     import torch
 
     from mechscope.hooks.cache import _Deferred
@@ -238,3 +239,12 @@ def test_hook_result_read_later_equals_the_eager_value():
             with torch.no_grad():
                 m.hf.model.layers[1].self_attn.o_proj.weight.div_(2.0)
         assert torch.equal(lazy.stack("blocks.*.attn.hook_result"), eager[name][None])
+    att = ["blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern"]
+    for family in ("llama", "qwen2", "gpt2"):  # GQA and MHA
+        m = tiny_hooked(family)
+        for kw in ({}, {"cache_positions": [1, -1]}):
+            lazy = m.run(toks, cache=att, **kw).cache
+            assert all(isinstance(lazy._values[n], _Deferred) for n in att)
+            eager = m.run(toks, cache=att, functions={att[0]: lambda v: None}, **kw).cache
+            for n in att:
+                assert torch.equal(lazy[n], eager[n]), (family, n, kw)

@@ -1,4 +1,5 @@
-"""Derived hook sites that no module returns: per-head results and masked attention scores.
+"""Derived hook sites that no module returns: per-head results and masked attention scores (and the deferral
+of the scores and pattern to their first read).
 
 Both are recomputed from values the model produced (the output projection's input, the attention's q and k)
 with the same operations the naive definitions use, so the parity tests' independent recomputations match.
@@ -18,8 +19,8 @@ def head_results(z_flat: Tensor, W_O: Tensor, n_heads: int, d_head: int) -> Tens
         W_O: [n_heads, d_head, d_model] (any strides).
 
     Returns:
-        [batch, pos, n_heads, d_model] in z's dtype (W_O is cast to it), ``result[b, p, h] = z[b, p, h] @ W_O[h]``: one batched
-        matmul over heads, stored [n_heads, batch * pos, d_model] and returned as a permuted view (the
+        [batch, pos, n_heads, d_model] in z's dtype (W_O is cast to it), ``result[b, p, h] = z[b, p, h] @ W_O[h]``:
+        one batched matmul over heads, stored [n_heads, batch * pos, d_model] and returned as a permuted view (the
         same values as ``einsum("bphd,hdm->bphm")``, without its per-call contraction planning).
     """
     b, p = z_flat.shape[:-1]
@@ -41,8 +42,8 @@ def masked_scores(query: Tensor, key: Tensor, attention_mask: Tensor | None, sca
         softcap: Gemma 2's attention logit soft-cap (``tanh(s / cap) * cap`` before masking), or None.
 
     Returns:
-        (scores, may_have_empty_rows): scores in the query's dtype, a fresh tensor; the second is False when every query row keeps at least one key, so
-        the softmax needs no NaN clean-up.
+        (scores, may_have_empty_rows): scores in the query's dtype, a fresh tensor; the second is False when every
+        query row keeps at least one key, so the softmax needs no NaN clean-up.
 
     The values equal ``(query @ repeat_kv(key)^T) * scaling`` masked to -inf. Masking is one broadcast add
     of a 0/-inf mask rather than a negated bool mask and ``masked_fill_`` (same values; an allowed score of
@@ -66,3 +67,28 @@ def masked_scores(query: Tensor, key: Tensor, attention_mask: Tensor | None, sca
         blocked = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, neg_inf)
         return scores.add_(blocked), True
     return (scores + mask).masked_fill_(mask <= torch.finfo(mask.dtype).min / 2, neg_inf), True
+
+
+def defer_pattern(wanted, query: Tensor, key: Tensor, attention_mask, scaling: float, softcap) -> None:
+    """Cache ``hook_attn_scores`` / ``hook_pattern`` of every session in ``wanted`` (``(session, scores name,
+    pattern name)``, each only cached) to be computed on first read, from references to this forward's
+    q, k and mask: the same operations as the eager path (:func:`masked_scores`, then a float32 softmax), so the
+    values read are the same; the scores are computed once for both."""
+    q, k = query.detach(), key.detach()
+    mask = attention_mask.detach() if isinstance(attention_mask, Tensor) else attention_mask
+    memo: dict[str, tuple[Tensor, bool]] = {}
+
+    def scores() -> Tensor:
+        if "s" not in memo:
+            memo["s"] = masked_scores(q, k, mask, scaling, softcap)
+        return memo["s"][0]
+
+    def pattern() -> Tensor:
+        p = torch.softmax(scores(), dim=-1, dtype=torch.float32).to(q.dtype)
+        return p.nan_to_num_() if memo["s"][1] else p  # fully masked rows (padding) -> 0
+
+    for session, scores_name, pattern_name in wanted:
+        if scores_name in session.specs:
+            session.defer(scores_name, scores)
+        if pattern_name in session.specs:
+            session.defer(pattern_name, pattern)

@@ -38,7 +38,7 @@ from mechscope.core.errors import HookDidNotFireError, InputError
 from mechscope.core.names import axes as site_axes
 from mechscope.core.names import parse
 from mechscope.hooks.cache import ActivationCache
-from mechscope.hooks.derived import head_results, masked_scores
+from mechscope.hooks.derived import defer_pattern, head_results, masked_scores
 
 # attention module -> [(session, layer), ...] of the active sessions, outermost first (they nest)
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, list[tuple[_Session, int]]]" = weakref.WeakKeyDictionary()
@@ -174,6 +174,10 @@ def _attention(entries, orig, module, query, key, value, attention_mask, **kwarg
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if all(s.can_defer(n) for s, sn, pn in wanted for n in (sn, pn) if n in s.specs):
+        # only cached: the kernel runs as if unhooked, the scores and pattern are computed when first read
+        defer_pattern(wanted, query, key, attention_mask, scaling, kwargs.get("softcap"))
+        return orig(module, query, key, value, attention_mask, **kwargs)
     scores, empty_rows = masked_scores(query, key, attention_mask, scaling, kwargs.get("softcap"))
     before = scores
     for session, scores_name, _ in wanted:
@@ -264,25 +268,34 @@ class _Session:
         """What the cache keeps of a value or its gradient (see :func:`_store`)."""
         return _store(name, t, self.cache_positions, self.cache_dtype, self.cache_device)
 
+    def can_defer(self, name: str) -> bool:
+        """Whether the site is only cached (no edit, hook function or gradient needs its value during the forward),
+        so that its value may be computed when first read."""
+        spec = self.specs.get(name)
+        return (spec is not None and spec.cache and self.cache is not None and not spec.interventions
+                and not spec.hooks and not spec.grad)
+
+    def defer(self, name: str, compute: Callable[[], Tensor]) -> None:
+        """Record that the site fired and cache ``compute()`` (the full value) to run when first read."""
+        self.fired[name] += 1
+        if name in self.cache:
+            raise InputError(f"{name} fired twice while caching (several forward passes in one hooks() context, "
+                             "e.g. generate()). Cache one forward at a time with run().")
+        where = (self.cache_positions, self.cache_dtype, self.cache_device)
+        self.cache._defer(name, lambda: _store(name, compute(), *where))
+
     def defer_result(self, name: str, z_flat: Tensor, W_O: Tensor, n_heads: int, d_head: int) -> bool:
-        """Cache ``hook_result`` to be computed when first read, if it is only cached (no edit, hook function or
-        gradient asks for it during the forward). Returns True when deferred.
+        """Cache ``hook_result`` to be computed when first read, if it is only cached. Returns True when deferred.
 
         The per-head outputs cost as much arithmetic as the output projection and n_heads times its memory;
         deferred, a run that caches every hook pays for them only if they are read. What is kept: the
         projection's input (a reference to the model's tensor) and a copy of ``W_O`` taken now (so a later
         weight edit does not change the value); the read computes exactly what the eager path does.
         """
-        spec = self.specs[name]
-        if not spec.cache or self.cache is None or spec.interventions or spec.hooks or spec.grad:
+        if not self.can_defer(name):
             return False
-        self.fired[name] += 1
-        if name in self.cache:
-            raise InputError(f"{name} fired twice while caching (several forward passes in one hooks() context, "
-                             "e.g. generate()). Cache one forward at a time with run().")
         z, W = z_flat.detach(), W_O.detach().clone()
-        where = (self.cache_positions, self.cache_dtype, self.cache_device)
-        self.cache._defer(name, lambda: _store(name, head_results(z, W, n_heads, d_head), *where))
+        self.defer(name, lambda: head_results(z, W, n_heads, d_head))
         return True
 
     # -- installing module hooks -------------------------------------------------------------
