@@ -7,7 +7,8 @@ status 2, thread choice); :mod:`~mechscope.cli.root` the top-level commands (``v
 ``circuit`` group; :mod:`~mechscope.cli.probe` and :mod:`~mechscope.cli.monitor` the ``probe`` and ``monitor``
 groups; :mod:`~mechscope.cli.audit`, :mod:`~mechscope.cli.finetune`, :mod:`~mechscope.cli.diff` and
 :mod:`~mechscope.cli.plant` the ``audit``, ``finetune``, ``diff`` and ``plant`` commands; :mod:`~mechscope.cli.dist` the
-``dist`` group (torchrun start-up checks). This module only
+``dist`` group (torchrun start-up checks); :mod:`~mechscope.cli.plan` the ``plan`` group (memory, disk and time
+of a run, predicted). This module only
 assembles them: the command modules import ``common`` and library code, never each other.
 """
 
@@ -22,6 +23,7 @@ from mechscope.cli.features import features_app
 from mechscope.cli.finetune import finetune_cmd
 from mechscope.cli.graph import graph_cmd, transcoders_app
 from mechscope.cli.monitor import monitor_app
+from mechscope.cli.plan import plan_app
 from mechscope.cli.plant import plant_cmd
 from mechscope.cli.probe import probe_app
 from mechscope.cli.root import app
@@ -36,6 +38,7 @@ app.add_typer(probe_app, name="probe")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(transcoders_app, name="transcoders")
 app.add_typer(dist_app, name="dist")
+app.add_typer(plan_app, name="plan")
 app.command("graph")(graph_cmd)
 app.command("audit")(audit)
 app.command("finetune")(finetune_cmd)

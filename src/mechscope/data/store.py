@@ -261,8 +261,9 @@ def plan_memory(model, hooks: str | Sequence[str], *, context_len: int, forward_
     - buffer (stream): (buffer_tokens + B*T) * (D*s + 8): the shuffle buffer, which can hold one
       forward batch beyond ``buffer_tokens`` after a refill, plus int64 row ids.
     - shuffle copy (stream): the same again, the permuted copy made at each shuffle.
-    - staging (harvest): 2 * rows_per_shard * (D*s + 16): one shard's rows with their index tensors,
-      and its serialized bytes.
+    - staging (harvest): 3 * rows_per_shard * (D*s + 16): one shard's rows with their index tensors,
+      the bytes safetensors copies them into, and the serialized file (a shard holds at most the
+      ``n_contexts`` given).
     - disk_bytes (harvest, when ``n_contexts`` is given): every row's values and index tensors.
 
     Raises:
@@ -293,9 +294,13 @@ def plan_memory(model, hooks: str | Sequence[str], *, context_len: int, forward_
                   MemoryTerm("shuffle copy", buf, "permuted copy of the buffer at each shuffle",
                              "buffer_tokens or dtype")]
     if shard_tokens is not None:
-        per_shard = max(1, positive_int("shard_tokens", shard_tokens) // rows_per_context) * rows_per_context
-        terms.append(MemoryTerm("staging", 2 * per_shard * (D * s + _INDEX_BYTES_PER_ROW),
-                                "one shard's rows and its serialized bytes", "shard_tokens"))
+        per_shard = max(1, positive_int("shard_tokens", shard_tokens) // rows_per_context)
+        if n_contexts is not None:
+            per_shard = min(per_shard, max(1, n_contexts))
+        per_shard *= rows_per_context
+        terms.append(MemoryTerm("staging", 3 * per_shard * (D * s + _INDEX_BYTES_PER_ROW),
+                                "one shard's rows, safetensors' copy of them and the serialized bytes",
+                                "shard_tokens"))
         if n_contexts is not None:
             disk = n_contexts * rows_per_context * (D * s + _INDEX_BYTES_PER_ROW)
     return MemoryPlan(tuple(terms), disk)

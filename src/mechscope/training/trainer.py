@@ -96,7 +96,8 @@ def plan_training_memory(specs: Sequence[DictionarySpec], cfg: TrainConfig) -> d
     terms: dict[str, int] = {}
     for s in specs:
         c = s.dictionary
-        n = c.d_in * c.d_sae + c.d_sae * c.d_out + c.d_sae * 2 + c.d_out + (c.d_in * c.d_out if c.skip else 0)
+        n = (c.d_in * c.d_sae + c.d_sae * c.d_out + c.d_sae + c.d_out + (c.d_in * c.d_out if c.skip else 0)
+             + (c.d_sae if c.architecture == "jumprelu" else 0))  # batchtopk's threshold is a buffer: no grad, no Adam
         terms[f"{s.name}: weights, grads, Adam (fp32)"] = 4 * 4 * n
         terms[f"{s.name}: batch activations"] = 6 * 4 * cfg.batch_tokens * c.d_sae
     return terms
