@@ -142,13 +142,13 @@ def test_every_architecture_at_world_size_2_matches_one_process(tmp_path):
 
 
 def test_a_killed_rank_stops_its_peer_and_a_relaunch_ends_bitwise_equal(tmp_path):
-    _spawn(tmp_path / "full", checkpoint_every_steps=5)
+    _spawn(tmp_path / "full", steps=12, checkpoint_every_steps=5)
     out = tmp_path / "killed"
-    _spawn(out, die_at=7, checkpoint_every_steps=5)
+    _spawn(out, die_at=7, steps=12, checkpoint_every_steps=5)
     err = (out / "rank0.error").read_text()
     assert "rank 0 of 2" in err and "relaunch" in err
     assert not (out / "relu").exists()  # nothing exported from the broken run
-    _spawn(out, resume=True, checkpoint_every_steps=5)
+    _spawn(out, resume=True, steps=12, checkpoint_every_steps=5)
     a, b = _final(tmp_path / "full"), _final(out)
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a if k != "state"), "not bitwise equal"
@@ -157,10 +157,10 @@ def test_a_killed_rank_stops_its_peer_and_a_relaunch_ends_bitwise_equal(tmp_path
 
 def test_checkpoints_reshard_between_world_sizes(tmp_path):
     torch.set_num_threads(1)
-    _train(str(tmp_path / "full"))
+    _train(str(tmp_path / "full"), steps=16)
     two_to_one = tmp_path / "2to1"  # saved at world size 2 (step 10), resumed by one process
-    _spawn(two_to_one, die_at=12, checkpoint_every_steps=10)
-    _train(str(two_to_one), resume=True, checkpoint_every_steps=10)
+    _spawn(two_to_one, die_at=12, steps=16, checkpoint_every_steps=10)
+    _train(str(two_to_one), resume=True, steps=16, checkpoint_every_steps=10)
     one_to_two = tmp_path / "1to2"  # saved by one process (step 10), resumed at world size 2
 
     def stop(step):
@@ -170,8 +170,9 @@ def test_checkpoints_reshard_between_world_sizes(tmp_path):
     from mechscope.training import Trainer
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_specs(), _cfg(checkpoint_every_steps=10), one_to_two, progress=False, on_step=stop).fit(_source)
-    _spawn(one_to_two, resume=True, checkpoint_every_steps=10)
+        Trainer(_specs(), _cfg(steps=16, checkpoint_every_steps=10), one_to_two, progress=False,
+                on_step=stop).fit(_source)
+    _spawn(one_to_two, resume=True, steps=16, checkpoint_every_steps=10)
     full = _final(tmp_path / "full")
     for out in (two_to_one, one_to_two):
         _assert_close(full, _final(out), atol=1e-6)
