@@ -120,6 +120,14 @@ def test_latent_sharded_training_matches_one_process(tmp_path, world, tp):
 
     a, b = load_dictionary(tmp_path / "one" / "topk"), load_dictionary(tmp_path / "tp" / "topk")  # exported whole
     assert (a.W_dec - b.W_dec).abs().max() <= 1e-6 and b.cfg.d_sae == 40
+    import json
+
+    got, want = ([json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                 for d in ("tp", "one"))
+    assert len(got) == len(want) > 0
+    for x, y in zip(got, want):  # whole-dictionary metrics, not one shard's
+        for k in ("mse", "loss", "fvu", "l0", "dead_fraction"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["name"], k)
 
 
 def test_sharded_checkpoints_resume_in_one_process_and_back(tmp_path):

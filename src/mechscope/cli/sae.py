@@ -149,7 +149,8 @@ def train_cmd(
     if eval_tokens:
         rows = {}
         for name, d in results.items():
-            e = evaluate_on_corpus(m, d, corpus=corpus_cfg, n_tokens=eval_tokens, progress=info.is_main, dist=par)
+            e = evaluate_on_corpus(m, d.to(m.device), corpus=corpus_cfg, n_tokens=eval_tokens, progress=info.is_main,
+                                   dist=par)
             if info.is_main:
                 _write_eval(out_dir / name, e, corpus_cfg)
             rows[name] = e.summary()

@@ -122,8 +122,11 @@ def _merge_ranks(dist, fired: Tensor, sums: dict, pooled: dict, n_tok: int, n_pr
 
     from mechscope.scale.dist import guarded
 
-    def reduce(t: Tensor) -> Tensor:
-        guarded(dist, "the evaluation's all-reduce", tdist.all_reduce, t)
+    def reduce(t: Tensor) -> Tensor:  # on the job's device (nccl needs CUDA tensors), the result back in t
+        u = t.to(dist.device)
+        guarded(dist, "the evaluation's all-reduce", tdist.all_reduce, u)
+        if u is not t:
+            t.copy_(u)
         return t
 
     reduce(fired)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mechscope.core.errors import InputError
 from mechscope.dictionaries.config import DictionaryConfig
+from mechscope.dictionaries.io import state_tensors
 from mechscope.dictionaries.model import JumpReLUFunction, SparseDictionary, StepFunction
 from mechscope.scale.dist import guarded
 from mechscope.training.losses import LossOutput
@@ -63,7 +64,7 @@ def shard_dictionary(full: SparseDictionary, layout: Layout) -> SparseDictionary
     """This rank's shard of ``full`` (a new module; ``full`` is untouched)."""
     lo, hi = shard_bounds(full.cfg.d_sae, layout.tp_rank, layout.tp_size)
     d = SparseDictionary(shard_config(full.cfg, layout.tp_size))
-    for name, v in _tensors(full).items():
+    for name, v in state_tensors(full).items():
         axis = LATENT_AXIS.get(name)
         getattr(d, name).copy_(v if axis is None else v.narrow(axis, lo, hi - lo))
     d.train(full.training)
@@ -75,7 +76,7 @@ def shard_dictionary(full: SparseDictionary, layout: Layout) -> SparseDictionary
 def gather_dictionary(shard: SparseDictionary, cfg: DictionaryConfig, layout: Layout) -> SparseDictionary:
     """The whole dictionary (config ``cfg``) from every shard of the ``tp`` group, on every rank of the group."""
     full = SparseDictionary(cfg)
-    for name, v in _tensors(shard).items():
+    for name, v in state_tensors(shard).items():
         axis = LATENT_AXIS.get(name)
         if axis is None:
             getattr(full, name).copy_(v)
@@ -87,15 +88,6 @@ def gather_dictionary(shard: SparseDictionary, cfg: DictionaryConfig, layout: La
     full.train(shard.training)
     full.batchtopk_use_threshold = shard.batchtopk_use_threshold
     return full
-
-
-def _tensors(d: SparseDictionary) -> dict[str, Tensor]:
-    out = {"W_enc": d.W_enc, "b_enc": d.b_enc, "W_dec": d.W_dec, "b_dec": d.b_dec}
-    if d.W_skip is not None:
-        out["W_skip"] = d.W_skip
-    if d.threshold is not None:
-        out["threshold"] = d.threshold
-    return {k: v.detach() for k, v in out.items()}
 
 
 class _CopyToShards(torch.autograd.Function):

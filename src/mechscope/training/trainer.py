@@ -314,7 +314,10 @@ class Trainer:
                 row["loss"] = float(out.total.detach())
             else:
                 row, fvu, l0 = self._global_metrics(out, y, rows, spec.name)
-        row.update(fvu=fvu, l0=l0, dead_fraction=float(dead.float().mean()), lr=lr)
+        n_dead = dead.sum().double().reshape(1)
+        if sharded:  # this rank's shard holds d_sae / tp of the latents
+            par.over_tp(f"{spec.name}: the dead-latent count all-reduce", n_dead)
+        row.update(fvu=fvu, l0=l0, dead_fraction=float(n_dead[0]) / c.d_sae, lr=lr)
         return row
 
     def _global_metrics(self, out, y: Tensor, rows: int, name: str) -> tuple[dict[str, float], float, float]:
