@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed.test_dist import _env, free_port
-from tests.distributed.test_training import D, _assert_close, _final, _source, _specs, _train
+from tests.distributed.test_training import (D, _assert_close, _assert_metrics_close, _final, _metrics, _specs,
+                                             _stop_one_process_at, _train)
 
 
 def _forward_worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -120,14 +121,9 @@ def test_latent_sharded_training_matches_one_process(tmp_path, world, tp):
 
     a, b = load_dictionary(tmp_path / "one" / "topk"), load_dictionary(tmp_path / "tp" / "topk")  # exported whole
     assert (a.W_dec - b.W_dec).abs().max() <= 1e-6 and b.cfg.d_sae == 40
-    import json
-
-    got, want = ([json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-                 for d in ("tp", "one"))
+    got, want = _metrics(tmp_path / "tp"), _metrics(tmp_path / "one")
     assert len(got) == len(want) > 0
-    for x, y in zip(got, want):  # whole-dictionary metrics, not one shard's
-        for k in ("mse", "loss", "fvu", "l0", "dead_fraction"):
-            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["name"], k)
+    _assert_metrics_close(got, want, ("mse", "loss", "fvu", "l0", "dead_fraction"))  # the whole dictionary's
 
 
 def test_sharded_checkpoints_resume_in_one_process_and_back(tmp_path):
@@ -138,17 +134,7 @@ def test_sharded_checkpoints_resume_in_one_process_and_back(tmp_path):
     assert (sorted((shards_to_one / "checkpoints").glob("step_*[0-9]"))[-1] / "relu.shard0-of2.safetensors").is_file()
     _train(str(shards_to_one), resume=True, steps=12, checkpoint_every_steps=5)
     one_to_shards = tmp_path / "o2s"
-
-    def stop(step):
-        if step == 7:
-            raise KeyboardInterrupt
-
-    from mechscope.training import Trainer
-    from tests.distributed.test_training import _cfg
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_specs(), _cfg(steps=12, checkpoint_every_steps=5), one_to_shards, progress=False,
-                on_step=stop).fit(_source)
+    _stop_one_process_at(one_to_shards, 7, steps=12, checkpoint_every_steps=5)
     _spawn_tp(one_to_shards, 2, 2, resume=True, steps=12, checkpoint_every_steps=5)
     full = _final(tmp_path / "full")
     _assert_close(full, _final(shards_to_one), atol=1e-6)

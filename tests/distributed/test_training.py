@@ -118,6 +118,30 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
             assert (a[k] - b[k]).abs().max() <= atol, (k, float((a[k] - b[k]).abs().max()))
 
 
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_metrics_close(got: list[dict], want: list[dict], keys) -> None:
+    """Line by line, each of ``keys`` the expected line has, to 1e-4 relative."""
+    for a, b in zip(got, want):
+        for k in keys:
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["name"], k)
+
+
+def _stop_one_process_at(out: Path, step: int, **kw) -> None:
+    """One process trains to ``step`` (its checkpoints written) and is interrupted there."""
+    from mechscope.training import Trainer
+
+    def stop(s):
+        if s == step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_specs(), _cfg(**kw), out, progress=False, on_step=stop).fit(_source)
+
+
 def test_every_architecture_at_world_size_2_matches_one_process(tmp_path):
     from safetensors.torch import load_file
 
@@ -129,14 +153,10 @@ def test_every_architecture_at_world_size_2_matches_one_process(tmp_path):
     assert one["state"]["members"]["batchtopk"]["threshold_ema"] > 0
     r0, r1 = load_file(tmp_path / "two" / "rank0.safetensors"), load_file(tmp_path / "two" / "rank1.safetensors")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # replicated: the same bits on both ranks
-    lines = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    want = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    lines, want = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert len(lines) == len(want) == 6 * 5  # rank 0 alone writes the metrics
-    for a, b in zip(lines, want):
-        assert a.keys() == b.keys()
-        for k in ("mse", "loss", "fvu", "l0", "dead_fraction", "aux"):
-            if k in b:
-                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["name"], k)
+    assert all(a.keys() == b.keys() for a, b in zip(lines, want))
+    _assert_metrics_close(lines, want, ("mse", "loss", "fvu", "l0", "dead_fraction", "aux"))
     for name in ("topk", "batchtopk", "skip"):  # AuxK had dead latents to work with (the same set on both)
         assert any(r["aux"] > 0 for r in want if r["name"] == name), name
 
@@ -162,16 +182,7 @@ def test_checkpoints_reshard_between_world_sizes(tmp_path):
     _spawn(two_to_one, die_at=12, steps=16, checkpoint_every_steps=10)
     _train(str(two_to_one), resume=True, steps=16, checkpoint_every_steps=10)
     one_to_two = tmp_path / "1to2"  # saved by one process (step 10), resumed at world size 2
-
-    def stop(step):
-        if step == 12:
-            raise KeyboardInterrupt
-
-    from mechscope.training import Trainer
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_specs(), _cfg(steps=16, checkpoint_every_steps=10), one_to_two, progress=False,
-                on_step=stop).fit(_source)
+    _stop_one_process_at(one_to_two, 12, steps=16, checkpoint_every_steps=10)
     _spawn(one_to_two, resume=True, steps=16, checkpoint_every_steps=10)
     full = _final(tmp_path / "full")
     for out in (two_to_one, one_to_two):

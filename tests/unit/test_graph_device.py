@@ -27,18 +27,9 @@ from mechscope.graphs import (TranscoderSet, attribute, explain_attention, graph
                               save_transcoders, steer_supernode, validate)
 from mechscope.graphs.edge_heads import graph_edge_heads
 from tests.conftest import make_tiny, random_tokens
-from tests.unit.test_graphs import random_set, tiny64
+from tests.unit.test_graphs import random_set, setup, tiny64  # noqa: F401 (setup: the shared fixture)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def setup():
-    m = tiny64()
-    ts = random_set(m)
-    tok = random_tokens(1, 8, seed=3)[0]
-    g = attribute(m, ts, tok, max_feature_nodes=None, batch_size=16, progress=False)
-    return m, ts, tok, g
 
 
 def _everything(m, ts, tok, g) -> dict[str, torch.Tensor]:
@@ -56,7 +47,7 @@ def _everything(m, ts, tok, g) -> dict[str, torch.Tensor]:
             "steer": torch.tensor([s.effect, s.predicted, *s.random_effects], dtype=torch.float64)}
 
 
-def test_an_explicit_cpu_device_changes_nothing(setup, tmp_path):
+def test_an_explicit_cpu_device_changes_nothing(setup, tmp_path):  # noqa: F811
     m, ts, tok, g = setup
     save_transcoders(ts, tmp_path / "tc")
     loaded = load_transcoders(tmp_path / "tc", device="cpu")
@@ -71,7 +62,7 @@ def test_an_explicit_cpu_device_changes_nothing(setup, tmp_path):
         assert getattr(h, name).device.type == "cpu", name
 
 
-def test_a_set_on_another_device_is_refused_naming_both(setup):
+def test_a_set_on_another_device_is_refused_naming_both(setup):  # noqa: F811
     m, ts, tok, _ = setup
     elsewhere = TranscoderSet([copy.deepcopy(t).to("meta") for t in ts.transcoders], model_name=ts.model_name)
     assert elsewhere.device.type == "meta"
@@ -260,7 +251,7 @@ def _on_cuda(m, ts):
 
 
 @needs_cuda
-def test_a_graph_on_cuda_equals_the_cpu_graph(setup):
+def test_a_graph_on_cuda_equals_the_cpu_graph(setup):  # noqa: F811
     m, ts, tok, g = setup
     mc, tc = _on_cuda(m, ts)
     gc = attribute(mc, tc, tok, max_feature_nodes=None, batch_size=16, progress=False)

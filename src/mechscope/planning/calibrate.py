@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from mechscope.core.errors import InputError
+from mechscope.core.machine import cpu_model
 
 _GIB = 2**30
 #: Bumped when the calibration measures something new: older cached calibrations are measured again.
@@ -175,12 +176,7 @@ def device_profile(name: str, *, mfu: float | None = None) -> DeviceProfile:
 # -- calibration ------------------------------------------------------------------------------------
 def machine_id() -> str:
     """Host name, CPU model and core count: what a calibration is valid for."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{platform.node()}|{cpu}|{os.cpu_count()} cores"
 
 

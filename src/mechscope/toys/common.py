@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import random
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from mechscope.core.io import jsonable
+from mechscope.core.machine import cpu_model
 
 REQUIRED = ("toy", "title", "paper", "seed", "settings", "metrics", "comparisons", "figures", "notes", "command")
 
@@ -37,12 +37,7 @@ def machine(device: str = "cpu") -> str:
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev.index or 0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechscope.dictionaries.model import SparseDictionary, StepFunction
+from mechscope.training.parallel import global_batchtopk_mask, is_parallel
 
 
 @dataclass
@@ -127,8 +128,6 @@ def compute_loss(d: SparseDictionary, x: Float[Tensor, "B d_in"], y: Float[Tenso
         top_idx, top_vals = idx, vals
     else:
         pre = d.encode_pre(x)
-        from mechscope.training.parallel import global_batchtopk_mask, is_parallel
-
         if arch == "batchtopk" and is_parallel(dist) and d.training and not d.batchtopk_use_threshold:
             mask = global_batchtopk_mask(pre, d.cfg.k * rows, dist)
             dense_acts = pre.relu() * mask.to(pre.dtype)

@@ -146,15 +146,6 @@ def all_reduce_gradients(params: list[Tensor], info, name: str, group=None) -> N
         off += n
 
 
-def global_fired(fired: Bool[Tensor, "d_sae"], info, name: str, group=None) -> Bool[Tensor, "d_sae"]:
-    """Latents that fired on any replica's rows (identity on one process)."""
-    if not is_parallel(info):
-        return fired
-    t = fired.to(torch.uint8)
-    all_reduce_(info, f"{name}: the fired-latents all-reduce", t, tdist.ReduceOp.MAX, group)
-    return t.bool()
-
-
 def global_batchtopk_mask(pre: Float[Tensor, "rows d_sae"], n_keep: int, info) -> Bool[Tensor, "rows d_sae"]:
     """Which of this rank's ``relu(pre)`` entries are among the ``n_keep`` largest over every rank.
 
